@@ -1,0 +1,198 @@
+"""Batch samplers on the host (numpy): Poisson sampling padded to a static size, and shuffling.
+
+Each sampler is a pure function of ``(seed, step)``: the batch of step ``t`` is drawn from a
+generator seeded with ``[seed, t]``. Its whole state is the next step number, so saving and
+restoring it continues exactly the same sequence, and resuming a run is exact.
+
+Both return `IndexBatch(indices, mask)`: ``indices`` has a static length (padding rows point at
+index 0 and have mask 0), so the jitted step never sees a new shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import numpy as np
+from scipy import stats
+
+__all__ = [
+    "IndexBatch",
+    "PoissonSampler",
+    "ShuffleSampler",
+    "overflow_probability",
+    "poisson_batch_cap",
+]
+
+DEFAULT_OVERFLOW_PROBABILITY = 1e-12
+
+
+class IndexBatch(NamedTuple):
+    indices: np.ndarray  # int64 [max_batch_size]
+    mask: np.ndarray  # bool [max_batch_size]; True for sampled examples
+
+    @property
+    def size(self) -> int:
+        return int(self.mask.sum())
+
+
+def _check_dataset(num_examples: int) -> None:
+    if not (isinstance(num_examples, int | np.integer) and num_examples > 0):
+        raise ValueError(f"num_examples must be a positive int, got {num_examples!r}")
+
+
+def _check_rate(sampling_rate: float) -> None:
+    if not 0 < sampling_rate <= 1:
+        raise ValueError(f"sampling_rate must be in (0, 1], got {sampling_rate!r}")
+
+
+def overflow_probability(num_examples: int, sampling_rate: float, max_batch_size: int) -> float:
+    """P[Binomial(num_examples, sampling_rate) > max_batch_size]: one step's truncation chance."""
+    return float(stats.binom.sf(max_batch_size, num_examples, sampling_rate))
+
+
+def poisson_batch_cap(
+    num_examples: int,
+    sampling_rate: float,
+    overflow_prob: float = DEFAULT_OVERFLOW_PROBABILITY,
+) -> int:
+    """Smallest static batch size whose per-step overflow probability is <= ``overflow_prob``."""
+    _check_dataset(num_examples)
+    _check_rate(sampling_rate)
+    cap = int(stats.binom.isf(overflow_prob, num_examples, sampling_rate))
+    while cap < num_examples and overflow_probability(num_examples, sampling_rate, cap) > (
+        overflow_prob
+    ):
+        cap += 1
+    return max(1, min(cap, num_examples))
+
+
+@dataclasses.dataclass
+class PoissonSampler:
+    """Poisson sampling: each example joins a step's batch independently with probability q.
+
+    The batch is padded to ``max_batch_size`` rows. If a draw exceeds the cap, a uniformly random
+    subset of ``max_batch_size`` sampled examples is kept ("truncated Poisson sampling"). By
+    default the cap is set so that this happens with probability <= 1e-12 per step
+    (``overflow_prob`` reports it); the accountant either treats the truncation exactly (PLD's
+    truncated-Poisson event) or charges the overflow probability to delta.
+
+    Privacy:
+        With noise calibrated by the accountant for sampling rate ``sampling_rate``, this is the
+        sampling scheme of the Poisson-subsampled Gaussian mechanism under add/remove-one
+        neighbouring. The sampled indices themselves are private and must not be logged.
+    """
+
+    num_examples: int
+    sampling_rate: float
+    seed: int
+    max_batch_size: int | None = None
+    step: int = 0
+
+    def __post_init__(self):
+        _check_dataset(self.num_examples)
+        _check_rate(self.sampling_rate)
+        if self.max_batch_size is None:
+            self.max_batch_size = poisson_batch_cap(self.num_examples, self.sampling_rate)
+        if not (isinstance(self.max_batch_size, int) and self.max_batch_size > 0):
+            raise ValueError(f"max_batch_size must be a positive int, got {self.max_batch_size}")
+
+    @property
+    def expected_batch_size(self) -> float:
+        return self.num_examples * self.sampling_rate
+
+    @property
+    def overflow_prob(self) -> float:
+        return overflow_probability(self.num_examples, self.sampling_rate, self.max_batch_size)
+
+    def batch_at(self, step: int) -> IndexBatch:
+        rng = np.random.default_rng([self.seed, step])
+        n = int(rng.binomial(self.num_examples, self.sampling_rate))
+        n = min(n, self.max_batch_size)
+        # Conditioned on its size, a Poisson sample is a uniform subset; so is a truncated one.
+        chosen = np.sort(rng.choice(self.num_examples, size=n, replace=False))
+        indices = np.zeros(self.max_batch_size, np.int64)
+        indices[:n] = chosen
+        mask = np.zeros(self.max_batch_size, bool)
+        mask[:n] = True
+        return IndexBatch(indices, mask)
+
+    def next(self) -> IndexBatch:
+        batch = self.batch_at(self.step)
+        self.step += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"step": int(self.step), "seed": int(self.seed)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state["seed"]) != int(self.seed):
+            raise ValueError(f"sampler seed mismatch: checkpoint {state['seed']} vs {self.seed}")
+        self.step = int(state["step"])
+
+
+@dataclasses.dataclass
+class ShuffleSampler:
+    """Fixed-size batches from a fresh permutation each epoch (the remainder is dropped).
+
+    Offered so that users can compare with common practice. Accounting treats each step as
+    sampling WITHOUT replacement of ``batch_size`` out of ``num_examples`` (replace-one
+    neighbouring, RDP only). That is the usual convention, but it is not a proof for shuffled
+    batches: Chua et al. (2024, "How private are DP-SGD implementations?") show that shuffling
+    can leak more than that accounting says. Prefer `PoissonSampler` for reported results.
+    """
+
+    num_examples: int
+    batch_size: int
+    seed: int
+    step: int = 0
+
+    def __post_init__(self):
+        _check_dataset(self.num_examples)
+        if not (isinstance(self.batch_size, int) and 0 < self.batch_size <= self.num_examples):
+            raise ValueError(
+                f"batch_size must be an int in [1, num_examples={self.num_examples}], "
+                f"got {self.batch_size!r}"
+            )
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_examples // self.batch_size
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.batch_size
+
+    @property
+    def expected_batch_size(self) -> float:
+        return float(self.batch_size)
+
+    @property
+    def sampling_rate(self) -> float:
+        return self.batch_size / self.num_examples
+
+    def batch_at(self, step: int) -> IndexBatch:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+        idx = perm[i * self.batch_size : (i + 1) * self.batch_size].astype(np.int64)
+        return IndexBatch(np.sort(idx), np.ones(self.batch_size, bool))
+
+    def next(self) -> IndexBatch:
+        batch = self.batch_at(self.step)
+        self.step += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"step": int(self.step), "seed": int(self.seed)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state["seed"]) != int(self.seed):
+            raise ValueError(f"sampler seed mismatch: checkpoint {state['seed']} vs {self.seed}")
+        self.step = int(state["step"])
+
+
+def expected_steps_per_epoch(sampling_rate: float) -> int:
+    """Steps whose expected examples add up to one pass over the data: ceil(1 / q)."""
+    _check_rate(sampling_rate)
+    return math.ceil(1.0 / sampling_rate - 1e-9)
