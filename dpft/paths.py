@@ -1,4 +1,4 @@
-"""Where dpft finds its public data: ``config.data.data_dir``, ``$DPFT_DATA_DIR``, ../shared/data."""
+"""Where dpft finds public data: config.data.data_dir, then $DPFT_DATA_DIR, then ../shared/data."""
 
 from __future__ import annotations
 

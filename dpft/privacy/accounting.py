@@ -24,7 +24,9 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import logging
 import math
 import sys
 from collections.abc import Sequence
@@ -148,6 +150,18 @@ def dp_event(
     return dpa.ComposedDpEvent([e.event(exact_truncation) for e in _as_entries(steps) if e.count])
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+    """dp-accounting's RDP logs a warning per order it drops; harmless during a bracket search."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _accountant(kind: str, relation: dpa.NeighboringRelation) -> dpa.PrivacyAccountant:
     if kind == "pld":
         return pld.PLDAccountant(neighboring_relation=relation)
@@ -217,9 +231,10 @@ def calibrate_noise_multiplier(
     hi = 1.0
     if accountant == "pld":
         try:
-            hi = calibrate_noise_multiplier(
-                target_epsilon, delta, sampling_rate, steps, "rdp", 0.05, **entry_kwargs
-            )
+            with _quiet_absl():
+                hi = calibrate_noise_multiplier(
+                    target_epsilon, delta, sampling_rate, steps, "rdp", 0.05, **entry_kwargs
+                )
         except ValueError:  # RDP cannot account this entry (e.g. a binding batch cap)
             hi = 1.0
     while eps(hi) > target_epsilon:
@@ -353,7 +368,9 @@ class PrivacyBudget:
         return list(ents), 0
 
     def remaining(self, entry: GaussianSteps) -> int:
-        """How many more steps of ``entry``'s mechanism fit in the budget."""
+        """How many more steps of ``entry``'s mechanism fit in the budget (no target: 2**62)."""
+        if math.isinf(self.target_epsilon):
+            return 1 << 62
         prefix, done = self._split(entry)
         key = (tuple(prefix), entry.with_count(0))
         if key not in self._cache:

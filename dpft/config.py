@@ -1,0 +1,63 @@
+"""The base config every experiment in configs/ starts from (ml-collections, locked)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = ""
+    c.seed = 0
+    c.tensorboard = True
+    c.eval_batch_size = 1000
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "fashion_mnist"
+    c.data.data_dir = ""  # default: $DPFT_DATA_DIR, else ../shared/data
+    c.data.tfds_data_dir = ""
+    c.data.preprocessing = ""  # default: per dataset and model
+    c.data.train_subset = 0  # 0 = the whole training set
+    c.data.eval_subset = 0
+    c.data.validation_fraction = 0.0  # > 0: evaluate on a split carved from train
+    c.data.eval_split = "test"
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "sample_convnet"
+    c.model.norm = ""  # resnets: frozen_bn | group_norm
+    c.model.pretrained = ""  # e.g. resnet20: load CIFAR-10 weights from the data dir
+    c.model.pretrained_path = ""
+
+    c.finetune = ml_collections.ConfigDict()
+    c.finetune.trainable = (".*",)  # regexes over parameter paths, e.g. ("linear/.*",)
+    c.finetune.head_init = "keep"  # keep | zero | random (pretrained models)
+
+    c.dp = ml_collections.ConfigDict()
+    c.dp.epsilon = float("inf")  # target; the run stops before exceeding it
+    c.dp.delta = 1e-5
+    c.dp.noise_multiplier = -1.0  # < 0: calibrate to (epsilon, delta) for the planned steps
+    c.dp.clip_norm = 1.0
+    c.dp.clipping = "flat"  # flat | per_layer | auto | global
+    c.dp.auto_gamma = 0.01
+    c.dp.global_threshold = 0.0  # Z for global clipping; 0 = clip_norm
+    c.dp.accountant = "pld"  # pld | rdp
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 256  # EXPECTED logical batch size (Poisson: q = batch_size / N)
+    c.train.max_batch_size = 0  # static cap; 0 = overflow probability <= 1e-12 per step
+    c.train.microbatch_size = 0  # 0 = the whole padded batch at once
+    c.train.epochs = 1.0
+    c.train.steps = 0  # > 0 overrides epochs
+    c.train.optimizer = "sgd"  # sgd | adam | adamw | lamb
+    c.train.learning_rate = 0.1
+    c.train.momentum = 0.0
+    c.train.nesterov = False
+    c.train.weight_decay = 0.0
+    c.train.schedule = "constant"  # constant | cosine | linear
+    c.train.warmup_steps = 0
+    c.train.end_lr_fraction = 0.0
+    c.train.log_every = 50
+    c.train.eval_every = 500
+    c.train.checkpoint_every = 500
+    c.train.keep_checkpoints = 2
+    return c

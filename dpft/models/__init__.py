@@ -1,0 +1,150 @@
+"""flax.linen models by name.
+
+`get_model` builds an (uninitialised) model from its registry name:
+
+=====================  ==============================================================
+name                   model
+=====================  ==============================================================
+``sample_convnet``     `SampleConvNet` (Opacus MNIST CNN, ReLU, 26,010 parameters)
+``tramer_boneh_cnn``   `TramerBonehCNN` (the same layers with tanh, Tramer & Boneh 2021)
+``resnet20`` .. ``56`` `CifarResNet` (option-A CIFAR ResNet; kwargs ``norm``, ``groups``)
+``wrn16_4``            `WideResNet` WRN-16-4, GroupNorm + weight standardization
+``linear``             `LinearHead`: one Dense on flattened inputs (training on features)
+=====================  ==============================================================
+
+Every model's output layer is a submodule named ``linear`` (parameters ``linear/kernel``,
+``linear/bias``), so a trainer can select or re-initialise the head by name. Pretrained CIFAR-10
+ResNets are in `dpft.models.pretrained` (imported on first use: it needs safetensors).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dpft.models.cnn import SampleConvNet, TramerBonehCNN
+from dpft.models.resnet import (
+    CifarResNet,
+    WideResNet,
+    resnet,
+    resnet20,
+    resnet32,
+    resnet44,
+    resnet56,
+    wrn16_4,
+)
+
+
+class LinearHead(nn.Module):
+    """A linear classifier on flattened inputs: one Dense named ``linear``.
+
+    For training on precomputed features (e.g. the 64-d features of a pretrained ResNet):
+    ``[N, ...]`` -> ``[N, num_classes]``. ``features`` is the flattened input.
+    """
+
+    num_classes: int = 10
+    dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        self.linear = nn.Dense(self.num_classes, dtype=self.dtype)
+
+    def features(self, x: jax.Array) -> jax.Array:
+        """The flattened input ``[N, D]``."""
+        return jnp.asarray(x, self.dtype).reshape(x.shape[0], -1)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Logits ``[N, num_classes]``."""
+        return self.linear(self.features(x))
+
+
+def _resnet(depth: int) -> Callable[..., nn.Module]:
+    return lambda num_classes, **kw: CifarResNet(depth=depth, num_classes=num_classes, **kw)
+
+
+# name -> (class, constructor(num_classes, **kwargs), attributes fixed by the name)
+_REGISTRY: dict[str, tuple[type[nn.Module], Callable[..., nn.Module], tuple[str, ...]]] = {
+    "sample_convnet": (SampleConvNet, lambda k, **kw: SampleConvNet(num_classes=k, **kw), ()),
+    "tramer_boneh_cnn": (TramerBonehCNN, lambda k, **kw: TramerBonehCNN(num_classes=k, **kw), ()),
+    "resnet20": (CifarResNet, _resnet(20), ("depth",)),
+    "resnet32": (CifarResNet, _resnet(32), ("depth",)),
+    "resnet44": (CifarResNet, _resnet(44), ("depth",)),
+    "resnet56": (CifarResNet, _resnet(56), ("depth",)),
+    "wrn16_4": (
+        WideResNet,
+        lambda k, **kw: WideResNet(depth=16, width=4, num_classes=k, **kw),
+        ("depth", "width"),
+    ),
+    "linear": (LinearHead, lambda k, **kw: LinearHead(num_classes=k, **kw), ()),
+}
+
+#: Registry names accepted by `get_model`.
+MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def model_kwargs(name: str) -> tuple[str, ...]:
+    """The keyword arguments `get_model` accepts for ``name`` (besides ``num_classes``)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}: valid names are {', '.join(MODEL_NAMES)}")
+    cls, _, fixed = _REGISTRY[name]
+    skip = {"parent", "name", "num_classes", *fixed}
+    return tuple(f.name for f in dataclasses.fields(cls) if f.init and f.name not in skip)
+
+
+def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    """An uninitialised flax model by registry name (see the module docstring).
+
+    Args:
+      name: one of `MODEL_NAMES`.
+      num_classes: width of the head ``linear``.
+      **kwargs: model attributes, e.g. ``norm='group_norm'`` for the ResNets or
+        ``activation='tanh'`` for the CNNs; `model_kwargs` lists them.
+
+    Raises:
+      ValueError: unknown name (the message lists the valid names) or keyword argument.
+    """
+    allowed = model_kwargs(name)
+    bad = sorted(set(kwargs) - set(allowed))
+    if bad:
+        raise ValueError(
+            f"model {name!r} does not take {bad}: valid keyword arguments are {list(allowed)}"
+        )
+    return _REGISTRY[name][1](num_classes, **kwargs)
+
+
+def count_params(variables: Any) -> int:
+    """Number of scalars in ``variables['params']`` (or in a params tree itself)."""
+    if isinstance(variables, dict) and "params" in variables:
+        variables = variables["params"]
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(variables))
+
+
+def __getattr__(name: str) -> Any:
+    # ``dpft.models.pretrained`` without importing safetensors at package import.
+    if name == "pretrained":
+        return importlib.import_module("dpft.models.pretrained")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "MODEL_NAMES",
+    "CifarResNet",
+    "LinearHead",
+    "SampleConvNet",
+    "TramerBonehCNN",
+    "WideResNet",
+    "count_params",
+    "get_model",
+    "model_kwargs",
+    "resnet",
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+    "wrn16_4",
+]

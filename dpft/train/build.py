@@ -1,0 +1,167 @@
+"""From a config to the pieces of a run: data arrays, model, clipper, optimizer, privacy plan."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpft import data as dpdata
+from dpft import models, optim
+from dpft.privacy import accounting, clipping, sampling
+
+
+def load_data(config) -> tuple[dict, dict, int]:
+    """(train arrays, eval arrays, num_classes); arrays are {'image': f32 NHWC, 'label': i32}."""
+    c = config.data
+    kw = {"data_dir": c.data_dir or None, "tfds_data_dir": c.tfds_data_dir or None}
+    train = dpdata.load(c.name, "train", **kw)
+    if c.validation_fraction > 0:
+        train, evaluation = dpdata.split_validation(train, c.validation_fraction, config.seed)
+    else:
+        evaluation = dpdata.load(c.name, c.eval_split, **kw)
+    if c.train_subset:
+        idx = np.random.default_rng([config.seed, 7]).permutation(len(train.labels))
+        idx = np.sort(idx[: c.train_subset])
+        train = dataclasses.replace(train, images=train.images[idx], labels=train.labels[idx])
+    if c.eval_subset:
+        evaluation = dataclasses.replace(
+            evaluation,
+            images=evaluation.images[: c.eval_subset],
+            labels=evaluation.labels[: c.eval_subset],
+        )
+    kind = c.preprocessing or dpdata.default_preprocessing(c.name, config.model.name)
+
+    def arrays(ds):
+        return {"image": dpdata.preprocess(ds.images, kind), "label": ds.labels.astype(np.int32)}
+
+    return arrays(train), arrays(evaluation), train.num_classes
+
+
+def build_model(config, num_classes: int, example_image: np.ndarray):
+    """(model, variables): pretrained weights if ``config.model.pretrained``, else fresh init.
+
+    The head (submodule ``linear``) is re-initialised per ``config.finetune.head_init``
+    ('keep' | 'zero' | 'random'); a pretrained head with another number of classes is never kept.
+    """
+    m = config.model
+    kwargs = {"norm": m.norm} if m.norm else {}
+    fresh = models.get_model(m.name, num_classes, **kwargs)
+    key = jax.random.PRNGKey(config.seed)
+    fresh_vars = fresh.init(key, jnp.asarray(example_image[None]))
+    if not m.pretrained:
+        return fresh, fresh_vars
+    from dpft.models import pretrained
+
+    model, variables = pretrained.load(m.pretrained, path=m.pretrained_path or None)
+    head_init = config.finetune.head_init
+    old_head = variables["params"]["linear"]["kernel"]
+    if head_init == "keep" and old_head.shape[-1] != num_classes:
+        raise ValueError(
+            f"config.finetune.head_init='keep' but the pretrained head has {old_head.shape[-1]} "
+            f"classes and the data {num_classes}: use 'zero' or 'random'"
+        )
+    if head_init != "keep":
+        head = fresh_vars["params"]["linear"]
+        if head_init == "zero":
+            head = jax.tree_util.tree_map(jnp.zeros_like, head)
+        elif head_init != "random":
+            raise ValueError(
+                f"config.finetune.head_init must be keep|zero|random, got {head_init!r}"
+            )
+        params = dict(variables["params"])
+        params["linear"] = head
+        variables = {**variables, "params": params}
+        model = fresh if type(fresh) is type(model) else model
+    return model, variables
+
+
+def build_clipper(dp) -> clipping.Clipper:
+    kind = dp.clipping
+    if kind == "flat":
+        return clipping.FlatClip(dp.clip_norm)
+    if kind == "per_layer":
+        return clipping.PerLayerClip(dp.clip_norm)
+    if kind == "auto":
+        return clipping.AutoClip(gamma=dp.auto_gamma, scale=dp.clip_norm)
+    if kind == "global":
+        return clipping.GlobalClip(dp.clip_norm, threshold=dp.global_threshold or None)
+    raise ValueError(f"config.dp.clipping must be flat|per_layer|auto|global, got {kind!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyPlan:
+    num_examples: int
+    sampling_rate: float
+    expected_batch_size: float
+    max_batch_size: int
+    steps: int
+    noise_multiplier: float
+    target_epsilon: float
+    delta: float
+    accountant: str
+
+    def entry(self) -> accounting.GaussianSteps:
+        return accounting.GaussianSteps(
+            self.noise_multiplier,
+            self.sampling_rate,
+            1,
+            dataset_size=self.num_examples,
+            max_batch_size=self.max_batch_size,
+        )
+
+
+def plan_privacy(config, num_examples: int) -> PrivacyPlan:
+    """Sampling rate, steps and noise multiplier (calibrated to the target when not given)."""
+    dp, tr = config.dp, config.train
+    if not dp.epsilon > 0:
+        raise ValueError(f"config.dp.epsilon must be > 0, got {dp.epsilon}")
+    if not 0 < dp.delta < 1.0 / num_examples:
+        raise ValueError(
+            f"config.dp.delta must be in (0, 1/N = {1.0 / num_examples:.3g}), got {dp.delta}"
+        )
+    if not 0 < tr.batch_size <= num_examples:
+        raise ValueError(
+            f"config.train.batch_size must be in [1, {num_examples}], got {tr.batch_size}"
+        )
+    q = tr.batch_size / num_examples
+    steps = tr.steps or math.ceil(tr.epochs * num_examples / tr.batch_size)
+    if steps <= 0:
+        raise ValueError("config.train.steps or config.train.epochs must be > 0")
+    cap = tr.max_batch_size or sampling.poisson_batch_cap(num_examples, q)
+    entry_kw = {"dataset_size": num_examples, "max_batch_size": cap}
+    if dp.noise_multiplier >= 0:
+        sigma = float(dp.noise_multiplier)
+    elif math.isinf(dp.epsilon):
+        raise ValueError("config.dp.noise_multiplier < 0 (calibrate) needs a finite dp.epsilon")
+    else:
+        sigma = accounting.calibrate_noise_multiplier(
+            dp.epsilon, dp.delta, q, steps, dp.accountant, **entry_kw
+        )
+    return PrivacyPlan(
+        num_examples, q, q * num_examples, cap, steps, sigma, dp.epsilon, dp.delta, dp.accountant
+    )
+
+
+def build_optimizer(config, plan: PrivacyPlan, sensitivity: float, noise_key):
+    tr = config.train
+    schedule = optim.make_schedule(
+        tr.learning_rate, plan.steps, tr.schedule, tr.warmup_steps, tr.end_lr_fraction
+    )
+    kwargs = {}
+    if tr.optimizer == "sgd":
+        kwargs = {"momentum": tr.momentum or None, "nesterov": tr.nesterov}
+    elif tr.optimizer in ("adamw", "lamb"):
+        kwargs = {"weight_decay": tr.weight_decay}
+    return optim.dp_optimizer(
+        tr.optimizer,
+        schedule,
+        noise_multiplier=plan.noise_multiplier,
+        l2_sensitivity=sensitivity,
+        expected_batch_size=plan.expected_batch_size,
+        key=noise_key,
+        **kwargs,
+    )

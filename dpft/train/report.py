@@ -1,0 +1,110 @@
+"""What a run writes: metrics.jsonl, TensorBoard events, the progress bar and the curves PNG."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+from collections.abc import Mapping
+
+import numpy as np
+
+
+def _jsonable(v):
+    v = float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    return v
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to ``metrics.jsonl`` and mirrors scalars to
+    TensorBoard. On resume from step ``s``, records of later steps (from the interrupted run,
+    which the resumed run recomputes identically) are dropped first, so each step appears once.
+    """
+
+    def __init__(self, workdir: pathlib.Path, resume_step: int = 0, tensorboard: bool = True):
+        self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        if self.path.exists():
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(f"{line}\n" for line in kept))
+            tmp.replace(self.path)
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(workdir), purge_step=resume_step + 1 or None)
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> dict:
+        record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, float):
+                    self._tb.add_scalar(k, v, step)
+        return record
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(workdir: pathlib.Path) -> list[dict]:
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def progress_bar(total: int, initial: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        dynamic_ncols=True,
+        mininterval=0.5 if sys.stderr.isatty() else 30.0,
+        file=sys.stderr,
+    )
+
+
+def plot_curves(workdir: pathlib.Path, title: str = "") -> pathlib.Path | None:
+    """training_curves.png: train loss (debug, not private), test accuracy and epsilon vs step."""
+    records = read_metrics(workdir)
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(key):
+        pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), int | float)]
+        return zip(*pts, strict=True) if pts else ((), ())
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, key, label in (
+        (axes[0], "debug/train_loss", "train loss (debug, non-private)"),
+        (axes[1], "test_accuracy", "test accuracy"),
+        (axes[2], "epsilon", "epsilon spent"),
+    ):
+        x, y = series(key)
+        ax.plot(list(x), list(y), marker="." if len(list(series(key))[0]) < 30 else None)
+        ax.set_xlabel("step")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = pathlib.Path(workdir) / "training_curves.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,145 @@
+"""The pure DP train step ``(state, batch, rng) -> (state, metrics)`` and the eval step.
+
+One step = clipped per-example gradients of the trainable parameters (frozen ones are closed
+over, never differentiated), then the DP optimizer chain (noise once, divide by the expected
+batch size, base optimizer). The step is jitted once with donated state; the federated driver
+and multi-device runs reuse this same function.
+
+Metrics computed from the private batch without noise (loss, accuracy, clipping statistics) are
+returned under ``debug/``: they are NOT differentially private and are meant for debugging.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from dpft.privacy import clipping
+
+PyTree = Any
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32
+    params: PyTree  # trainable parameters (flat dict path -> array)
+    opt_state: PyTree  # includes the privatizer's key and count
+    frozen: PyTree  # frozen parameters and non-trainable collections (flat dict)
+
+
+def flatten(variables: PyTree) -> dict[str, jax.Array]:
+    """{'params': {'conv1': {'kernel': x}}} -> {'params/conv1/kernel': x}."""
+    return flax.traverse_util.flatten_dict(flax.core.unfreeze(variables), sep="/")
+
+
+def unflatten(flat: dict[str, jax.Array]) -> PyTree:
+    return flax.traverse_util.unflatten_dict(flat, sep="/")
+
+
+def partition(
+    variables: PyTree, trainable: Sequence[str]
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """Splits variables into (trainable, frozen) flat dicts.
+
+    A leaf is trainable if it is in the 'params' collection and its path below 'params'
+    (e.g. 'layer3_0/conv1/kernel') fully matches one of the regular expressions ``trainable``.
+    Raises ValueError if nothing is trainable.
+    """
+    pats = [re.compile(p) for p in trainable]
+    train, frozen = {}, {}
+    for path, x in flatten(variables).items():
+        coll, _, sub = path.partition("/")
+        if coll == "params" and any(p.fullmatch(sub) for p in pats):
+            train[path] = x
+        else:
+            frozen[path] = x
+    if not train:
+        raise ValueError(f"config.finetune.trainable={list(trainable)} matches no parameter")
+    return train, frozen
+
+
+def cross_entropy_loss(apply_fn: Callable) -> Callable:
+    """Per-example loss ``loss(params, frozen, example, rng) -> (loss, aux)`` for classifiers."""
+
+    def loss(params, frozen, example, rng):
+        del rng  # the models used so far have no dropout
+        variables = unflatten({**frozen, **params})
+        logits = apply_fn(variables, example["image"][None])[0]
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+        label = example["label"]
+        return -logp[label], {"correct": jnp.argmax(logits) == label}
+
+    return loss
+
+
+def make_train_step(
+    loss_fn: Callable,
+    clipper: clipping.Clipper,
+    tx: optax.GradientTransformation,
+    *,
+    microbatch_size: int | None = None,
+    norm_strategy: clipping.NormStrategy | None = None,
+) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
+    """Builds the pure step. ``batch`` holds the example arrays and a float ``mask`` [B].
+
+    ``loss_fn(params, frozen, example, rng) -> (loss, aux)`` with ``aux['correct']``.
+
+    Privacy:
+        The parameter update is ``tx`` applied to the SUM of clipped per-example gradients
+        (sensitivity ``clipper.sensitivity(params)`` under add/remove-one), so with ``tx`` a DP
+        chain each step is one subsampled Gaussian mechanism. Returned ``debug/`` metrics are
+        computed from the private batch without noise and are not private.
+    """
+
+    def step(state: TrainState, batch: dict, rng: jax.Array):
+        mask = batch["mask"]
+        examples = {k: v for k, v in batch.items() if k != "mask"}
+
+        def per_example(params, example, key):
+            return loss_fn(params, state.frozen, example, key)
+
+        grad_fn = clipping.clipped_grad(
+            per_example, clipper, microbatch_size=microbatch_size, norm_strategy=norm_strategy
+        )
+        out = grad_fn(state.params, examples, mask, rng)
+        updates, opt_state = tx.update(out.grad_sum, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        params = jax.tree_util.tree_map(lambda p, q: p.astype(q.dtype), params, state.params)
+        real = jnp.maximum(jnp.sum(mask), 1.0)
+        finite_loss = jnp.where(mask > 0, jnp.nan_to_num(out.loss, posinf=0.0), 0.0)
+        metrics = {
+            "debug/train_loss": jnp.sum(finite_loss) / real,
+            "debug/train_accuracy": jnp.sum(out.aux["correct"] * mask) / real,
+            "debug/batch_size": jnp.sum(mask),
+            "debug/clipped_fraction": out.num_clipped / real,
+            "debug/nonfinite": out.num_nonfinite,
+        }
+        new_state = TrainState(state.step + 1, params, opt_state, state.frozen)
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(apply_fn: Callable) -> Callable:
+    """``eval_step(params, frozen, batch) -> sums`` of loss, correct, count and probabilities."""
+
+    def eval_step(params, frozen, batch):
+        variables = unflatten({**frozen, **params})
+        logits = apply_fn(variables, batch["image"]).astype(jnp.float32)
+        logp = jax.nn.log_softmax(logits)
+        mask = batch["mask"]
+        nll = -jnp.take_along_axis(logp, batch["label"][:, None], axis=1)[:, 0]
+        correct = jnp.argmax(logits, -1) == batch["label"]
+        return {
+            "loss_sum": jnp.sum(nll * mask),
+            "correct_sum": jnp.sum(correct * mask),
+            "count": jnp.sum(mask),
+            "probs": jnp.exp(logp),
+        }
+
+    return eval_step

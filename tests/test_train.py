@@ -1,0 +1,210 @@
+"""The trainer: end to end on real MNIST, resume == uninterrupted, no retrace, budget stop."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpft import paths
+from dpft.config import base_config
+from dpft.privacy import clipping, sampling
+from dpft.train import step as step_lib
+from dpft.train import train_and_evaluate
+from dpft.train.checkpoint import Checkpointer
+
+try:
+    paths.data_dir()
+    HAVE_DATA = True
+except paths.DataError:
+    HAVE_DATA = False
+needs_data = pytest.mark.skipif(not HAVE_DATA, reason="no data dir (set DPFT_DATA_DIR)")
+
+
+def tiny_config(**dp):
+    c = base_config()
+    c.name = "tiny"
+    c.tensorboard = False
+    c.data.name = "mnist"
+    c.data.train_subset = 600
+    c.data.eval_subset = 200
+    c.model.name = "sample_convnet"
+    c.dp.noise_multiplier = 1.0
+    c.dp.clip_norm = 1.0
+    c.dp.delta = 1e-4
+    c.train.batch_size = 32
+    c.train.steps = 6
+    c.train.microbatch_size = 16
+    c.train.learning_rate = 0.5
+    c.train.log_every = 2
+    c.train.eval_every = 3
+    c.train.checkpoint_every = 3
+    c.eval_batch_size = 100
+    for k, v in dp.items():
+        setattr(c.dp, k, v)
+    return c
+
+
+def final_arrays(workdir):
+    ck = Checkpointer(workdir)
+    arrays, meta = ck.load_arrays(ck.latest_step())
+    ck.close()
+    return arrays, meta
+
+
+@needs_data
+def test_end_to_end_outputs(tmp_path):
+    c = tiny_config()
+    c.tensorboard = True
+    summary = train_and_evaluate(c, tmp_path)
+    for key in (
+        "test_accuracy",
+        "epsilon",
+        "delta",
+        "steps",
+        "wall_seconds",
+        "examples_per_second",
+    ):
+        assert key in summary
+    assert summary["steps"] == 6 and summary["delta"] == 1e-4
+    assert 0 < summary["epsilon"] < summary["epsilon_rdp"] * 1.05
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["test_accuracy"] == summary["test_accuracy"]
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [2, 4, 6]
+    assert all("epsilon" in r and "debug/train_loss" in r for r in lines)
+    assert lines[0]["epsilon"] < lines[-1]["epsilon"]
+    assert "test_accuracy" in lines[-1]
+    assert json.loads((tmp_path / "config.json").read_text())["name"] == "tiny"
+    assert (tmp_path / "training_curves.png").stat().st_size > 1000
+    assert list(tmp_path.glob("events.out.tfevents*"))
+
+
+@needs_data
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    c = tiny_config()
+    train_and_evaluate(c, tmp_path / "full")
+    from dpft.train import report
+
+    original = report.MetricsWriter.write
+
+    def crash_at_step_4(self, step, metrics):
+        if step == 4:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self, step, metrics)
+
+    monkeypatch.setattr(report.MetricsWriter, "write", crash_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train_and_evaluate(c, tmp_path / "resumed")
+    monkeypatch.setattr(report.MetricsWriter, "write", original)
+    partial, meta = final_arrays(tmp_path / "resumed")
+    assert meta["step"] == 3
+    summary = train_and_evaluate(c, tmp_path / "resumed")
+    full, full_meta = final_arrays(tmp_path / "full")
+    resumed, resumed_meta = final_arrays(tmp_path / "resumed")
+    assert resumed_meta["step"] == 6 and resumed_meta["ledger"] == full_meta["ledger"]
+    assert len(full) == len(resumed)
+    for a, b in zip(full, resumed, strict=True):
+        np.testing.assert_array_equal(a, b)
+    full_summary = json.loads((tmp_path / "full" / "summary.json").read_text())
+    assert summary["epsilon"] == full_summary["epsilon"]
+    assert summary["test_accuracy"] == full_summary["test_accuracy"]
+    steps = [json.loads(x)["step"] for x in (tmp_path / "resumed" / "metrics.jsonl").open()]
+    assert steps == [2, 4, 6]
+
+
+@needs_data
+def test_budget_stops_before_exceeding_target(tmp_path):
+    c = tiny_config(epsilon=1.0, noise_multiplier=1.5)
+    c.train.steps = 200
+    summary = train_and_evaluate(c, tmp_path)
+    assert summary["stop_reason"] == "budget"
+    assert 0 < summary["steps"] < 200
+    assert summary["epsilon"] <= 1.0
+
+
+@needs_data
+def test_other_config_in_workdir_is_refused(tmp_path):
+    train_and_evaluate(tiny_config(), tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    other = tiny_config(clip_norm=2.0)
+    with pytest.raises(ValueError, match="different config"):
+        train_and_evaluate(other, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_step_is_traced_once_for_every_poisson_batch():
+    def apply_fn(variables, x):
+        return x.reshape(x.shape[0], -1) @ variables["params"]["linear"]["kernel"]
+
+    variables = {"params": {"linear": {"kernel": jnp.zeros((12, 3))}}}
+    trainable, frozen = step_lib.partition(variables, (".*",))
+    from dpft import optim
+
+    tx = optim.dp_sgd(0.1, noise_multiplier=1.0, l2_sensitivity=1.0, expected_batch_size=8, key=0)
+    traces = []
+    inner = step_lib.make_train_step(
+        step_lib.cross_entropy_loss(apply_fn), clipping.FlatClip(1.0), tx, microbatch_size=8
+    )
+
+    def counted(state, batch, rng):
+        traces.append(1)
+        return inner(state, batch, rng)
+
+    fn = jax.jit(counted, donate_argnums=0)
+    state = step_lib.TrainState(jnp.zeros([], jnp.int32), trainable, tx.init(trainable), frozen)
+    data = np.random.default_rng(0).normal(size=(100, 2, 2, 3)).astype(np.float32)
+    labels = np.arange(100) % 3
+    sampler = sampling.PoissonSampler(100, 0.08, seed=0)
+    sizes = set()
+    for t in range(25):
+        idx, mask = sampler.batch_at(t)
+        sizes.add(int(mask.sum()))
+        batch = {"image": data[idx], "label": labels[idx], "mask": mask.astype(np.float32)}
+        state, _ = fn(state, batch, jax.random.PRNGKey(t))
+    empty = {
+        "image": data[:1].repeat(len(idx), 0),
+        "label": labels[: len(idx)] * 0,
+        "mask": np.zeros(len(idx), np.float32),
+    }
+    state, metrics = fn(state, empty, jax.random.PRNGKey(99))  # an empty Poisson batch
+    assert min(sizes) < max(sizes)
+    assert len(traces) == 1
+    assert int(state.step) == 26 and np.isfinite(float(metrics["debug/train_loss"]))
+
+
+def run_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "dpft", *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def test_cli_unknown_config_key_is_one_line_error(tmp_path):
+    out = run_cli(
+        "--config",
+        "configs/mnist_cnn.py:smoke",
+        "--workdir",
+        str(tmp_path),
+        "--config.dp.epsilonn=3",
+    )
+    assert out.returncode != 0
+    err = [line for line in out.stderr.strip().splitlines() if line.strip()]
+    assert len(err) == 1 and "epsilonn" in err[0]
+    assert not any(tmp_path.iterdir())
+
+
+@needs_data
+def test_cli_smoke_config(tmp_path):
+    out = run_cli(
+        "--config",
+        "configs/mnist_cnn.py:smoke",
+        "--workdir",
+        str(tmp_path),
+        "--config.tensorboard=False",
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "test_accuracy=" in out.stdout
+    assert (tmp_path / "summary.json").exists()
