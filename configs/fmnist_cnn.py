@@ -8,7 +8,7 @@ calibrated to epsilon 3; they report 86.0% test accuracy. dpft's figure is recor
 experiments/results/e2e_runs.md.
 """
 
-from dpft.config import base_config
+from dpft.config import base_config, make_smoke
 
 
 def get_config(arg: str = ""):
@@ -29,15 +29,7 @@ def get_config(arg: str = ""):
     c.train.eval_every = 100
     c.train.checkpoint_every = 100
     if arg == "smoke":
-        c.data.train_subset = 2000
-        c.data.eval_subset = 500
-        c.dp.delta = 1e-4
-        c.train.batch_size = 128
-        c.train.steps = 6
-        c.train.microbatch_size = 64
-        c.train.log_every = 2
-        c.train.eval_every = 3
-        c.train.checkpoint_every = 3
+        make_smoke(c, batch_size=128, microbatch_size=64)
     elif arg:
         raise ValueError(f"unknown config argument {arg!r} (expected '' or 'smoke')")
     return c

@@ -14,7 +14,7 @@ fit a CPU budget on a subset. The result of the default run (test accuracy, epsi
 is recorded in experiments/results/e2e_runs.md.
 """
 
-from dpft.config import base_config
+from dpft.config import base_config, make_smoke
 
 
 def get_config(arg: str = ""):
@@ -43,15 +43,7 @@ def get_config(arg: str = ""):
     parts = arg.split(",") if arg else []
     for part in parts:
         if part == "smoke":
-            c.data.train_subset = 1000
-            c.data.eval_subset = 500
-            c.dp.delta = 1e-4
-            c.train.batch_size = 64
-            c.train.steps = 4
-            c.train.microbatch_size = 32
-            c.train.log_every = 2
-            c.train.eval_every = 4
-            c.train.checkpoint_every = 4
+            make_smoke(c)
         elif part == "full":
             c.finetune.trainable = (".*",)
         elif part == "last_block":

@@ -8,7 +8,7 @@ reaches the figure recorded in experiments/results/e2e_runs.md, with epsilon rep
 RDP at delta = 1e-5 in summary.json (``epsilon``, ``epsilon_rdp``).
 """
 
-from dpft.config import base_config
+from dpft.config import base_config, make_smoke
 
 
 def get_config(arg: str = ""):
@@ -28,14 +28,7 @@ def get_config(arg: str = ""):
     c.train.eval_every = 750
     c.train.checkpoint_every = 750
     if arg == "smoke":
-        c.data.train_subset = 2000
-        c.data.eval_subset = 500
-        c.train.batch_size = 64
-        c.train.steps = 6
-        c.train.microbatch_size = 32
-        c.train.log_every = 2
-        c.train.eval_every = 3
-        c.train.checkpoint_every = 3
+        make_smoke(c)
     elif arg:
         raise ValueError(f"unknown config argument {arg!r} (expected '' or 'smoke')")
     return c

@@ -61,3 +61,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 2
     return c
+
+
+def make_smoke(c: ml_collections.ConfigDict, batch_size: int = 64, microbatch_size: int = 32):
+    """Shrinks a config to a run of seconds: small subsets, a few steps, frequent logging."""
+    c.data.train_subset = 2000
+    c.data.eval_subset = 500
+    c.dp.delta = min(c.dp.delta, 1e-4)
+    c.train.batch_size = batch_size
+    c.train.steps = 6
+    c.train.microbatch_size = microbatch_size
+    c.train.log_every = 2
+    c.train.eval_every = 3
+    c.train.checkpoint_every = 3
+    return c

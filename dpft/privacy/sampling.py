@@ -68,8 +68,31 @@ def poisson_batch_cap(
     return max(1, min(cap, num_examples))
 
 
+class _StepSampler:
+    """A sampler whose batch at each step is ``batch_at(step)``; its state is the next step."""
+
+    step: int
+    seed: int
+
+    def batch_at(self, step: int) -> IndexBatch:
+        raise NotImplementedError
+
+    def next(self) -> IndexBatch:
+        batch = self.batch_at(self.step)
+        self.step += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"step": int(self.step), "seed": int(self.seed)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state["seed"]) != int(self.seed):
+            raise ValueError(f"sampler seed mismatch: checkpoint {state['seed']} vs {self.seed}")
+        self.step = int(state["step"])
+
+
 @dataclasses.dataclass
-class PoissonSampler:
+class PoissonSampler(_StepSampler):
     """Poisson sampling: each example joins a step's batch independently with probability q.
 
     The batch is padded to ``max_batch_size`` rows. If a draw exceeds the cap, a uniformly random
@@ -118,22 +141,9 @@ class PoissonSampler:
         mask[:n] = True
         return IndexBatch(indices, mask)
 
-    def next(self) -> IndexBatch:
-        batch = self.batch_at(self.step)
-        self.step += 1
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"step": int(self.step), "seed": int(self.seed)}
-
-    def load_state_dict(self, state: dict) -> None:
-        if int(state["seed"]) != int(self.seed):
-            raise ValueError(f"sampler seed mismatch: checkpoint {state['seed']} vs {self.seed}")
-        self.step = int(state["step"])
-
 
 @dataclasses.dataclass
-class ShuffleSampler:
+class ShuffleSampler(_StepSampler):
     """Fixed-size batches from a fresh permutation each epoch (the remainder is dropped).
 
     Offered so that users can compare with common practice. Accounting treats each step as
@@ -177,19 +187,6 @@ class ShuffleSampler:
         perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
         idx = perm[i * self.batch_size : (i + 1) * self.batch_size].astype(np.int64)
         return IndexBatch(np.sort(idx), np.ones(self.batch_size, bool))
-
-    def next(self) -> IndexBatch:
-        batch = self.batch_at(self.step)
-        self.step += 1
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"step": int(self.step), "seed": int(self.seed)}
-
-    def load_state_dict(self, state: dict) -> None:
-        if int(state["seed"]) != int(self.seed):
-            raise ValueError(f"sampler seed mismatch: checkpoint {state['seed']} vs {self.seed}")
-        self.step = int(state["step"])
 
 
 def expected_steps_per_epoch(sampling_rate: float) -> int:
