@@ -16,8 +16,9 @@ Presets (`PRESETS`):
   without known statistics.
 * ``unit``: [0, 1], no normalization.
 
-For other statistics, pass a `Preset` (e.g. ``Preset.from_images(train.images)``, computed from
-the training split only) instead of a name.
+For other statistics, pass a `Preset` instead of a name. NOT PRIVATE: statistics computed with
+``Preset.from_images`` / `channel_stats` are exact functions of the images they see; compute them
+on PUBLIC data only (a public proxy dataset, never the private training split), or they leak.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class Preset:
 
     @classmethod
     def from_images(cls, images: np.ndarray, pad_to_32_rgb: bool = False) -> Preset:
-        """Per-channel statistics of ``images`` (uint8 NHWC); compute them on the train split."""
+        """Per-channel statistics of ``images`` (uint8 NHWC). NOT PRIVATE: use public images only."""
         mean, std = channel_stats(images)
         return cls(tuple(mean.tolist()), tuple(std.tolist()), pad_to_32_rgb)
 
@@ -141,6 +142,8 @@ def preprocess(images: np.ndarray, kind: str | Preset) -> np.ndarray:
 
 def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std (float64 ``[C]``) of uint8 NHWC ``images`` scaled to [0, 1].
+
+    NOT PRIVATE: an exact, un-noised statistic of ``images``; never apply it to private data.
 
     Accumulated in chunks, so memory stays small for large datasets.
     """
