@@ -66,7 +66,7 @@ class Preset:
 
     @classmethod
     def from_images(cls, images: np.ndarray, pad_to_32_rgb: bool = False) -> Preset:
-        """Per-channel statistics of ``images`` (uint8 NHWC). NOT PRIVATE: use public images only."""
+        """Per-channel statistics of uint8 NHWC ``images``. NOT PRIVATE: public images only."""
         mean, std = channel_stats(images)
         return cls(tuple(mean.tolist()), tuple(std.tolist()), pad_to_32_rgb)
 
