@@ -131,7 +131,6 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         ckpt.save(step, state, meta)
 
     last_eval: dict = {}
-    epsilon = budget.epsilon() if start else 0.0
     stop_reason = "steps"
     t_train = time.time()
     examples_seen = 0
