@@ -16,6 +16,7 @@ def get_config(arg: str = ""):
     c.name = "mnist_cnn"
     c.data.name = "mnist"
     c.model.name = "sample_convnet"
+    c.model.init = "torch"  # PyTorch default initialisation, as in the Opacus example
     c.dp.noise_multiplier = 1.3
     c.dp.clip_norm = 1.5
     c.dp.delta = 1e-5

@@ -25,12 +25,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.name = "sample_convnet"
     c.model.norm = ""  # resnets: frozen_bn | group_norm
+    c.model.init = "default"  # default (flax) | torch (PyTorch's defaults, for PyTorch recipes)
     c.model.pretrained = ""  # e.g. resnet20: load CIFAR-10 weights from the data dir
     c.model.pretrained_path = ""
 
     c.finetune = ml_collections.ConfigDict()
+    c.finetune.mode = ""  # scratch | full | head | partial | lp_ft ("" = train `trainable`)
     c.finetune.trainable = (".*",)  # regexes over parameter paths, e.g. ("linear/.*",)
     c.finetune.head_init = "keep"  # keep | zero | random (pretrained models)
+    c.finetune.lp_fraction = 0.5  # lp_ft: share of the steps (= of the budget) spent in LP
+    c.finetune.lp_learning_rate = 0.0  # lp_ft: LP phase learning rate (0 = train.learning_rate)
+    c.finetune.feature_cache = True  # head / LP phases train on cached backbone features
+    c.finetune.cache_dir = ""  # "" = WORKDIR/features; share one across runs of a study
 
     c.dp = ml_collections.ConfigDict()
     c.dp.epsilon = float("inf")  # target; the run stops before exceeding it

@@ -47,11 +47,14 @@ def build_model(config, num_classes: int, example_image: np.ndarray):
     The head (submodule ``linear``) is re-initialised per ``config.finetune.head_init``
     ('keep' | 'zero' | 'random'); a pretrained head with another number of classes is never kept.
     """
+    from dpft.models.init import reinit
+
     m = config.model
     kwargs = {"norm": m.norm} if m.norm else {}
     fresh = models.get_model(m.name, num_classes, **kwargs)
     key = jax.random.PRNGKey(config.seed)
     fresh_vars = fresh.init(key, jnp.asarray(example_image[None]))
+    fresh_vars = reinit(fresh_vars, m.get("init", "default"), jax.random.fold_in(key, 1))
     if not m.pretrained:
         return fresh, fresh_vars
     from dpft.models import pretrained
@@ -146,10 +149,17 @@ def plan_privacy(config, num_examples: int) -> PrivacyPlan:
     )
 
 
-def build_optimizer(config, plan: PrivacyPlan, sensitivity: float, noise_key):
+def build_optimizer(
+    config, plan: PrivacyPlan, sensitivity: float, noise_key, *, steps=None, learning_rate=None
+):
+    """The DP optimizer chain; ``steps``/``learning_rate`` override the plan's for one phase."""
     tr = config.train
     schedule = optim.make_schedule(
-        tr.learning_rate, plan.steps, tr.schedule, tr.warmup_steps, tr.end_lr_fraction
+        learning_rate or tr.learning_rate,
+        steps or plan.steps,
+        tr.schedule,
+        tr.warmup_steps,
+        tr.end_lr_fraction,
     )
     kwargs = {}
     if tr.optimizer == "sgd":

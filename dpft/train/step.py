@@ -126,7 +126,7 @@ def make_train_step(
 
 
 def make_eval_step(apply_fn: Callable) -> Callable:
-    """``eval_step(params, frozen, batch) -> sums`` of loss, correct, count and probabilities."""
+    """``eval_step(params, frozen, batch) -> sums`` of loss, correct and count, and the logits."""
 
     def eval_step(params, frozen, batch):
         variables = unflatten({**frozen, **params})
@@ -139,7 +139,7 @@ def make_eval_step(apply_fn: Callable) -> Callable:
             "loss_sum": jnp.sum(nll * mask),
             "correct_sum": jnp.sum(correct * mask),
             "count": jnp.sum(mask),
-            "probs": jnp.exp(logp),
+            "logits": logits,
         }
 
     return eval_step

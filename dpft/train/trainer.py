@@ -12,25 +12,34 @@ exactly what the interrupted run computed: nothing new about the data is release
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import pathlib
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dpft import data as dpdata
+from dpft import models
+from dpft.metrics import CalibrationAccumulator, reliability_diagram
 from dpft.privacy import accounting, sampling
 from dpft.train import build, report
+from dpft.train import features as features_lib
 from dpft.train.checkpoint import Checkpointer, config_fingerprint
+from dpft.train.phases import Phase, phase_index, plan_phases
 from dpft.train.step import (
     TrainState,
     cross_entropy_loss,
+    flatten,
     make_eval_step,
     make_train_step,
     partition,
+    unflatten,
 )
 
 log = logging.getLogger("dpft")
@@ -62,15 +71,106 @@ def _claim_workdir(workdir: pathlib.Path, config_json: str) -> bool:
     return False
 
 
-def evaluate(eval_fn, params, frozen, arrays: dict, batch_size: int) -> dict:
-    """Accuracy and mean NLL on a public eval set, with static-shape padded batches."""
-    loss = correct = count = 0.0
+def evaluate(eval_fn, params, frozen, arrays: dict, batch_size: int, *, details=False):
+    """Accuracy, mean NLL and calibration (ECE, MCE; 15 bins) on a public eval set.
+
+    Static-shape padded batches; padding rows are masked out. With ``details`` also returns the
+    `CalibrationResult` (for the reliability diagram).
+    """
+    acc = CalibrationAccumulator(num_bins=15)
     for batch, mask in dpdata.eval_batches(arrays, batch_size):
         out = eval_fn(params, frozen, {**batch, "mask": jnp.asarray(mask, jnp.float32)})
-        loss += float(out["loss_sum"])
-        correct += float(out["correct_sum"])
-        count += float(out["count"])
-    return {"test_accuracy": correct / count, "test_loss": loss / count}
+        acc.update(np.asarray(out["logits"]), batch["label"], mask)
+    result = acc.result()
+    metrics = {
+        "test_accuracy": result.accuracy,
+        "test_loss": result.nll,
+        "test_ece": result.ece,
+        "test_mce": result.mce,
+    }
+    return (metrics, result) if details else metrics
+
+
+@dataclasses.dataclass
+class _Runtime:
+    """What one phase trains with: its model, data, state and jitted functions."""
+
+    phase: Phase
+    state: TrainState
+    step_fn: Callable
+    eval_fn: Callable
+    train_arrays: dict
+    eval_arrays: dict
+
+
+def _build_runtime(config, workdir, index, phase, plan, model, full, data, num_classes) -> _Runtime:
+    """Partitions the model for ``phase``, builds its DP optimizer and jitted step."""
+    train_arrays, eval_arrays = data
+    mb = config.train.microbatch_size or None
+    if phase.use_features:
+        head = models.get_model("linear", num_classes)
+        variables = unflatten({k: v for k, v in full.items() if k.startswith("params/linear/")})
+        feats = _features(config, workdir, model, full, train_arrays, eval_arrays)
+        train_arrays = {"image": feats["train"], "label": train_arrays["label"]}
+        eval_arrays = {"image": feats["eval"], "label": eval_arrays["label"]}
+        model = head
+    else:
+        variables = unflatten(full)
+    trainable, frozen = partition(variables, phase.trainable)
+    clipper = build.build_clipper(config.dp)
+    sensitivity = clipper.sensitivity(trainable) if config.dp.clip_norm < math.inf else math.inf
+    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
+    if index > 0:  # single-phase runs keep the key they always had
+        key = jax.random.fold_in(key, index)
+    tx = build.build_optimizer(
+        config, plan, sensitivity, key, steps=phase.steps, learning_rate=phase.learning_rate
+    )
+    state = TrainState(jnp.asarray(phase.start, jnp.int32), trainable, tx.init(trainable), frozen)
+    step_fn = jax.jit(
+        make_train_step(cross_entropy_loss(model.apply), clipper, tx, microbatch_size=mb),
+        donate_argnums=0,
+    )
+    eval_fn = jax.jit(make_eval_step(model.apply))
+    return _Runtime(phase, state, step_fn, eval_fn, train_arrays, eval_arrays)
+
+
+def _features(config, workdir, model, full, train_arrays, eval_arrays) -> dict:
+    variables = unflatten(full)
+    m, d = config.model, config.data
+    description = {
+        "backbone": m.name,
+        "norm": m.norm,
+        "pretrained": m.pretrained,
+        "weights": features_lib.file_identity(_weights_path(config)),
+        "dataset": d.name,
+        "eval_split": d.eval_split,
+        "train_subset": d.train_subset,
+        "eval_subset": d.eval_subset,
+        "validation_fraction": d.validation_fraction,
+        "seed": config.seed if (d.train_subset or d.validation_fraction) else None,
+        "preprocessing": d.preprocessing or "default",
+    }
+    cache_dir = config.finetune.get("cache_dir", "") or pathlib.Path(workdir) / "features"
+    return features_lib.cached_features(
+        cache_dir,
+        description,
+        lambda x: model.apply(variables, x, method=model.features),
+        {"train": train_arrays["image"], "eval": eval_arrays["image"]},
+        config.eval_batch_size,
+    )
+
+
+def _weights_path(config):
+    if not config.model.pretrained:
+        return None
+    if config.model.pretrained_path:
+        return config.model.pretrained_path
+    from dpft.models import pretrained
+
+    try:
+        return pretrained.weights_path(config.model.pretrained, None)
+    except Exception:  # noqa: BLE001 - identity is best effort; the name is in the key anyway
+        return None
 
 
 def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
@@ -82,6 +182,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     train_arrays, eval_arrays, num_classes = build.load_data(config)
     n = len(train_arrays["label"])
     plan = build.plan_privacy(config, n)
+    phases = plan_phases(config, plan.steps)
     mb = config.train.microbatch_size or None
     if mb is not None and mb > plan.max_batch_size:
         raise ValueError(
@@ -89,101 +190,124 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
             f"{plan.max_batch_size}"
         )
     model, variables = build.build_model(config, num_classes, train_arrays["image"][0])
-    trainable, frozen = partition(variables, config.finetune.trainable)
-    clipper = build.build_clipper(config.dp)
-    sensitivity = clipper.sensitivity(trainable) if config.dp.clip_norm < math.inf else math.inf
-    base_key = jax.random.PRNGKey(config.seed)
-    tx = build.build_optimizer(config, plan, sensitivity, jax.random.fold_in(base_key, 1))
-    state = TrainState(jnp.zeros([], jnp.int32), trainable, tx.init(trainable), frozen)
+    full = flatten(variables)
 
     resumable = _claim_workdir(workdir, config_json)
     ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
     sampler = sampling.PoissonSampler(n, plan.sampling_rate, config.seed, plan.max_batch_size)
     budget = accounting.PrivacyBudget(plan.target_epsilon, plan.delta, plan.accountant)
+    data = (train_arrays, eval_arrays)
+
+    def runtime(i: int) -> _Runtime:
+        return _build_runtime(config, workdir, i, phases[i], plan, model, full, data, num_classes)
+
     start = 0
     latest = ckpt.latest_step() if resumable else None
+    current = phase_index(phases, latest) if latest is not None else 0
+    rt = runtime(current)
     if latest is not None:
-        state, meta = ckpt.restore(latest, state)
-        if meta["fingerprint"] != fingerprint:
+        state, meta = ckpt.restore(latest, rt.state)
+        if meta["fingerprint"] != fingerprint or meta.get("phase", 0) != current:
             raise ConfigMismatchError(f"checkpoint {latest} in {workdir} is of another config")
+        rt.state = state
         budget.ledger = accounting.PrivacyLedger.from_dict(meta["ledger"])
         sampler.load_state_dict(meta["sampler"])
         start = int(meta["step"])
-        log.info("resuming %s from step %d", workdir, start)
+        log.info("resuming %s from step %d (phase %s)", workdir, start, rt.phase.name)
 
-    apply_fn = model.apply
-    step_fn = jax.jit(
-        make_train_step(cross_entropy_loss(apply_fn), clipper, tx, microbatch_size=mb),
-        donate_argnums=0,
-    )
-    eval_fn = jax.jit(make_eval_step(apply_fn))
     writer = report.MetricsWriter(workdir, resume_step=start, tensorboard=config.tensorboard)
-    step_key = jax.random.fold_in(base_key, 2)
+    step_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
     entry = plan.entry()
 
     def checkpoint(step: int) -> None:
         meta = {
             "step": step,
+            "phase": current,
             "ledger": budget.ledger.to_dict(),
             "sampler": sampler.state_dict(),
             "fingerprint": fingerprint,
         }
-        ckpt.save(step, state, meta)
+        ckpt.save(step, rt.state, meta)
+
+    def run_eval(details=False):
+        return evaluate(
+            rt.eval_fn,
+            rt.state.params,
+            rt.state.frozen,
+            rt.eval_arrays,
+            config.eval_batch_size,
+            details=details,
+        )
 
     last_eval: dict = {}
     stop_reason = "steps"
     t_train = time.time()
     examples_seen = 0
     bar = report.progress_bar(plan.steps, start, config.name or "dpft")
-    loader = dpdata.BatchLoader(train_arrays, sampler, start_step=start, prefetch=2)
+    step = start
     try:
-        step = start
-        for step_idx, batch, mask in loader:
-            if step_idx >= plan.steps:
-                break
+        while stop_reason == "steps" and step < plan.steps:
+            if step >= rt.phase.end:  # next phase: carry the trained parameters over
+                full.update(rt.state.params)
+                current += 1
+                rt = runtime(current)
+                last_eval = {}
+            loader = dpdata.BatchLoader(
+                rt.train_arrays, sampler, start_step=step, prefetch=2, stop_step=rt.phase.end
+            )
             try:
-                budget.spend(entry)  # recorded BEFORE the step runs
-            except accounting.BudgetExceededError as e:
-                log.warning("stopping before step %d: %s", step_idx, e)
-                stop_reason = "budget"
-                break
-            batch = {**batch, "mask": mask}
-            state, metrics = step_fn(state, batch, jax.random.fold_in(step_key, step_idx))
-            step = step_idx + 1
-            sampler.step = step
-            examples_seen += int(mask.sum())
-            bar.update(1)
-            is_last = step == plan.steps
-            if step % config.train.log_every == 0 or is_last:
-                record = {k: float(v) for k, v in metrics.items()}
-                epsilon = budget.epsilon()
-                record["epsilon"] = epsilon
-                if step % config.train.eval_every == 0 or is_last:
-                    last_eval = evaluate(
-                        eval_fn, state.params, state.frozen, eval_arrays, config.eval_batch_size
-                    )
-                    record.update(last_eval)
-                writer.write(step, record)
-                bar.set_postfix(
-                    eps=f"{epsilon:.3f}",
-                    loss=f"{record['debug/train_loss']:.3f}",
-                    acc=f"{last_eval.get('test_accuracy', float('nan')):.3f}",
-                )
-            if step % config.train.checkpoint_every == 0 or is_last:
-                checkpoint(step)
+                for step_idx, batch, mask in loader:
+                    if step_idx >= rt.phase.end:
+                        break
+                    try:
+                        budget.spend(entry)  # recorded BEFORE the step runs
+                    except accounting.BudgetExceededError as e:
+                        log.warning("stopping before step %d: %s", step_idx, e)
+                        stop_reason = "budget"
+                        break
+                    batch = {**batch, "mask": mask}
+                    rng = jax.random.fold_in(step_key, step_idx)
+                    rt.state, metrics = rt.step_fn(rt.state, batch, rng)
+                    step = step_idx + 1
+                    sampler.step = step
+                    examples_seen += int(mask.sum())
+                    bar.update(1)
+                    is_last = step == plan.steps
+                    phase_end = step == rt.phase.end
+                    if step % config.train.log_every == 0 or is_last or phase_end:
+                        record = {k: float(v) for k, v in metrics.items()}
+                        epsilon = budget.epsilon()
+                        record["epsilon"] = epsilon
+                        if step % config.train.eval_every == 0 or is_last or phase_end:
+                            last_eval = run_eval()
+                            record.update(last_eval)
+                        if len(phases) > 1:
+                            record["phase"] = current
+                        writer.write(step, record)
+                        bar.set_postfix(
+                            eps=f"{epsilon:.3f}",
+                            loss=f"{record['debug/train_loss']:.3f}",
+                            acc=f"{last_eval.get('test_accuracy', float('nan')):.3f}",
+                        )
+                    if step % config.train.checkpoint_every == 0 or is_last or phase_end:
+                        checkpoint(step)
+            finally:
+                loader.close()
     finally:
-        loader.close()
         bar.close()
     steps_done = budget.ledger.steps
     if stop_reason == "budget" and steps_done > start:
         checkpoint(steps_done)
     train_seconds = time.time() - t_train
-    if not last_eval or stop_reason == "budget":
-        last_eval = evaluate(
-            eval_fn, state.params, state.frozen, eval_arrays, config.eval_batch_size
-        )
+    last_eval, calibration = run_eval(details=True)  # the final model, with its bins
     epsilon = budget.epsilon()
-    rdp_eps = budget.ledger.epsilon(plan.delta, "rdp") if plan.noise_multiplier > 0 else math.inf
+    try:  # cross-check; RDP cannot account a binding batch cap, PLD (the default) can
+        rdp_eps = (
+            budget.ledger.epsilon(plan.delta, "rdp") if plan.noise_multiplier > 0 else math.inf
+        )
+    except ValueError as e:
+        log.warning("no RDP cross-check: %s", e)
+        rdp_eps = None
     summary = {
         **last_eval,
         "epsilon": epsilon,
@@ -196,6 +320,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         "expected_batch_size": plan.expected_batch_size,
         "steps": steps_done,
         "planned_steps": plan.steps,
+        "phases": {p.name: p.steps for p in phases},
         "stop_reason": stop_reason,
         "num_train_examples": n,
         "wall_seconds": time.time() - t_start,
@@ -208,5 +333,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     tmp = workdir / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     tmp.replace(workdir / "summary.json")
-    report.plot_curves(workdir, title=f"{config.name}: eps={epsilon:.2f}, delta={plan.delta:g}")
+    title = f"{config.name}: eps={epsilon:.2f}, delta={plan.delta:g}"
+    report.plot_curves(workdir, title=title)
+    reliability_diagram(calibration, workdir / "reliability.png", title=title)
     return summary

@@ -1,0 +1,101 @@
+"""Feature cache: the frozen backbone's features, computed once and reused.
+
+Head tuning (linear probing) of a frozen public backbone only ever needs the backbone's output
+for each example, so dpft computes it once (jitted, in fixed-size batches), stores it under a
+key derived from everything that determines it (backbone name and weights file, dataset, split,
+subset and preprocessing), and trains the head on the cached arrays: a DP step then costs a
+matmul instead of a forward pass of the backbone.
+
+Privacy: the cache holds a deterministic function of PRIVATE training examples. It is written
+only to the run's own directory (or the cache directory the user names) and enters nothing but
+DP mechanisms (the clipped, noised head updates). Never publish a cache of training features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import time
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpft import data as dpdata
+
+log = logging.getLogger("dpft")
+
+
+def cache_key(description: Mapping) -> str:
+    """A short stable hash of a JSON-able description of what the features depend on."""
+    text = json.dumps(description, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def file_identity(path: str | os.PathLike | None) -> dict:
+    """Name, size and mtime of a weights file (cheap stand-in for its content hash)."""
+    if not path:
+        return {}
+    p = pathlib.Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        return {"path": str(p)}
+    return {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def compute_features(
+    feature_fn: Callable[[jax.Array], jax.Array], images: np.ndarray, batch_size: int
+) -> np.ndarray:
+    """``feature_fn`` over ``images`` in fixed-size padded batches (one compilation)."""
+    fn = jax.jit(feature_fn)
+    out = []
+    for batch, mask in dpdata.eval_batches({"image": images}, batch_size):
+        feats = np.asarray(fn(jnp.asarray(batch["image"])), np.float32)
+        out.append(feats[mask > 0])
+    if not out:
+        raise ValueError("compute_features: no images")
+    return np.concatenate(out, axis=0)
+
+
+def cached_features(
+    cache_dir: str | os.PathLike,
+    description: Mapping,
+    feature_fn: Callable[[jax.Array], jax.Array],
+    splits: Mapping[str, np.ndarray],
+    batch_size: int,
+) -> dict[str, np.ndarray]:
+    """Features of each split's images, loaded from ``cache_dir`` or computed and stored there.
+
+    The file is ``cache_dir/features-<key>.npz`` with the key hashed from ``description`` and
+    the split names and sizes; it is written to a temporary name and renamed, so a crash never
+    leaves a partial cache that would be read. A cache whose arrays do not match the expected
+    number of examples is recomputed.
+    """
+    desc = {**description, "splits": {k: list(np.shape(v)) for k, v in splits.items()}}
+    key = cache_key(desc)
+    cache_dir = pathlib.Path(cache_dir)
+    path = cache_dir / f"features-{key}.npz"
+    if path.exists():
+        try:
+            with np.load(path) as f:
+                got = {k: f[k] for k in splits}
+            if all(len(got[k]) == len(v) for k, v in splits.items()):
+                log.info("feature cache hit: %s", path)
+                return got
+        except (OSError, KeyError, ValueError) as e:
+            log.warning("ignoring unreadable feature cache %s: %s", path, e)
+    t0 = time.time()
+    got = {k: compute_features(feature_fn, v, batch_size) for k, v in splits.items()}
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, **got)
+    tmp.replace(path)
+    (cache_dir / f"features-{key}.json").write_text(json.dumps(desc, indent=2, default=str))
+    log.info("computed features in %.1fs -> %s", time.time() - t0, path)
+    return got

@@ -1,0 +1,91 @@
+"""Fine-tuning modes as sequences of training phases over one privacy budget.
+
+``config.finetune.mode``:
+
+* ``scratch``: train every parameter of a freshly initialised model (``model.pretrained`` empty).
+* ``full``  (FT): train every parameter of a pretrained model.
+* ``head``  (HT / LP): train only the output layer ``linear`` of a pretrained model. With
+  ``finetune.feature_cache`` (default) the frozen backbone's features are computed once and the
+  head is trained on them, so a DP step costs a matmul, not a forward pass of the backbone.
+* ``partial``: train the parameters matching ``finetune.trainable`` (e.g. last stage + head).
+* ``lp_ft`` (Ke et al. 2024, after Kumar et al. 2022): a head (linear-probing) phase, then a
+  fine-tuning phase of ``finetune.trainable`` (default: everything). ``finetune.lp_fraction`` is
+  the share of the run's steps, all at the one noise multiplier calibrated for the whole run,
+  spent in the LP phase; so it is the share of the privacy budget, and the accountant composes
+  both phases into the run's (epsilon, delta), never above the target.
+* ``""`` (default): one phase training ``finetune.trainable``, with no mode-specific checks.
+
+Each phase is trained with the same pure step function (jitted once per phase, since the set of
+trainable parameters fixes its shapes); the sampler, step counter and privacy ledger run on
+across phases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+MODES = ("", "scratch", "full", "head", "partial", "lp_ft")
+HEAD = (r"linear/.*",)
+ALL = (".*",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """Steps ``[start, end)`` of a run training the parameters matching ``trainable``."""
+
+    name: str
+    trainable: tuple[str, ...]
+    start: int
+    end: int
+    use_features: bool = False  # train the head on cached backbone features
+    learning_rate: float | None = None  # None: config.train.learning_rate
+
+    @property
+    def steps(self) -> int:
+        return self.end - self.start
+
+
+def plan_phases(config, total_steps: int) -> list[Phase]:
+    """The phases of a run of ``total_steps`` steps, per ``config.finetune`` (see module doc)."""
+    ft = config.finetune
+    mode = ft.get("mode", "")
+    pretrained = bool(config.model.pretrained)
+    cache = bool(ft.get("feature_cache", True))
+    spec = tuple(ft.trainable)
+    if mode not in MODES:
+        raise ValueError(f"config.finetune.mode must be one of {'|'.join(MODES[1:])}, got {mode!r}")
+    if mode in ("full", "head", "partial", "lp_ft") and not pretrained:
+        raise ValueError(
+            f"config.finetune.mode={mode!r} tunes a pretrained model: set config.model.pretrained"
+        )
+    if mode == "scratch" and pretrained:
+        raise ValueError(
+            "config.finetune.mode='scratch' trains from a fresh init: "
+            f"config.model.pretrained must be empty, got {config.model.pretrained!r}"
+        )
+    if mode in ("", "scratch", "partial"):
+        return [Phase(mode or "train", spec, 0, total_steps)]
+    if mode == "full":
+        return [Phase("full", ALL, 0, total_steps)]
+    if mode == "head":
+        return [Phase("head", HEAD, 0, total_steps, use_features=cache)]
+    frac = float(ft.get("lp_fraction", 0.5))
+    if not 0.0 <= frac <= 1.0 or math.isnan(frac):
+        raise ValueError(f"config.finetune.lp_fraction must be in [0, 1], got {frac}")
+    lp_steps = round(frac * total_steps)
+    lp_lr = float(ft.get("lp_learning_rate", 0.0)) or None
+    phases = []
+    if lp_steps > 0:
+        phases.append(Phase("lp", HEAD, 0, lp_steps, use_features=cache, learning_rate=lp_lr))
+    if lp_steps < total_steps:
+        phases.append(Phase("ft", spec, lp_steps, total_steps))
+    return phases
+
+
+def phase_index(phases: list[Phase], step: int) -> int:
+    """Index of the phase that ran step ``step - 1`` (the one a checkpoint at ``step`` is of)."""
+    for i, p in enumerate(phases):
+        if p.start < step <= p.end:
+            return i
+    return 0
