@@ -66,6 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 500
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 2
+
+    c.parallel = ml_collections.ConfigDict()
+    c.parallel.data = 1  # data-parallel devices (batch sharded, params replicated); 0 = all
     return c
 
 

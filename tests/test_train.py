@@ -208,3 +208,43 @@ def test_cli_smoke_config(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "test_accuracy=" in out.stdout
     assert (tmp_path / "summary.json").exists()
+
+
+@needs_data
+def test_eight_devices_equal_one(tmp_path):
+    assert jax.device_count() >= 8, "conftest sets 8 host devices"
+    one = tiny_config()
+    one.train.max_batch_size = 96
+    eight = tiny_config()
+    eight.train.max_batch_size = 96
+    eight.train.microbatch_size = 0
+    eight.parallel.data = 8
+    s1 = train_and_evaluate(one, tmp_path / "one")
+    s8 = train_and_evaluate(eight, tmp_path / "eight")
+    a, meta_a = final_arrays(tmp_path / "one")
+    b, meta_b = final_arrays(tmp_path / "eight")
+    assert meta_a["ledger"] == meta_b["ledger"] and s1["epsilon"] == s8["epsilon"]
+    assert len(a) == len(b)
+    # same examples, keys and single noise draw; only the order of float additions differs
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+    assert s1["test_accuracy"] == pytest.approx(s8["test_accuracy"], abs=1 / 200 + 1e-9)
+
+
+@needs_data
+def test_noise_is_drawn_once_for_the_logical_batch(tmp_path):
+    """Zero data signal (lr on clipped sums only through noise): 8 devices give one draw."""
+    c = tiny_config(clip_norm=1e-9, noise_multiplier=1.0)  # noise std 1e-9: compare shapes
+    c.train.max_batch_size = 96
+    c.train.microbatch_size = 0
+    c.parallel.data = 8
+    c.train.steps = 1
+    train_and_evaluate(c, tmp_path / "eight")
+    c1 = tiny_config(clip_norm=1e-9, noise_multiplier=1.0)
+    c1.train.max_batch_size = 96
+    c1.train.steps = 1
+    train_and_evaluate(c1, tmp_path / "one")
+    a, _ = final_arrays(tmp_path / "one")
+    b, _ = final_arrays(tmp_path / "eight")
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-12)

@@ -399,8 +399,10 @@ def clipped_grad(
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
     The returned function takes a batch pytree with a static leading size B, a mask ``[B]``
-    (1 = real example, 0 = padding) and a PRNG key; example ``i`` gets the key
-    ``fold_in(rng, i)``, so results do not depend on the microbatch size.
+    (1 = real example, 0 = padding), a PRNG key and optionally ``index_offset`` (default 0);
+    example ``i`` gets the key ``fold_in(rng, index_offset + i)``, so results do not depend on
+    the microbatch size, nor on how a logical batch is split over devices or host chunks (pass
+    each shard's position in the logical batch as its offset).
 
     Privacy:
         ``grad_sum`` has L2 sensitivity ``clipper.sensitivity(params)`` under add/remove-one
@@ -415,7 +417,7 @@ def clipped_grad(
         raise ValueError(f"microbatch_size must be a positive int, got {microbatch_size!r}")
     base_loss = loss_fn if has_aux else (lambda p, e, k: (loss_fn(p, e, k), ()))
 
-    def fn(params, batch, mask, rng) -> ClippedGrad:
+    def fn(params, batch, mask, rng, index_offset=0) -> ClippedGrad:
         clip = _bind(clipper, params)
         leaves = jax.tree_util.tree_leaves(batch)
         if not leaves:
@@ -428,7 +430,7 @@ def clipped_grad(
             raise ValueError(f"microbatch_size={m} is larger than the batch size {b}")
         k = -(-b // m)
         pad = k * m - b
-        idx = jnp.arange(k * m, dtype=jnp.uint32)
+        idx = jnp.arange(k * m, dtype=jnp.uint32) + jnp.asarray(index_offset, jnp.uint32)
         keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(idx)
 
         def padded(x):

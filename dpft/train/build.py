@@ -117,8 +117,12 @@ class PrivacyPlan:
         )
 
 
-def plan_privacy(config, num_examples: int) -> PrivacyPlan:
-    """Sampling rate, steps and noise multiplier (calibrated to the target when not given)."""
+def plan_privacy(config, num_examples: int, batch_multiple: int = 1) -> PrivacyPlan:
+    """Sampling rate, steps and noise multiplier (calibrated to the target when not given).
+
+    The padded batch (the Poisson cap) is rounded up to a multiple of ``batch_multiple`` (the
+    number of data-parallel devices); accounting uses the rounded cap.
+    """
     dp, tr = config.dp, config.train
     if not dp.epsilon > 0:
         raise ValueError(f"config.dp.epsilon must be > 0, got {dp.epsilon}")
@@ -135,6 +139,7 @@ def plan_privacy(config, num_examples: int) -> PrivacyPlan:
     if steps <= 0:
         raise ValueError("config.train.steps or config.train.epochs must be > 0")
     cap = tr.max_batch_size or sampling.poisson_batch_cap(num_examples, q)
+    cap = -(-cap // batch_multiple) * batch_multiple
     entry_kw = {"dataset_size": num_examples, "max_batch_size": cap}
     if dp.noise_multiplier >= 0:
         sigma = float(dp.noise_multiplier)
@@ -147,6 +152,20 @@ def plan_privacy(config, num_examples: int) -> PrivacyPlan:
     return PrivacyPlan(
         num_examples, q, q * num_examples, cap, steps, sigma, dp.epsilon, dp.delta, dp.accountant
     )
+
+
+def make_mesh(num_devices: int):
+    """A 1-D ('data',) mesh over the first ``num_devices`` devices (0 = all); None for one."""
+    devices = jax.devices()
+    n = num_devices or len(devices)
+    if not 1 <= n <= len(devices):
+        raise ValueError(
+            f"config.parallel.data must be in [0, {len(devices)}] (0 = all devices), "
+            f"got {num_devices}"
+        )
+    if n == 1:
+        return None
+    return jax.sharding.Mesh(np.asarray(devices[:n]), ("data",))
 
 
 def build_optimizer(

@@ -84,10 +84,18 @@ def make_train_step(
     *,
     microbatch_size: int | None = None,
     norm_strategy: clipping.NormStrategy | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    data_axis: str = "data",
 ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
     """Builds the pure step. ``batch`` holds the example arrays and a float ``mask`` [B].
 
     ``loss_fn(params, frozen, example, rng) -> (loss, aux)`` with ``aux['correct']``.
+
+    With a ``mesh``, the batch is split over its ``data_axis`` (B must be a multiple of that
+    axis' size): each device clips and sums its own examples (example ``i`` of the logical batch
+    keeps the key ``fold_in(rng, i)``), the partial sums are added across devices, and the DP
+    chain then runs once on the replicated sum, so the noise is drawn once per logical batch
+    with one key, not once per device. Parameters and optimizer state are replicated.
 
     Privacy:
         The parameter update is ``tx`` applied to the SUM of clipped per-example gradients
@@ -106,7 +114,10 @@ def make_train_step(
         grad_fn = clipping.clipped_grad(
             per_example, clipper, microbatch_size=microbatch_size, norm_strategy=norm_strategy
         )
-        out = grad_fn(state.params, examples, mask, rng)
+        if mesh is None:
+            out = grad_fn(state.params, examples, mask, rng)
+        else:
+            out = _sharded(grad_fn, mesh, data_axis)(state.params, examples, mask, rng)
         updates, opt_state = tx.update(out.grad_sum, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         params = jax.tree_util.tree_map(lambda p, q: p.astype(q.dtype), params, state.params)
@@ -123,6 +134,26 @@ def make_train_step(
         return new_state, metrics
 
     return step
+
+
+def _sharded(grad_fn: Callable, mesh: jax.sharding.Mesh, axis: str) -> Callable:
+    """``grad_fn`` over a batch sharded along ``axis``: local clipped sums, then one psum."""
+    from jax.sharding import PartitionSpec as P
+
+    def local(params, examples, mask, rng):
+        offset = jax.lax.axis_index(axis) * mask.shape[0]
+        out = grad_fn(params, examples, mask, rng, index_offset=offset)
+        return out._replace(
+            grad_sum=jax.lax.psum(out.grad_sum, axis),
+            num_nonfinite=jax.lax.psum(out.num_nonfinite, axis),
+            num_clipped=jax.lax.psum(out.num_clipped, axis),
+        )
+
+    rows = P(axis)
+    out_specs = clipping.ClippedGrad(P(), rows, rows, rows, P(), P())
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(P(), rows, rows, P()), out_specs=out_specs, check_vma=False
+    )
 
 
 def make_eval_step(apply_fn: Callable) -> Callable:

@@ -23,6 +23,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dpft import data as dpdata
 from dpft import models
@@ -103,7 +105,9 @@ class _Runtime:
     eval_arrays: dict
 
 
-def _build_runtime(config, workdir, index, phase, plan, model, full, data, num_classes) -> _Runtime:
+def _build_runtime(
+    config, workdir, index, phase, plan, model, full, data, num_classes, mesh=None
+) -> _Runtime:
     """Partitions the model for ``phase``, builds its DP optimizer and jitted step."""
     train_arrays, eval_arrays = data
     mb = config.train.microbatch_size or None
@@ -127,9 +131,13 @@ def _build_runtime(config, workdir, index, phase, plan, model, full, data, num_c
     )
     state = TrainState(jnp.asarray(phase.start, jnp.int32), trainable, tx.init(trainable), frozen)
     step_fn = jax.jit(
-        make_train_step(cross_entropy_loss(model.apply), clipper, tx, microbatch_size=mb),
+        make_train_step(
+            cross_entropy_loss(model.apply), clipper, tx, microbatch_size=mb, mesh=mesh
+        ),
         donate_argnums=0,
     )
+    if mesh is not None:  # params and optimizer state replicated over the mesh
+        state = jax.device_put(state, NamedSharding(mesh, P()))
     eval_fn = jax.jit(make_eval_step(model.apply))
     return _Runtime(phase, state, step_fn, eval_fn, train_arrays, eval_arrays)
 
@@ -181,13 +189,15 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     fingerprint = config_fingerprint(config_json)
     train_arrays, eval_arrays, num_classes = build.load_data(config)
     n = len(train_arrays["label"])
-    plan = build.plan_privacy(config, n)
+    mesh = build.make_mesh(config.get("parallel", {}).get("data", 1))
+    n_dev = mesh.size if mesh is not None else 1
+    plan = build.plan_privacy(config, n, batch_multiple=n_dev)
     phases = plan_phases(config, plan.steps)
     mb = config.train.microbatch_size or None
-    if mb is not None and mb > plan.max_batch_size:
+    if mb is not None and mb > plan.max_batch_size // n_dev:
         raise ValueError(
-            f"config.train.microbatch_size={mb} is larger than the padded batch "
-            f"{plan.max_batch_size}"
+            f"config.train.microbatch_size={mb} is larger than the padded batch per device "
+            f"{plan.max_batch_size // n_dev}"
         )
     model, variables = build.build_model(config, num_classes, train_arrays["image"][0])
     full = flatten(variables)
@@ -199,7 +209,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     data = (train_arrays, eval_arrays)
 
     def runtime(i: int) -> _Runtime:
-        return _build_runtime(config, workdir, i, phases[i], plan, model, full, data, num_classes)
+        return _build_runtime(
+            config, workdir, i, phases[i], plan, model, full, data, num_classes, mesh
+        )
 
     start = 0
     latest = ckpt.latest_step() if resumable else None
@@ -209,6 +221,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         state, meta = ckpt.restore(latest, rt.state)
         if meta["fingerprint"] != fingerprint or meta.get("phase", 0) != current:
             raise ConfigMismatchError(f"checkpoint {latest} in {workdir} is of another config")
+        if mesh is not None:
+            state = jax.device_put(state, NamedSharding(mesh, P()))
         rt.state = state
         budget.ledger = accounting.PrivacyLedger.from_dict(meta["ledger"])
         sampler.load_state_dict(meta["sampler"])
@@ -266,6 +280,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
                         stop_reason = "budget"
                         break
                     batch = {**batch, "mask": mask}
+                    if mesh is not None:  # examples split over the data axis
+                        batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
                     rng = jax.random.fold_in(step_key, step_idx)
                     rt.state, metrics = rt.step_fn(rt.state, batch, rng)
                     step = step_idx + 1
