@@ -1,0 +1,48 @@
+"""Feature-based DP methods for a linear head on frozen features X [N, d], labels y [N] in [0, K).
+
+Every method is a fixed composition of Gaussian mechanisms on full-batch sums, calibrated to a
+target (epsilon, delta) under add/remove-one neighbouring with dp-accounting's PLD accountant
+(`dpft.linear.accounting`):
+
+* `dp_gd`: full-batch DP gradient descent (SGD or Adam) from zero (Mehta et al. 2022);
+* `dp_least_squares`: noisy X^T X and X^T Y, PSD projection, ridge solve (Sheffet 2017;
+  Mehta et al. 2023);
+* `dp_newton`: Newton-type steps for multinomial logistic regression with a shared, noisy
+  d x d curvature bound (Boehning 1992);
+* `dp_fc`: DP gradient descent preconditioned by a noisy feature covariance (Mehta et al. 2023).
+
+`least_squares` and `logistic_regression` are the non-private references. (The DP least-squares
+code lives in the module `ridge`, so that the name `least_squares` here is the function.)
+"""
+
+from dpft.linear.accounting import (
+    Release,
+    calibrate_gaussian_composition,
+    epsilon_of,
+    gdp_epsilon,
+    gdp_mu,
+)
+from dpft.linear.common import LinearParams, accuracy, logits, predict
+from dpft.linear.fc import dp_fc
+from dpft.linear.gd import dp_gd
+from dpft.linear.newton import dp_newton, logistic_regression
+from dpft.linear.ridge import dp_least_squares, dp_sufficient_stats, least_squares
+
+__all__ = [
+    "LinearParams",
+    "Release",
+    "accuracy",
+    "calibrate_gaussian_composition",
+    "dp_fc",
+    "dp_gd",
+    "dp_least_squares",
+    "dp_newton",
+    "dp_sufficient_stats",
+    "epsilon_of",
+    "gdp_epsilon",
+    "gdp_mu",
+    "least_squares",
+    "logistic_regression",
+    "logits",
+    "predict",
+]

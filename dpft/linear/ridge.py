@@ -1,0 +1,202 @@
+"""DP least squares on features: noisy sufficient statistics X^T X and X^T Y, then a ridge solve.
+
+References: Sheffet 2017, "Differentially private ordinary least squares" (ICML), which releases
+noisy sufficient statistics; Mehta, Krichene, Thakurta, Kurakin & Cutkosky 2023, "Differentially
+private image classification from features" (TMLR, arXiv:2211.13403), which applies DP least
+squares to classification from frozen features with one-hot or +-1 targets.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpft.linear.accounting import plan_releases
+from dpft.linear.common import (
+    LinearParams,
+    check_bound,
+    check_data,
+    check_key,
+    clip_rows,
+    eig_solve,
+    gaussian,
+    psd_eig,
+    release_key,
+    symmetric_gaussian,
+)
+
+__all__ = [
+    "dp_least_squares",
+    "dp_sufficient_stats",
+    "gram_sum",
+    "least_squares",
+    "private_gram",
+    "private_xty",
+    "target_matrix",
+    "target_norm",
+    "xty_sum",
+]
+
+TARGETS = ("onehot", "pm1")
+
+
+def target_matrix(y: jax.Array, num_classes: int, targets: str = "onehot") -> jax.Array:
+    """Regression targets [N, K]: one-hot rows, or +-1 rows (+1 at the label, -1 elsewhere)."""
+    if targets not in TARGETS:
+        raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
+    Y = jax.nn.one_hot(y, num_classes, dtype=jnp.float32)
+    return Y if targets == "onehot" else 2 * Y - 1
+
+
+def target_norm(num_classes: int, targets: str) -> float:
+    """L2 norm of every target row: 1 for one-hot, sqrt(K) for +-1."""
+    return 1.0 if targets == "onehot" else float(np.sqrt(num_classes))
+
+
+@jax.jit
+def gram_sum(X: jax.Array, feature_clip) -> jax.Array:
+    """sum_i x_i x_i^T over rows clipped to L2 norm ``feature_clip``.
+
+    Privacy:
+        One example changes the sum by ``x x^T`` with ``||x x^T||_F = ||x||^2 <= feature_clip^2``:
+        the L2 (Frobenius) sensitivity under add/remove-one is ``feature_clip^2``.
+    """
+    Xc = clip_rows(X, feature_clip)
+    return Xc.T @ Xc
+
+
+@jax.jit
+def xty_sum(X: jax.Array, Y: jax.Array, feature_clip) -> jax.Array:
+    """sum_i x_i y_i^T over rows x_i clipped to L2 norm ``feature_clip``; Y [N, K] targets.
+
+    Privacy:
+        One example changes the sum by ``x y^T`` with Frobenius norm ``||x|| ||y||``, so the L2
+        sensitivity under add/remove-one is ``feature_clip * ||y_row||`` (``||y_row||`` = 1 for
+        one-hot, sqrt(K) for +-1 targets).
+    """
+    return clip_rows(X, feature_clip).T @ Y
+
+
+def private_gram(X, feature_clip: float, std: float, key: jax.Array) -> jax.Array:
+    """``gram_sum(X) + E`` with E symmetric, its upper triangle i.i.d. N(0, std^2).
+
+    Privacy:
+        A Gaussian mechanism with noise multiplier ``std / feature_clip^2`` (add/remove-one).
+    """
+    X = jnp.asarray(X, jnp.float32)
+    return gram_sum(X, feature_clip) + symmetric_gaussian(key, X.shape[1], std)
+
+
+def private_xty(X, Y, feature_clip: float, std: float, key: jax.Array) -> jax.Array:
+    """``xty_sum(X, Y) + Z`` with Z [d, K] i.i.d. N(0, std^2): independent in every element,
+    in particular across the K class columns (one draw of the whole matrix, never one shared
+    vector per class).
+
+    Privacy:
+        A Gaussian mechanism with noise multiplier ``std / (feature_clip * ||y_row||)``.
+    """
+    X = jnp.asarray(X, jnp.float32)
+    Y = jnp.asarray(Y, jnp.float32)
+    return xty_sum(X, Y, feature_clip) + gaussian(key, (X.shape[1], Y.shape[1]), std)
+
+
+def _check_ls(X, y, num_classes, key, feature_clip, budget_split):
+    X, y = check_data(X, y, num_classes)
+    if not 0 < budget_split < 1:
+        raise ValueError(f"budget_split must be in (0, 1), got {budget_split!r}")
+    return X, y, check_key(key), check_bound("feature_clip", feature_clip)
+
+
+def dp_sufficient_stats(
+    X,
+    y,
+    num_classes: int,
+    *,
+    epsilon: float,
+    delta: float,
+    feature_clip: float,
+    targets: str = "onehot",
+    key: jax.Array,
+    budget_split: float = 0.5,
+) -> tuple[jax.Array, jax.Array, dict]:
+    """The two releases of `dp_least_squares`: noisy (G = X^T X + E [d, d], B = X^T Y + Z [d, K]).
+
+    Anything computed from (G, B) is post-processing: e.g. solving for several ``reg`` values
+    costs no extra privacy. See `dp_least_squares` for the privacy statement.
+    """
+    X, y, key, feature_clip = _check_ls(X, y, num_classes, key, feature_clip, budget_split)
+    Y = target_matrix(y, num_classes, targets)
+    releases, info = plan_releases(
+        epsilon,
+        delta,
+        ["gram", "xty"],
+        [feature_clip**2, feature_clip * target_norm(num_classes, targets)],
+        [budget_split, 1 - budget_split],
+    )
+    G = private_gram(X, feature_clip, releases[0].noise_std, release_key(key, 0))
+    B = private_xty(X, Y, feature_clip, releases[1].noise_std, release_key(key, 1))
+    info.update(feature_clip=feature_clip, targets=targets)
+    return G, B, info
+
+
+def dp_least_squares(
+    X,
+    y,
+    num_classes: int,
+    *,
+    epsilon: float,
+    delta: float,
+    feature_clip: float,
+    reg: float,
+    targets: str = "onehot",
+    key: jax.Array,
+    budget_split: float = 0.5,
+) -> tuple[LinearParams, dict]:
+    """DP ridge regression of the targets on clipped features: weights [d, K], zero bias.
+
+    Releases ``G = X^T X + E`` (E symmetric Gaussian) and ``B = X^T Y + Z`` on clipped features
+    (`dp_sufficient_stats`), projects G onto the PSD cone (eigenvalues clipped at 0) and solves
+    ``(G_+ + reg I) W = B``. ``budget_split`` is the share of the mu^2 budget spent on the Gram
+    matrix (the rest on B). There is no bias term; append a constant feature to X to fit one
+    (its clipping then counts).
+
+    Privacy:
+        Clipped: each feature vector, to L2 norm ``feature_clip``. Released, under add/remove-one
+        neighbouring and full batch (no amplification): the Gram matrix (upper triangle, L2
+        sensitivity ``feature_clip^2``) and X^T Y (L2 sensitivity ``feature_clip * ||y_row||``:
+        ``feature_clip`` for one-hot, ``feature_clip * sqrt(K)`` for +-1 targets), each with
+        independent Gaussian noise in every released element, including independent noise for
+        every class column of X^T Y. The two Gaussian mechanisms compose to the target (epsilon,
+        delta) with PLD (`dpft.linear.accounting`); the PSD projection and the solve are
+        post-processing.
+
+    References:
+        Sheffet 2017, "Differentially private ordinary least squares" (ICML); Mehta et al. 2023,
+        "Differentially private image classification from features" (arXiv:2211.13403).
+    """
+    if not reg > 0:
+        raise ValueError(f"reg must be > 0, got {reg!r}")
+    G, B, info = dp_sufficient_stats(
+        X,
+        y,
+        num_classes,
+        epsilon=epsilon,
+        delta=delta,
+        feature_clip=feature_clip,
+        targets=targets,
+        key=key,
+        budget_split=budget_split,
+    )
+    lam, V = psd_eig(G)
+    W = eig_solve(lam, V, float(reg), B)
+    info.update(reg=float(reg))
+    return LinearParams(W, jnp.zeros(num_classes, jnp.float32)), info
+
+
+def least_squares(X, y, num_classes: int, reg: float, targets: str = "onehot") -> LinearParams:
+    """Non-private ridge regression (float64 numpy): W = (X^T X + reg I)^{-1} X^T Y, zero bias."""
+    X = np.asarray(X, np.float64)
+    Y = np.asarray(target_matrix(jnp.asarray(y), num_classes, targets), np.float64)
+    W = np.linalg.solve(X.T @ X + reg * np.eye(X.shape[1]), X.T @ Y)
+    return LinearParams(W, np.zeros(num_classes))
