@@ -28,6 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dpft.models.conv import conv_impl
+
 Array = jax.Array
 
 #: Activations by name. ``tanh`` is the tempered sigmoid with scale 2, temperature 2, offset 1.
@@ -56,6 +58,9 @@ class SampleConvNet(nn.Module):
       num_classes: width of the output layer ``linear``.
       activation: a name from `ACTIVATIONS` ('relu' in Opacus, 'tanh' for Tramer & Boneh).
       dtype: computation dtype (parameters are always float32).
+      conv: convolution implementation, see `dpft.models.conv.conv_impl`: 'auto' (im2col
+        patches + matmul on CPU for the layer shapes where it is faster, XLA's convolution
+        otherwise and on GPU/TPU), 'xla' or 'im2col'. The same parameters and function.
 
     ``model.apply(variables, x)`` returns logits ``[N, num_classes]``;
     ``model.apply(variables, x, method=model.features)`` the 32-d activations before ``linear``.
@@ -65,16 +70,28 @@ class SampleConvNet(nn.Module):
     num_classes: int = 10
     activation: str = "relu"
     dtype: Any = jnp.float32
+    conv: str = "auto"
 
     def __post_init__(self) -> None:
         get_activation(self.activation)  # fail at construction, not at the first apply
+        conv_impl(self.conv)
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         super().__post_init__()
 
     def setup(self) -> None:
-        self.conv1 = nn.Conv(16, (8, 8), strides=(2, 2), padding=((3, 3), (3, 3)), dtype=self.dtype)
-        self.conv2 = nn.Conv(32, (4, 4), strides=(2, 2), padding="VALID", dtype=self.dtype)
+        impl = conv_impl(self.conv)
+        self.conv1 = nn.Conv(
+            16,
+            (8, 8),
+            strides=(2, 2),
+            padding=((3, 3), (3, 3)),
+            dtype=self.dtype,
+            conv_general_dilated=impl,
+        )
+        self.conv2 = nn.Conv(
+            32, (4, 4), strides=(2, 2), padding="VALID", dtype=self.dtype, conv_general_dilated=impl
+        )
         self.fc1 = nn.Dense(32, dtype=self.dtype)
         self.linear = nn.Dense(self.num_classes, dtype=self.dtype)
 

@@ -23,6 +23,11 @@ Two normalizations (``norm``):
 image classification through scale"): pre-activation blocks, GroupNorm with 16 groups and
 weight-standardized convolutions.
 
+Every model has a ``conv`` attribute choosing the convolution implementation (see
+`dpft.models.conv.conv_impl`): 'auto' (the default: im2col patches + matmul on the CPU backend,
+where XLA's convolutions and above all their per-example gradients are slow, XLA's convolution on
+GPU/TPU), 'xla' or 'im2col'. It changes neither the parameters nor the function computed.
+
 Every model has a ``features`` method (pooled features before the head) and a head named
 ``linear``: ``model.apply(v, x)`` -> logits, ``model.apply(v, x, method=model.features)``.
 """
@@ -34,6 +39,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from dpft.models.conv import conv_impl
 
 Array = jax.Array
 
@@ -88,6 +95,7 @@ class BasicBlock(nn.Module):
     norm: str = "frozen_bn"
     groups: int = 16
     dtype: Any = jnp.float32
+    conv: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -101,6 +109,7 @@ class BasicBlock(nn.Module):
                 use_bias=False,
                 dtype=self.dtype,
                 name=name,
+                conv_general_dilated=conv_impl(self.conv),
             )
 
         out = conv("conv1", self.stride)(x)
@@ -122,6 +131,7 @@ class CifarResNet(nn.Module):
       norm: 'frozen_bn' (BatchNorm in inference mode, stats in 'batch_stats') or 'group_norm'.
       groups: GroupNorm groups (must divide 16); ignored for 'frozen_bn'.
       dtype: computation dtype (parameters are always float32).
+      conv: convolution implementation, 'auto', 'xla' or 'im2col' (`conv.conv_impl`).
 
     Submodules: ``conv1``, ``bn1``, ``layer{1,2,3}_{i}`` (each with ``conv1``, ``bn1``,
     ``conv2``, ``bn2``) and ``linear``.
@@ -132,17 +142,26 @@ class CifarResNet(nn.Module):
     norm: str = "frozen_bn"
     groups: int = 16
     dtype: Any = jnp.float32
+    conv: str = "auto"
 
     def __post_init__(self) -> None:
         if self.depth not in BLOCKS_PER_STAGE:
             raise ValueError(f"depth must be one of {sorted(BLOCKS_PER_STAGE)}, got {self.depth}")
         _check_norm(self.norm, self.groups)
+        conv_impl(self.conv)
         super().__post_init__()
 
     def setup(self) -> None:
         n = BLOCKS_PER_STAGE[self.depth]
-        kw = {"norm": self.norm, "groups": self.groups, "dtype": self.dtype}
-        self.conv1 = nn.Conv(16, (3, 3), padding=PAD1, use_bias=False, dtype=self.dtype)
+        kw = {"norm": self.norm, "groups": self.groups, "dtype": self.dtype, "conv": self.conv}
+        self.conv1 = nn.Conv(
+            16,
+            (3, 3),
+            padding=PAD1,
+            use_bias=False,
+            dtype=self.dtype,
+            conv_general_dilated=conv_impl(self.conv),
+        )
         self.bn1 = make_norm(self.norm, self.groups, "bn1", self.dtype)
         # Lists assigned in setup are named attr_0, attr_1, ...: layer1_0, layer1_1, ...
         self.layer1 = [BasicBlock(16, 1, **kw) for _ in range(n)]
@@ -178,6 +197,7 @@ class WSConv(nn.Module):
     use_bias: bool = True
     eps: float = 1e-4
     dtype: Any = jnp.float32
+    conv: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -186,7 +206,7 @@ class WSConv(nn.Module):
         mean = jnp.mean(kernel, axis=(0, 1, 2), keepdims=True)
         var = jnp.var(kernel, axis=(0, 1, 2), keepdims=True)
         kernel = (kernel - mean) * jax.lax.rsqrt(var + self.eps)
-        y = jax.lax.conv_general_dilated(
+        y = conv_impl(self.conv)(
             jnp.asarray(x, self.dtype),
             jnp.asarray(kernel, self.dtype),
             window_strides=self.strides,
@@ -210,18 +230,18 @@ class WideBlock(nn.Module):
     stride: int = 1
     groups: int = 16
     dtype: Any = jnp.float32
+    conv: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         strides = (self.stride, self.stride)
+        kw = {"dtype": self.dtype, "conv": self.conv}
         h = nn.relu(nn.GroupNorm(self.groups, dtype=self.dtype, name="norm1")(x))
-        out = WSConv(self.channels, strides=strides, dtype=self.dtype, name="conv1")(h)
+        out = WSConv(self.channels, strides=strides, name="conv1", **kw)(h)
         out = nn.relu(nn.GroupNorm(self.groups, dtype=self.dtype, name="norm2")(out))
-        out = WSConv(self.channels, dtype=self.dtype, name="conv2")(out)
+        out = WSConv(self.channels, name="conv2", **kw)(out)
         if self.stride != 1 or x.shape[-1] != self.channels:
-            proj = WSConv(
-                self.channels, (1, 1), strides, "VALID", dtype=self.dtype, name="shortcut"
-            )
+            proj = WSConv(self.channels, (1, 1), strides, "VALID", name="shortcut", **kw)
             x = proj(h)
         return x + out
 
@@ -235,6 +255,7 @@ class WideResNet(nn.Module):
       num_classes: width of the head ``linear``.
       groups: GroupNorm groups (16 in De et al.).
       dtype: computation dtype (parameters are always float32).
+      conv: convolution implementation, 'auto', 'xla' or 'im2col' (`conv.conv_impl`).
 
     Submodules: ``conv1`` (stem, 16 channels), ``layer{1,2,3}_{i}`` (``norm1``, ``conv1``,
     ``norm2``, ``conv2`` and, where the shape changes, ``shortcut``), ``norm`` (final GroupNorm)
@@ -246,8 +267,10 @@ class WideResNet(nn.Module):
     num_classes: int = 10
     groups: int = 16
     dtype: Any = jnp.float32
+    conv: str = "auto"
 
     def __post_init__(self) -> None:
+        conv_impl(self.conv)
         if self.depth < 10 or (self.depth - 4) % 6:
             raise ValueError(f"WideResNet depth must be 6 n + 4 with n >= 1, got {self.depth}")
         if self.width < 1 or (16 * self.width) % self.groups:
@@ -256,9 +279,9 @@ class WideResNet(nn.Module):
 
     def setup(self) -> None:
         n = (self.depth - 4) // 6
-        kw = {"groups": self.groups, "dtype": self.dtype}
+        kw = {"groups": self.groups, "dtype": self.dtype, "conv": self.conv}
         w = self.width
-        self.conv1 = WSConv(16, dtype=self.dtype)
+        self.conv1 = WSConv(16, dtype=self.dtype, conv=self.conv)
         self.layer1 = [WideBlock(16 * w, 1, **kw) for _ in range(n)]
         self.layer2 = [WideBlock(32 * w, 2 if i == 0 else 1, **kw) for i in range(n)]
         self.layer3 = [WideBlock(64 * w, 2 if i == 0 else 1, **kw) for i in range(n)]

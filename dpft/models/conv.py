@@ -1,0 +1,297 @@
+"""Convolution as patches + one matrix product (im2col), selectable per backend.
+
+XLA:CPU lowers ``lax.conv_general_dilated`` to convolution kernels that are far from the matmul
+roof of a small CPU, and the per-example kernel gradients that DP-SGD needs
+(``jax.vmap(jax.grad(loss))``) become grouped convolutions that are slower still. Written as
+
+    patches = stack of kh * kw strided slices of the padded input   [N * Ho * Wo, kh * kw * Cin]
+    out     = patches @ kernel.reshape(kh * kw * Cin, Cout)          [N * Ho * Wo, Cout]
+
+a convolution is slicing and one dot; its transpose (gradient wrt the input) is a dot and the
+sum of kh * kw padded arrays (col2im), and its kernel gradient ``patches^T @ g`` is a dot that
+`jax.vmap` turns into a batched matmul, one per example.
+
+`im2col_conv_general_dilated` has the signature and semantics of ``lax.conv_general_dilated``
+for ungrouped convolutions (any dimension numbers, strides, padding, input and kernel dilation);
+`conv_impl` returns the callable a model should pass to ``flax.linen.Conv`` as
+``conv_general_dilated``: ``'xla'`` (``lax.conv_general_dilated``), ``'im2col'`` or ``'auto'``
+(im2col on the CPU backend for the layer shapes where it is faster, see `prefers_im2col`;
+XLA's convolution on GPU/TPU).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+Array = jax.Array
+ConvFn = Callable[..., Array]
+
+#: Names accepted by `conv_impl` (and by the models' ``conv`` attribute).
+CONV_IMPLS: tuple[str, ...] = ("auto", "xla", "im2col")
+
+
+class _Geometry(NamedTuple):
+    """Shapes of a convolution in N, spatial..., C / spatial..., I, O terms."""
+
+    dnums: lax.ConvDimensionNumbers
+    ksize: tuple[int, ...]
+    cin: int
+    cout: int
+    strides: tuple[int, ...]
+    lhs_dilation: tuple[int, ...]
+    rhs_dilation: tuple[int, ...]
+    pads: tuple[tuple[int, int], ...]
+    out_spatial: tuple[int, ...]
+
+
+def _geometry(
+    lhs_shape: Sequence[int],
+    rhs_shape: Sequence[int],
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None,
+    rhs_dilation: Sequence[int] | None,
+    dimension_numbers: Any,
+) -> _Geometry:
+    lhs_shape, rhs_shape = tuple(lhs_shape), tuple(rhs_shape)
+    dnums = lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers)
+    lhs_spec, rhs_spec, _ = dnums
+    nsp = len(lhs_shape) - 2
+    strides = tuple(int(s) for s in window_strides)
+    lhs_dil = tuple(int(d) for d in lhs_dilation) if lhs_dilation is not None else (1,) * nsp
+    rhs_dil = tuple(int(d) for d in rhs_dilation) if rhs_dilation is not None else (1,) * nsp
+    if not len(strides) == len(lhs_dil) == len(rhs_dil) == nsp:
+        raise ValueError(
+            f"window_strides {strides}, lhs_dilation {lhs_dil} and rhs_dilation {rhs_dil} "
+            f"need one entry per spatial dimension ({nsp})"
+        )
+    in_spatial = tuple(lhs_shape[d] for d in lhs_spec[2:])
+    ksize = tuple(rhs_shape[d] for d in rhs_spec[2:])
+    cin, cout = lhs_shape[lhs_spec[1]], rhs_shape[rhs_spec[0]]
+    if rhs_shape[rhs_spec[1]] != cin:
+        raise ValueError(f"kernel has {rhs_shape[rhs_spec[1]]} input features, the input has {cin}")
+    dilated = tuple((k - 1) * d + 1 for k, d in zip(ksize, rhs_dil, strict=True))
+    if isinstance(padding, str):
+        if any(d != 1 for d in lhs_dil):
+            raise ValueError(
+                "String padding is not implemented for transposed convolution: give the "
+                "padding explicitly (as lax.conv_general_dilated requires)"
+            )
+        pads = tuple(
+            (int(lo), int(hi))
+            for lo, hi in lax.padtype_to_pads(in_spatial, dilated, strides, padding)
+        )
+    else:
+        pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+        if len(pads) != nsp:
+            raise ValueError(f"padding needs {nsp} (low, high) pairs, got {padding}")
+    out_spatial = tuple(
+        max(0, ((i - 1) * ld + 1 + lo + hi - k) // s + 1)
+        for i, ld, (lo, hi), k, s in zip(in_spatial, lhs_dil, pads, dilated, strides, strict=True)
+    )
+    return _Geometry(dnums, ksize, cin, cout, strides, lhs_dil, rhs_dil, pads, out_spatial)
+
+
+def im2col_conv_general_dilated(
+    lhs: Array,
+    rhs: Array,
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> Array:
+    """``lax.conv_general_dilated`` computed as strided slices (im2col) and one ``dot_general``.
+
+    Same arguments and result as ``lax.conv_general_dilated`` (``dimension_numbers`` may be
+    None, a tuple of layout strings such as ``('NHWC', 'HWIO', 'NHWC')`` or a
+    ``lax.ConvDimensionNumbers``; padding 'SAME', 'SAME_LOWER', 'VALID' or explicit, possibly
+    negative, (low, high) pairs) for any number of spatial dimensions. The patches are
+    ``prod(kernel_size)`` strided slices of the padded (and, with ``lhs_dilation``,
+    interior-padded) input concatenated along the feature axis; a 1x1 kernel is a single slice,
+    i.e. a plain dot. Layout transposes are only emitted for layouts other than NHWC / HWIO /
+    NHWC. Differentiated by JAX: the transpose of a strided slice is an (interior) pad, so the
+    input gradient is a dot and the sum of ``prod(kernel_size)`` pads (col2im), the kernel
+    gradient ``patches^T @ g`` a dot (a batched matmul under `jax.vmap`).
+
+    Raises:
+      NotImplementedError: ``feature_group_count`` or ``batch_group_count`` other than 1
+        (grouped / depthwise convolutions; use ``lax.conv_general_dilated``).
+    """
+    if feature_group_count != 1 or batch_group_count != 1:
+        raise NotImplementedError(
+            "im2col_conv_general_dilated supports only ungrouped convolutions, got "
+            f"feature_group_count={feature_group_count}, batch_group_count={batch_group_count}; "
+            "use lax.conv_general_dilated (conv='xla') for grouped or depthwise convolutions"
+        )
+    geo = _geometry(
+        lhs.shape,
+        rhs.shape,
+        window_strides,
+        padding,
+        lhs_dilation,
+        rhs_dilation,
+        dimension_numbers,
+    )
+    lhs_spec, rhs_spec, out_spec = geo.dnums
+    # To N, spatial..., C and spatial..., I, O (no-ops for NHWC / HWIO).
+    x = _transpose(lhs, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1]))
+    w = _transpose(rhs, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))
+    n, cin, cout, out_spatial = x.shape[0], geo.cin, geo.cout, geo.out_spatial
+    out_perm = _inverse_out_perm(out_spec)
+
+    if 0 in out_spatial:  # the (dilated) kernel is larger than the padded input
+        dtype = preferred_element_type or jnp.result_type(x, w)
+        return _transpose(jnp.zeros((n, *out_spatial, cout), dtype), out_perm)
+
+    config = [(lo, hi, d - 1) for (lo, hi), d in zip(geo.pads, geo.lhs_dilation, strict=True)]
+    if any(c != (0, 0, 0) for c in config):
+        x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *config, (0, 0, 0)])
+
+    # One strided slice of the padded input per kernel offset: [N, *out_spatial, C] each.
+    slices = []
+    for offset in itertools.product(*(range(k) for k in geo.ksize)):
+        start = [o * d for o, d in zip(offset, geo.rhs_dilation, strict=True)]
+        limit = [
+            st + (o - 1) * s + 1 for st, o, s in zip(start, out_spatial, geo.strides, strict=True)
+        ]
+        slices.append(lax.slice(x, [0, *start, 0], [n, *limit, cin], (1, *geo.strides, 1)))
+    patches = slices[0] if len(slices) == 1 else jnp.concatenate(slices, axis=-1)
+    rows = n * math.prod(out_spatial)
+    k = math.prod(geo.ksize) * cin
+    y = lax.dot_general(
+        patches.reshape(rows, k),
+        w.reshape(k, cout),
+        (((1,), (0,)), ((), ())),
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+    return _transpose(y.reshape(n, *out_spatial, cout), out_perm)
+
+
+def _inverse_out_perm(out_spec: Sequence[int]) -> tuple[int, ...]:
+    # Axis j of the N, spatial..., C result is output dimension src[j].
+    src = (out_spec[0], *out_spec[2:], out_spec[1])
+    return tuple(int(i) for i in np.argsort(src))
+
+
+def _transpose(x: Array, perm: Sequence[int]) -> Array:
+    perm = tuple(int(p) for p in perm)
+    return x if perm == tuple(range(x.ndim)) else jnp.transpose(x, perm)
+
+
+#: 'auto' uses im2col for a convolution whose patch matrix holds at most
+#: ``AUTO_PATCH_ELEMENTS_PER_CHANNEL * max(Cout, 32)`` elements per example (see `prefers_im2col`).
+AUTO_PATCH_ELEMENTS_PER_CHANNEL = 1250
+
+
+def prefers_im2col(
+    lhs_shape: Sequence[int],
+    rhs_shape: Sequence[int],
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+) -> bool:
+    """Whether 'auto' computes this (ungrouped) convolution with im2col on CPU.
+
+    im2col writes and reads a patch matrix ``prod(kernel_size)`` times the (output-sized) input
+    and then runs a dot at close to the matmul roof; XLA:CPU's convolution reads the input in
+    place but is slow, above all for kernel gradients (and, under `jax.vmap`, per-example kernel
+    gradients), strided convolutions and few input channels. The extra traffic of im2col costs
+    about the same per patch element whatever the width, while the useful work grows with
+    ``Cout``, so im2col is chosen for a 1x1 kernel (no duplication) and where the patch matrix
+    of one example has at most ``AUTO_PATCH_ELEMENTS_PER_CHANNEL * max(Cout, 32)`` elements
+    (40,000, 160 KB, up to 32 output channels). On a 2-core AVX2 EPYC this picks im2col for every
+    layer of `SampleConvNet`, for the stem, the strided and the 8x8 layers of ResNet-20, and XLA
+    for its stride-1 16x16 and 32x32 layers, whose 3x3 patch matrices of 16-32 channels are
+    memory bound. It depends only on per-example shapes, so the choice is the same for a batch
+    and under `jax.vmap`.
+    """
+    geo = _geometry(
+        lhs_shape,
+        rhs_shape,
+        window_strides,
+        padding,
+        lhs_dilation,
+        rhs_dilation,
+        dimension_numbers,
+    )
+    if math.prod(geo.ksize) == 1:
+        return True
+    patch = math.prod(geo.out_spatial) * math.prod(geo.ksize) * geo.cin
+    return patch <= AUTO_PATCH_ELEMENTS_PER_CHANNEL * max(geo.cout, 32)
+
+
+def auto_conv_general_dilated(
+    lhs: Array,
+    rhs: Array,
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> Array:
+    """`im2col_conv_general_dilated` on the CPU backend where `prefers_im2col`, otherwise
+    ``lax.conv_general_dilated`` (always on GPU/TPU and for grouped convolutions)."""
+    args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers)
+    use_im2col = (
+        jax.default_backend() == "cpu"
+        and feature_group_count == 1
+        and batch_group_count == 1
+        and prefers_im2col(lhs.shape, rhs.shape, *args[2:])
+    )
+    conv = im2col_conv_general_dilated if use_im2col else lax.conv_general_dilated
+    return conv(
+        *args,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+
+
+def conv_impl(kind: str) -> ConvFn:
+    """The convolution callable for ``kind`` (a drop-in for ``lax.conv_general_dilated``).
+
+    - ``'xla'``: ``lax.conv_general_dilated``.
+    - ``'im2col'``: `im2col_conv_general_dilated` for every convolution (grouped ones raise).
+    - ``'auto'``: `auto_conv_general_dilated`: im2col on the CPU backend for the layer shapes
+      where it is faster (`prefers_im2col`), ``lax.conv_general_dilated`` otherwise and on GPU/TPU
+      (decided when traced, from ``jax.default_backend()``).
+
+    Pass the result as ``flax.linen.Conv(..., conv_general_dilated=conv_impl(kind))``.
+    """
+    if kind == "xla":
+        return lax.conv_general_dilated
+    if kind == "im2col":
+        return im2col_conv_general_dilated
+    if kind == "auto":
+        return auto_conv_general_dilated
+    raise ValueError(f"conv must be one of {list(CONV_IMPLS)}, got {kind!r}")
+
+
+__all__ = [
+    "CONV_IMPLS",
+    "auto_conv_general_dilated",
+    "conv_impl",
+    "im2col_conv_general_dilated",
+    "prefers_im2col",
+]
