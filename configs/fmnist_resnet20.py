@@ -24,7 +24,7 @@ def get_config(arg: str = ""):
     c.model.name = "resnet20"
     c.model.norm = "frozen_bn"
     c.model.pretrained = "resnet20"
-    c.finetune.trainable = (r"linear/.*",)
+    c.finetune.mode = "head"  # features of the frozen backbone are cached in the workdir
     c.finetune.head_init = "zero"
     c.dp.epsilon = 3.0
     c.dp.delta = 1e-5
@@ -45,11 +45,15 @@ def get_config(arg: str = ""):
         if part == "smoke":
             make_smoke(c)
         elif part == "full":
-            c.finetune.trainable = (".*",)
+            c.finetune.mode = "full"
         elif part == "last_block":
+            c.finetune.mode = "partial"
+            c.finetune.trainable = (r"layer3_2/.*", r"linear/.*")
+        elif part == "lp_ft":
+            c.finetune.mode = "lp_ft"
             c.finetune.trainable = (r"layer3_2/.*", r"linear/.*")
         else:
             raise ValueError(
-                f"unknown config argument {part!r} (expected smoke, last_block or full)"
+                f"unknown config argument {part!r} (expected smoke, last_block, lp_ft or full)"
             )
     return c
