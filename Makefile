@@ -35,5 +35,30 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.run
 
+# The bench against its peers: installs PyTorch 2.13 (CPU build), Opacus 1.6 and jax-privacy 2.x
+# into the venv, then runs `python -m bench.run --peers`. jax, jaxlib, flax, optax and numpy are
+# pinned to the installed versions so that no peer can change them. Peers are optional: a failed
+# install is reported and the bench runs with whatever imports (`make bench` needs none of them).
+PEER_PINS := $(VENV)/peer-pins.txt
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+bench-peers: $(STAMP)
+	$(PY) -m pip freeze | grep -iE '^(jax|jaxlib|flax|optax|numpy)==' > $(PEER_PINS)
+	@# The default index gives the CPU build here; if it would pull CUDA, use the CPU index.
+	if $(PY) -m pip install --dry-run -c $(PEER_PINS) torch==2.13.0 2>/dev/null \
+	    | grep -qi nvidia; then index="--index-url $(TORCH_CPU_INDEX)"; else index=""; fi; \
+	$(PY) -m pip install --quiet -c $(PEER_PINS) $$index torch==2.13.0 \
+	  || echo "bench-peers: torch 2.13.0 not installed"
+	$(PY) -m pip install --quiet -c $(PEER_PINS) 'opacus==1.6.*' \
+	  || $(PY) -m pip install --quiet -c $(PEER_PINS) 'opacus>=1,<2' \
+	  || echo "bench-peers: opacus not installed"
+	$(PY) -m pip install --quiet -c $(PEER_PINS) 'jax-privacy>=2,<3' \
+	  || ($(PY) -m pip install --quiet --no-deps 'jax-privacy>=2,<3' \
+	      && $(PY) -m pip install --quiet -c $(PEER_PINS) absl-py chex dp-accounting pydantic) \
+	  || echo "bench-peers: jax-privacy not installed"
+	$(PY) -c "import torch, opacus, jax_privacy as jp; \
+	  print('bench-peers: torch', torch.__version__, 'opacus', opacus.__version__, \
+	  'jax_privacy', jp.__version__)" || echo "bench-peers: some peers do not import"
+	$(PY) -m bench.run --peers
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
