@@ -51,7 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 256  # EXPECTED logical batch size (Poisson: q = batch_size / N)
     c.train.max_batch_size = 0  # static cap; 0 = overflow probability <= 1e-12 per step
-    c.train.microbatch_size = 0  # 0 = the whole padded batch at once
+    c.train.microbatch_size = 0  # 0 = the whole padded batch at once; -1 = fit half the memory
+    c.train.host_chunk_size = 0  # > 0: gather and accumulate the logical batch in host chunks
     c.train.epochs = 1.0
     c.train.steps = 0  # > 0 overrides epochs
     c.train.optimizer = "sgd"  # sgd | adam | adamw | lamb

@@ -248,3 +248,48 @@ def test_noise_is_drawn_once_for_the_logical_batch(tmp_path):
     b, _ = final_arrays(tmp_path / "eight")
     for x, y in zip(a, b, strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-12)
+
+
+@needs_data
+def test_host_chunked_steps_equal_one_array_steps(tmp_path):
+    """A logical batch accumulated over host chunks is the same step (bounded memory path)."""
+    base = tiny_config()
+    base.train.max_batch_size = 96
+    chunked = tiny_config()
+    chunked.train.max_batch_size = 96
+    chunked.train.host_chunk_size = 32
+    s1 = train_and_evaluate(base, tmp_path / "one")
+    s2 = train_and_evaluate(chunked, tmp_path / "chunked")
+    a, meta_a = final_arrays(tmp_path / "one")
+    b, meta_b = final_arrays(tmp_path / "chunked")
+    assert meta_a["ledger"] == meta_b["ledger"] and s1["epsilon"] == s2["epsilon"]
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_choose_microbatch_from_compiled_memory():
+    from dpft.train import accumulate
+
+    clipper = clipping.FlatClip(1.0)
+
+    def loss(w, example, key):
+        return jnp.sum(jnp.tanh(example @ w)), ()
+
+    def build(m):  # per-example gradients [m, 256, 64] are materialised: memory grows with m
+        fn = clipping.clipped_grad(loss, clipper, microbatch_size=m)
+        w = jax.ShapeDtypeStruct((256, 64), jnp.float32)
+        x = jax.ShapeDtypeStruct((1024, 256), jnp.float32)
+        mask = jax.ShapeDtypeStruct((1024,), jnp.float32)
+        return (lambda *a: fn(*a).grad_sum), (w, x, mask, jax.random.PRNGKey(0))
+
+    def size(m):
+        fn, args = build(m)
+        return accumulate.compiled_bytes(fn, *args)
+
+    full, small = size(1024), size(8)
+    assert small < full
+    m, tried = accumulate.choose_microbatch(build, 1024, budget_bytes=(small + full) // 2)
+    assert 8 <= m < 1024 and tried[m] <= (small + full) // 2
+    assert all(size <= m or b > (small + full) // 2 for size, b in tried.items())
+    with pytest.raises(ValueError, match="microbatch of 1"):
+        accumulate.choose_microbatch(build, 1024, budget_bytes=1)

@@ -30,7 +30,7 @@ from dpft import data as dpdata
 from dpft import models
 from dpft.metrics import CalibrationAccumulator, reliability_diagram
 from dpft.privacy import accounting, sampling
-from dpft.train import build, report
+from dpft.train import accumulate, build, report
 from dpft.train import features as features_lib
 from dpft.train.checkpoint import Checkpointer, config_fingerprint
 from dpft.train.phases import Phase, phase_index, plan_phases
@@ -103,6 +103,7 @@ class _Runtime:
     eval_fn: Callable
     train_arrays: dict
     eval_arrays: dict
+    chunked: accumulate.AccumulatingStep | None = None  # host-chunked logical steps
 
 
 def _build_runtime(
@@ -111,6 +112,7 @@ def _build_runtime(
     """Partitions the model for ``phase``, builds its DP optimizer and jitted step."""
     train_arrays, eval_arrays = data
     mb = config.train.microbatch_size or None
+    chunk = config.train.get("host_chunk_size", 0)
     if phase.use_features:
         head = models.get_model("linear", num_classes)
         variables = unflatten({k: v for k, v in full.items() if k.startswith("params/linear/")})
@@ -130,16 +132,32 @@ def _build_runtime(
         config, plan, sensitivity, key, steps=phase.steps, learning_rate=phase.learning_rate
     )
     state = TrainState(jnp.asarray(phase.start, jnp.int32), trainable, tx.init(trainable), frozen)
+    loss = cross_entropy_loss(model.apply)
+    if mb == -1:  # the largest power of two whose compiled step fits half the free memory
+        rows = chunk or plan.max_batch_size // (mesh.size if mesh is not None else 1)
+        spec = {
+            k: jax.ShapeDtypeStruct((rows, *v.shape[1:]), v.dtype) for k, v in train_arrays.items()
+        }
+        spec["mask"] = jax.ShapeDtypeStruct((rows,), jnp.float32)
+        rng_spec = jax.ShapeDtypeStruct((2,), jnp.uint32)
+
+        def candidate(m):
+            return make_train_step(loss, clipper, tx, microbatch_size=m), (state, spec, rng_spec)
+
+        mb, tried = accumulate.choose_microbatch(candidate, rows)
+        log.info("microbatch %d chosen from compiled sizes %s", mb, tried)
+    chunked = None
+    if chunk:
+        chunked = accumulate.jit_accumulating(
+            accumulate.make_accumulating_step(loss, clipper, tx, microbatch_size=mb)
+        )
     step_fn = jax.jit(
-        make_train_step(
-            cross_entropy_loss(model.apply), clipper, tx, microbatch_size=mb, mesh=mesh
-        ),
-        donate_argnums=0,
+        make_train_step(loss, clipper, tx, microbatch_size=mb, mesh=mesh), donate_argnums=0
     )
     if mesh is not None:  # params and optimizer state replicated over the mesh
         state = jax.device_put(state, NamedSharding(mesh, P()))
     eval_fn = jax.jit(make_eval_step(model.apply))
-    return _Runtime(phase, state, step_fn, eval_fn, train_arrays, eval_arrays)
+    return _Runtime(phase, state, step_fn, eval_fn, train_arrays, eval_arrays, chunked)
 
 
 def _features(config, workdir, model, full, train_arrays, eval_arrays) -> dict:
@@ -181,6 +199,19 @@ def _weights_path(config):
         return None
 
 
+class _IndexLoader:
+    """Yields ``(step, indices, mask)`` of the sampler's padded batches, for chunked steps."""
+
+    def __init__(self, sampler, start: int, stop: int):
+        self._it = ((s, *sampler.batch_at(s)) for s in range(start, stop))
+
+    def __iter__(self):
+        return self._it
+
+    def close(self) -> None:
+        pass
+
+
 def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     """Trains with DP per ``config``, writing metrics, checkpoints and summary.json to workdir."""
     t_start = time.time()
@@ -191,10 +222,17 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     n = len(train_arrays["label"])
     mesh = build.make_mesh(config.get("parallel", {}).get("data", 1))
     n_dev = mesh.size if mesh is not None else 1
-    plan = build.plan_privacy(config, n, batch_multiple=n_dev)
+    chunk = config.train.get("host_chunk_size", 0)
+    if chunk and (chunk < 0 or n_dev > 1):
+        raise ValueError(
+            f"config.train.host_chunk_size must be >= 0 and used on one device, got {chunk}"
+        )
+    plan = build.plan_privacy(config, n, batch_multiple=chunk or n_dev)
     phases = plan_phases(config, plan.steps)
     mb = config.train.microbatch_size or None
-    if mb is not None and mb > plan.max_batch_size // n_dev:
+    if mb is not None and mb < -1:
+        raise ValueError(f"config.train.microbatch_size must be -1 (auto), 0 or > 0, got {mb}")
+    if mb is not None and mb > (chunk or plan.max_batch_size // n_dev):
         raise ValueError(
             f"config.train.microbatch_size={mb} is larger than the padded batch per device "
             f"{plan.max_batch_size // n_dev}"
@@ -266,9 +304,12 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
                 current += 1
                 rt = runtime(current)
                 last_eval = {}
-            loader = dpdata.BatchLoader(
-                rt.train_arrays, sampler, start_step=step, prefetch=2, stop_step=rt.phase.end
-            )
+            if rt.chunked is None:
+                loader = dpdata.BatchLoader(
+                    rt.train_arrays, sampler, start_step=step, prefetch=2, stop_step=rt.phase.end
+                )
+            else:  # indices only; examples are gathered one chunk at a time
+                loader = _IndexLoader(sampler, step, rt.phase.end)
             try:
                 for step_idx, batch, mask in loader:
                     if step_idx >= rt.phase.end:
@@ -279,11 +320,16 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
                         log.warning("stopping before step %d: %s", step_idx, e)
                         stop_reason = "budget"
                         break
-                    batch = {**batch, "mask": mask}
-                    if mesh is not None:  # examples split over the data axis
-                        batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
                     rng = jax.random.fold_in(step_key, step_idx)
-                    rt.state, metrics = rt.step_fn(rt.state, batch, rng)
+                    if rt.chunked is not None:
+                        rt.state, metrics = accumulate.run_chunked(
+                            rt.chunked, rt.state, rt.train_arrays, batch, mask, chunk, rng
+                        )
+                    else:
+                        batch = {**batch, "mask": mask}
+                        if mesh is not None:  # examples split over the data axis
+                            batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
+                        rt.state, metrics = rt.step_fn(rt.state, batch, rng)
                     step = step_idx + 1
                     sampler.step = step
                     examples_seen += int(mask.sum())
