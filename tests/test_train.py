@@ -293,3 +293,23 @@ def test_choose_microbatch_from_compiled_memory():
     assert all(size <= m or b > (small + full) // 2 for size, b in tried.items())
     with pytest.raises(ValueError, match="microbatch of 1"):
         accumulate.choose_microbatch(build, 1024, budget_bytes=1)
+
+
+@needs_data
+def test_bf16_activations_train_with_fp32_params(tmp_path):
+    c = tiny_config()
+    c.model.dtype = "bfloat16"
+    c.train.steps = 3
+    summary = train_and_evaluate(c, tmp_path / "bf16")
+    arrays, _ = final_arrays(tmp_path / "bf16")
+    params = [a for a in arrays if a.ndim >= 1 and a.dtype != np.uint32]
+    assert params and all(a.dtype == np.float32 and np.isfinite(a).all() for a in params)
+    c32 = tiny_config()
+    c32.train.steps = 3
+    reference = train_and_evaluate(c32, tmp_path / "fp32")
+    ref_arrays, _ = final_arrays(tmp_path / "fp32")
+    # same keys and batches: bf16 rounding moves the result only slightly
+    assert summary["test_loss"] == pytest.approx(reference["test_loss"], rel=0.1)
+    ref = [x for x in ref_arrays if x.ndim >= 1 and x.dtype != np.uint32]
+    for a, b in zip(params, ref, strict=True):
+        np.testing.assert_allclose(a, b, atol=0.02)

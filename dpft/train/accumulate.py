@@ -139,6 +139,9 @@ def run_chunked(
         idx = indices[start : start + chunk_size]
         chunk = {k: np.take(v, idx, axis=0) for k, v in arrays.items()}
         chunk["mask"] = m
+        # Wait for the previous chunk before queueing this one: with asynchronous dispatch the
+        # loop would otherwise gather every chunk of the logical batch ahead of the device.
+        jax.block_until_ready(acc)
         acc = jitted.accumulate(acc, state, chunk, rng, np.uint32(start))
     return jitted.finish(state, acc)
 

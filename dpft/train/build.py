@@ -51,6 +51,11 @@ def build_model(config, num_classes: int, example_image: np.ndarray):
 
     m = config.model
     kwargs = {"norm": m.norm} if m.norm else {}
+    dtype = m.get("dtype", "float32")
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"config.model.dtype must be float32|bfloat16, got {dtype!r}")
+    if dtype != "float32":  # activations in bf16; parameters, clipped sums and noise stay fp32
+        kwargs["dtype"] = jnp.bfloat16
     fresh = models.get_model(m.name, num_classes, **kwargs)
     key = jax.random.PRNGKey(config.seed)
     fresh_vars = fresh.init(key, jnp.asarray(example_image[None]))
@@ -60,6 +65,8 @@ def build_model(config, num_classes: int, example_image: np.ndarray):
     from dpft.models import pretrained
 
     model, variables = pretrained.load(m.pretrained, path=m.pretrained_path or None)
+    if "dtype" in kwargs:
+        model = model.clone(dtype=kwargs["dtype"])
     head_init = config.finetune.head_init
     old_head = variables["params"]["linear"]["kernel"]
     if head_init == "keep" and old_head.shape[-1] != num_classes:
