@@ -1,0 +1,70 @@
+"""Command line: ``python -m dpft.audit --epsilon 2 --delta 1e-5 --canaries 1000 --steps 10``.
+
+Prints the claimed epsilon, the audit's lower bound and the settings, one line each. Bad
+arguments give a one-line error and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from dpft.audit.mechanism import BROKEN, SCORERS, AuditConfig, run_audit
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line on stderr, exit 2
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m dpft.audit", description=__doc__.splitlines()[0])
+    p.add_argument("--epsilon", type=float, default=2.0, help="claimed epsilon")
+    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--canaries", type=int, default=1000, help="m, canaries (each p=1/2)")
+    p.add_argument("--steps", type=int, default=10, help="T, DP-SGD steps")
+    p.add_argument("--sampling-rate", type=float, default=1.0, help="Poisson q; 1 = full batch")
+    p.add_argument("--num-real", type=int, default=100, help="non-canary examples")
+    p.add_argument("--broken", choices=BROKEN, default="none")
+    p.add_argument("--scorer", choices=SCORERS, default="auto")
+    p.add_argument("--beta", type=float, default=0.05, help="1 - confidence")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parses arguments, runs the audit and prints three lines; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = AuditConfig(
+            epsilon=args.epsilon,
+            delta=args.delta,
+            canaries=args.canaries,
+            steps=args.steps,
+            sampling_rate=args.sampling_rate,
+            num_real=args.num_real,
+            broken=args.broken,
+            scorer=args.scorer,
+            beta=args.beta,
+            seed=args.seed,
+        )
+    except ValueError as e:
+        parser.error(str(e))
+    res = run_audit(cfg)
+    b = res.bound
+    print(f"claimed epsilon: {res.claimed_epsilon:.4f} (delta={cfg.delta:g})")
+    print(f"audit lower bound: {b.epsilon:.4f} (confidence {1 - cfg.beta:g}, {b.v}/{b.r} correct)")
+    print(
+        f"settings: broken={cfg.broken} canaries={cfg.canaries} steps={cfg.steps} "
+        f"sampling_rate={cfg.sampling_rate:g} num_real={cfg.num_real} "
+        f"noise_multiplier={res.noise_multiplier:.4f} used={res.noise_multiplier_used:.4f} "
+        f"scorer={res.scorer} k={b.k} grid={len(b.grid)} seed={cfg.seed}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

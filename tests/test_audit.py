@@ -1,0 +1,165 @@
+"""One-run privacy audit (dpft.audit): the bound, correct runs, and deliberately broken ones."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from dpft.audit import (
+    AuditConfig,
+    best_lower_bound,
+    default_guess_grid,
+    epsilon_lower_bound,
+    guess_counts,
+    p_value,
+    run_audit,
+)
+from dpft.audit.__main__ import main
+from dpft.audit.mechanism import _realized_batch_step
+from dpft.privacy.clipping import FlatClip
+from dpft.train.step import TrainState
+
+# ------------------------------------------------------------------------------------------
+# The bound
+# ------------------------------------------------------------------------------------------
+
+
+def test_pure_dp_p_value_is_the_binomial_tail():
+    eps = 0.7
+    p = math.exp(eps) / (1 + math.exp(eps))
+    assert p_value(100, 40, 30, eps) == pytest.approx(stats.binom.sf(29, 40, p))
+    # all r guesses right under eps = 0: (1/2)^r
+    assert p_value(10, 10, 10, 0.0) == pytest.approx(0.5**10)
+
+
+def test_all_correct_bound_by_hand_and_increasing_in_r():
+    # delta = 0, v = r: p^r < beta  <=>  eps < log(p / (1 - p)) with p = beta^(1/r)
+    for r in (10, 50, 200):
+        p = 0.05 ** (1 / r)
+        assert epsilon_lower_bound(1000, r, r, 0.0, 0.05) == pytest.approx(
+            math.log(p / (1 - p)), abs=1e-4
+        )
+    bounds = [epsilon_lower_bound(1000, r, r, 1e-5, 0.05) for r in (10, 20, 50, 100, 400)]
+    assert all(a < b for a, b in zip(bounds, bounds[1:], strict=False))
+    assert bounds[0] > 0
+
+
+def test_chance_level_gives_zero_and_monotone_in_beta_and_delta():
+    assert epsilon_lower_bound(1000, 200, 100, 1e-5, 0.05) == 0.0
+    assert epsilon_lower_bound(1000, 200, 105, 1e-5, 0.05) == 0.0
+    by_beta = [epsilon_lower_bound(1000, 200, 160, 1e-5, b) for b in (0.001, 0.01, 0.05, 0.2)]
+    assert all(a < b for a, b in zip(by_beta, by_beta[1:], strict=False))
+    by_delta = [epsilon_lower_bound(1000, 200, 190, d, 0.05) for d in (0.0, 1e-6, 1e-4)]
+    assert all(a >= b for a, b in zip(by_delta, by_delta[1:], strict=False))
+    # p-value is non-decreasing in eps (what the bisection relies on)
+    ps = [p_value(1000, 200, 150, e, 1e-5) for e in np.linspace(0, 3, 13)]
+    assert all(a <= b + 1e-15 for a, b in zip(ps, ps[1:], strict=False))
+
+
+def test_bound_input_validation():
+    with pytest.raises(ValueError):
+        p_value(10, 11, 5, 1.0)
+    with pytest.raises(ValueError):
+        epsilon_lower_bound(10, 10, 5, 0.0, beta=0.0)
+
+
+def test_guess_counts_and_grid_union_bound():
+    secrets = np.array([1, 1, -1, -1, 1, -1])
+    scores = np.array([5.0, 4.0, -3.0, -2.0, -1.0, 1.0])
+    assert guess_counts(scores, secrets, 2) == (4, 4)
+    assert guess_counts(scores, secrets, 3) == (6, 4)
+    grid = default_guess_grid(1000)
+    assert grid[0] == 5 and grid[-1] == 500 and len(grid) <= 12
+    # perfect scores: the reported bound uses beta / |grid| for the best k
+    rng = np.random.default_rng(0)
+    s = rng.choice([-1, 1], size=400)
+    b = best_lower_bound(s.astype(float), s, 0.0, 0.05, grid=[10, 20])
+    assert b.k == 20 and b.v == b.r == 40
+    assert b.epsilon == pytest.approx(epsilon_lower_bound(400, 40, 40, 0.0, 0.025))
+
+
+# ------------------------------------------------------------------------------------------
+# Audits of the real pipeline
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "seed,rate", [(0, 1.0), (1, 1.0), (2, 0.5)], ids=["full-s0", "full-s1", "poisson-s2"]
+)
+def test_correct_mechanism_never_exceeds_claim(seed, rate):
+    cfg = AuditConfig(epsilon=1.0, canaries=500, steps=5, sampling_rate=rate, seed=seed)
+    res = run_audit(cfg)
+    assert res.claimed_epsilon == 1.0
+    assert res.noise_multiplier_used == res.noise_multiplier > 0
+    assert 0.0 <= res.lower_bound <= res.claimed_epsilon
+
+
+@pytest.mark.parametrize("broken", ["noise", "clip"])
+def test_broken_mechanisms_are_caught(broken):
+    cfg = AuditConfig(epsilon=1.0, canaries=2000, steps=5, broken=broken, seed=0)
+    res = run_audit(cfg)
+    assert res.lower_bound > 2 * res.claimed_epsilon
+    assert res.bound.v == res.bound.r  # every guess right
+
+
+def test_clip_broken_with_poisson_sampling_is_caught():
+    cfg = AuditConfig(epsilon=1.0, canaries=2000, steps=5, sampling_rate=0.5, broken="clip", seed=3)
+    assert run_audit(cfg).lower_bound > 1.0
+
+
+def test_realized_batch_step_divides_by_the_realized_size():
+    # The swapped component really is in place: with (almost) no noise, a canary's coordinate
+    # moves by lr * C / |B| where |B| is the number of real rows in the batch.
+    init, step = _realized_batch_step(FlatClip(1.0), 1e-6, 1.0, 1.0, jax.random.PRNGKey(0))
+    g = jnp.zeros((4, 3)).at[0, 0].set(100.0).at[1, 1].set(0.5).at[2, 2].set(1.0)
+    params = {"w": jnp.zeros(3)}
+    state = TrainState(jnp.zeros([], jnp.int32), params, init(params), {})
+    mask = jnp.array([1.0, 1.0, 0.0, 0.0])
+    new, _ = step(state, {"g": g, "mask": mask}, jax.random.PRNGKey(1))
+    np.testing.assert_allclose(new.params["w"], [-0.5, -0.25, 0.0], atol=1e-4)
+
+
+def test_realized_batch_audit_runs():
+    # Honest limitation (see docs/audit.md): the realised batch size only leaks a COUNT of
+    # included canaries, which per-canary guessing barely exploits; the bound stays below the
+    # claim with these scorers. We only check that the audit runs and is well formed.
+    cfg = AuditConfig(epsilon=1.0, canaries=500, steps=5, broken="realized_batch", seed=0)
+    res = run_audit(cfg)
+    assert res.scorer == "count_weighted"
+    assert 0.0 <= res.lower_bound < math.inf
+
+
+# ------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------
+
+
+def test_cli_prints_three_lines(capsys):
+    assert main(["--epsilon", "2", "--canaries", "200", "--steps", "2", "--seed", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3
+    assert lines[0].startswith("claimed epsilon: 2.0000")
+    assert lines[1].startswith("audit lower bound: ")
+    assert "canaries=200" in lines[2] and "steps=2" in lines[2] and "broken=none" in lines[2]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--epsilon", "-1"],
+        ["--broken", "bogus"],
+        ["--canaries", "0"],
+        ["--delta", "2"],
+        ["--steps", "x"],
+        ["--sampling-rate", "1.5"],
+    ],
+)
+def test_cli_bad_arguments_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1
