@@ -1,0 +1,226 @@
+"""FedAvg / FedSGD rounds: clients vectorized with ``jax.vmap`` inside one jit, host sampling.
+
+A round ``r``:
+1. the host samples clients by Poisson sampling at rate ``q_c`` (a pure function of
+   ``(seed, r)``), padded to ``plan.slots`` static client slots with a client mask, and gathers
+   each sampled client's ``K`` local batches as ``[slots, K, B, ...]`` arrays with example masks
+   (local Poisson sampling at rate ``q_local``, a pure function of ``(seed, r, client, k)``);
+2. inside one jit, ``jax.vmap`` over slots runs ``lax.scan`` over the ``K`` local steps of the
+   SAME step function as centralized training (`dpft.train.step.make_train_step`), from the
+   global parameters, with the client's own keys; its update is ``local - global``;
+3. the server aggregates (weighted mean, or clipped noisy sum / expected clients at client
+   level) and applies the server optimizer to the negative aggregate.
+
+Padded client slots have all example masks 0 and client mask 0: they contribute exactly zero.
+Trainable/frozen parameters come from `dpft.train.step.partition`, so head tuning and full
+tuning are the same code path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dpft.federated import server as srv
+from dpft.federated.plan import (
+    DP_LEVELS,
+    FedConfig,
+    FedPlan,
+    RoundInputs,
+    make_plan,
+    round_entry,
+    round_inputs,
+)
+from dpft.privacy import clipping
+from dpft.privacy.noise import PrivatizerState, gaussian_privatizer, noise_std
+from dpft.train.step import TrainState, make_train_step
+
+__all__ = [
+    "DP_LEVELS",
+    "FedConfig",
+    "FedPlan",
+    "RoundInputs",
+    "client_key",
+    "make_local_update",
+    "make_plan",
+    "make_round",
+    "round_entry",
+    "round_inputs",
+    "server_noise_key",
+]
+
+
+# ------------------------------------------------------------------------------------------
+# Client side
+# ------------------------------------------------------------------------------------------
+
+
+class ClientScale(NamedTuple):
+    scale: jax.Array  # float32: 1 / (q_local * n_client), the client's public expected batch
+
+
+def _scale_by_client() -> optax.GradientTransformation:
+    """Divides the noisy sum by the client's expected local batch (held in the state)."""
+
+    def init(params):
+        del params
+        return ClientScale(jnp.ones([], jnp.float32))
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map(lambda u: u * state.scale, updates), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def _local_tx(config: FedConfig, plan: FedPlan, sensitivity: float) -> optax.GradientTransformation:
+    if config.algorithm == "fedsgd":
+        base = optax.sgd(1.0)
+    elif config.local_optimizer == "sgd":
+        base = optax.sgd(config.local_lr, momentum=config.local_momentum)
+    elif config.local_optimizer == "adam":
+        base = optax.adam(config.local_lr)
+    else:
+        raise ValueError(f"local_optimizer must be sgd or adam, got {config.local_optimizer!r}")
+    if config.dp == "example":
+        priv = gaussian_privatizer(plan.noise_multiplier, sensitivity, 0)
+    else:
+        priv = optax.identity()
+    return optax.chain(priv, _scale_by_client(), base)
+
+
+def client_key(seed: int, round_: jax.Array | int, client_id: jax.Array | int) -> jax.Array:
+    """The key of client ``client_id`` in round ``round_``: fresh per (round, client).
+
+    Privacy:
+        Distinct (round, client) pairs get independent keys, so local noise is independent
+        across clients, rounds and (via the privatizer's step counter) local steps. For a
+        deployment, derive ``seed`` from OS entropy.
+    """
+    base = jax.random.fold_in(jax.random.PRNGKey(seed), 4)
+    return jax.random.fold_in(jax.random.fold_in(base, round_), client_id)
+
+
+def server_noise_key(seed: int, round_: jax.Array | int) -> jax.Array:
+    """The client-level noise key of round ``round_`` (one per round).
+
+    Privacy:
+        One fresh key per round, split per leaf by `gaussian_noise`: the server noise is
+        independent across rounds and elements.
+    """
+    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), 3), round_)
+
+
+def make_local_update(
+    loss_fn: Callable,
+    config: FedConfig,
+    plan: FedPlan,
+    clipper: clipping.Clipper | None = None,
+) -> Callable:
+    """``local_update(params, frozen, batch, mask, inv_expected, key) -> (update, metrics)``.
+
+    One client: ``K`` steps of `make_train_step` (``lax.scan``) on ``batch`` [K, B, ...] with
+    ``mask`` [K, B], starting from ``params``; returns ``local - params`` (float32). The
+    privatizer key of the local DP chain is ``fold_in(key, 0)``, the per-step example keys come
+    from ``fold_in(key, 1)``. ``clipper`` defaults to ``FlatClip(example_clip)`` at example
+    level (no clipping otherwise); a custom one must define ``sensitivity(None)`` (a bound
+    `PerLayerClip`, `FlatClip`, `AutoClip`, `GlobalClip`): the local noise is scaled by it.
+
+    Privacy:
+        With ``config.dp == 'example'`` every local step is DP-SGD: per-example gradients
+        clipped to ``example_clip`` (sum sensitivity C, add/remove-one example of this client),
+        Gaussian noise of std ``z * C`` from the client's own key (independent across clients,
+        rounds and steps), divided by the client's expected batch ``q_local * n_client`` (its
+        dataset size is treated as public, as N is in centralized DP-SGD). Otherwise the local
+        update is NOT private by itself.
+    """
+    if clipper is None:
+        clip = config.example_clip if config.dp == "example" else math.inf
+        clipper = clipping.FlatClip(clip)
+    sensitivity = float(clipper.sensitivity(None)) if config.dp == "example" else 1.0
+    tx = _local_tx(config, plan, sensitivity)
+    step = make_train_step(loss_fn, clipper, tx, microbatch_size=config.microbatch_size)
+    k = plan.local_steps
+
+    def local_update(params, frozen, batch, mask, inv_expected, key):
+        first, *rest = tx.init(params)
+        if isinstance(first, PrivatizerState):
+            first = PrivatizerState(jax.random.fold_in(key, 0), jnp.zeros([], jnp.int32))
+        opt_state = (first, ClientScale(jnp.asarray(inv_expected, jnp.float32)), *rest[1:])
+        state = TrainState(jnp.zeros([], jnp.int32), params, opt_state, frozen)
+        rngs = jax.random.split(jax.random.fold_in(key, 1), k)
+
+        def body(s, xs):
+            b, m, r = xs
+            return step(s, {**b, "mask": m}, r)
+
+        state, metrics = jax.lax.scan(body, state, (batch, mask, rngs))
+        update = jax.tree_util.tree_map(
+            lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32), state.params, params
+        )
+        return update, jax.tree_util.tree_map(jnp.mean, metrics)
+
+    return local_update
+
+
+# ------------------------------------------------------------------------------------------
+# A round
+# ------------------------------------------------------------------------------------------
+
+
+def make_round(
+    loss_fn: Callable,
+    config: FedConfig,
+    plan: FedPlan,
+    server_tx: optax.GradientTransformation,
+    clipper: clipping.Clipper | None = None,
+    *,
+    jit: bool = True,
+) -> Callable[[srv.ServerState, Any, RoundInputs], tuple[srv.ServerState, dict]]:
+    """``round_fn(server_state, frozen, inputs) -> (server_state, metrics)``.
+
+    Clients run vectorized (``jax.vmap`` over slots of `make_local_update`) in one jit.
+
+    Privacy:
+        'client': each client's update is clipped to L2 norm ``client_clip`` (non-finite ones
+        contribute zero), summed, N(0, (z S)^2) noise is added once per round with the round's
+        key, and the sum is divided by ``q_c * num_clients``: one Gaussian mechanism of
+        sensitivity S per round under add/remove-one client. 'example': the local updates are
+        DP-SGD outputs and the server is post-processing. Returned ``debug/`` metrics are not
+        private.
+    """
+    local_update = make_local_update(loss_fn, config, plan, clipper)
+    z, s_clip = plan.noise_multiplier, config.client_clip
+    std = noise_std(z, s_clip) if config.dp == "client" else 0.0
+    expected = config.client_rate * plan.num_clients
+
+    def round_fn(state: srv.ServerState, frozen, inputs: RoundInputs):
+        keys = jax.vmap(lambda c: client_key(config.seed, state.round, c))(inputs.client_ids)
+        updates, metrics = jax.vmap(local_update, in_axes=(None, None, 0, 0, 0, 0))(
+            state.params, frozen, inputs.batch, inputs.mask, inputs.inv_expected, keys
+        )
+        cmask = inputs.client_mask
+        if config.dp == "client":
+            mean, _, ok = srv.private_mean(
+                updates,
+                cmask,
+                clip_norm=s_clip,
+                noise_std=std,
+                noise_key=server_noise_key(config.seed, state.round),
+                expected_clients=expected,
+            )
+        else:
+            mean, ok = srv.weighted_mean(updates, cmask, inputs.weights)
+        new_state = srv.server_apply(server_tx, state, mean)
+        count = jnp.maximum(jnp.sum(cmask), 1.0)
+        out = {k: jnp.sum(jnp.where(cmask > 0, v, 0.0)) / count for k, v in metrics.items()}
+        out["debug/clients"] = jnp.sum(cmask)
+        out["debug/dropped_clients"] = jnp.sum(cmask) - jnp.sum(ok)
+        return new_state, out
+
+    return jax.jit(round_fn) if jit else round_fn

@@ -1,0 +1,168 @@
+"""``run(...)``: R federated rounds with eval callbacks, per-round checkpoints and exact resume.
+
+The checkpoint of round ``r`` holds the global parameters, the server optimizer state, the
+round number, the privacy ledger of every round it reflects and the history so far. Client
+sampling, local batches and every key are pure functions of ``(seed, round, client)``, so a run
+resumed from its workdir recomputes exactly what the uninterrupted run computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpft.federated import driver
+from dpft.federated import server as srv
+from dpft.privacy import clipping
+from dpft.privacy.accounting import PrivacyLedger
+from dpft.train.checkpoint import Checkpointer
+
+__all__ = ["RunResult", "run"]
+
+
+@dataclasses.dataclass
+class RunResult:
+    params: Any  # final global trainable parameters
+    state: srv.ServerState
+    history: list[dict]  # one record per round
+    ledger: PrivacyLedger
+    epsilon: float  # at config.delta and config.dp's level (inf without DP)
+    plan: driver.FedPlan
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_round(loss_fn, config, plan, server_tx_args, clipper):
+    """One jitted round function per (loss, config without rounds, plan, clipper): a resumed
+    or extended run in the same process reuses its compilation."""
+    server_tx = srv.make_server_optimizer(*server_tx_args)
+    return server_tx, driver.make_round(loss_fn, config, plan, server_tx, clipper)
+
+
+def _identity(config: driver.FedConfig, plan: driver.FedPlan) -> dict:
+    """What a checkpoint must match to be resumed (everything but the number of rounds)."""
+    d = dataclasses.asdict(config)
+    d.pop("rounds")
+    d["client_sizes"] = list(plan.client_sizes)
+    d["noise_multiplier_used"] = plan.noise_multiplier
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+def _epsilon(ledger: PrivacyLedger, config: driver.FedConfig, cache: dict) -> float:
+    """Epsilon of the ledger (PLD takes a second or so: memoized on the ledger's content)."""
+    if config.dp == "none":
+        return math.inf
+    key = repr(ledger.to_dict())
+    if key not in cache:
+        cache[key] = ledger.epsilon(config.delta, config.accountant)
+    return cache[key]
+
+
+def _json_float(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def run(
+    config: driver.FedConfig,
+    loss_fn: Callable,
+    params: dict,
+    frozen: dict,
+    dataset: dict[str, np.ndarray],
+    clients: Sequence[np.ndarray],
+    *,
+    workdir: str | pathlib.Path | None = None,
+    eval_fn: Callable[[dict, dict], dict] | None = None,
+    eval_every: int = 1,
+    checkpoint_every: int = 1,
+    clipper: clipping.Clipper | None = None,
+) -> RunResult:
+    """Runs ``config.rounds`` rounds of FedAvg/FedSGD from ``params`` (resuming from workdir).
+
+    Args:
+      loss_fn: per-example ``loss(params, frozen, example, rng) -> (loss, aux)`` with
+        ``aux['correct']``, e.g. `dpft.train.step.cross_entropy_loss(model.apply)`.
+      params, frozen: ``dpft.train.step.partition(variables, patterns)``: only ``params`` are
+        trained (by every client) and aggregated; ``frozen`` is shared and never changes.
+      dataset: host arrays with a common leading axis (e.g. image, label).
+      clients: index arrays into ``dataset`` (see `dpft.federated.partition`).
+      workdir: if given, a checkpoint is written every ``checkpoint_every`` rounds and at the
+        end, and a run with an existing checkpoint resumes from it (its config must match,
+        except ``rounds``, so a run may be extended).
+      eval_fn: ``eval_fn(params, frozen) -> dict`` of floats, run every ``eval_every`` rounds
+        and after the last round; merged into that round's history record.
+
+    Returns:
+      `RunResult`: history records hold ``round``, the ``debug/`` train metrics, ``epsilon``
+      (at eval points; None when infinite) and the eval metrics.
+
+    Privacy:
+        'example': every example of every client is protected under add/remove-one example
+        within its client's dataset, with the epsilon of `dpft.federated.accounting`
+        (rounds * K local DP-SGD steps at rate q_local). 'client': every client's whole dataset
+        is protected under add/remove-one client (rounds subsampled Gaussian steps at rate
+        q_c, sensitivity S). The ledger records each round before it runs. ``debug/``
+        metrics and eval metrics on private data are not private.
+    """
+    plan = driver.make_plan(config, [len(c) for c in clients])
+    tx_args = (config.server_optimizer, config.server_lr, config.server_momentum)
+    try:
+        server_tx, round_fn = _compiled_round(
+            loss_fn, dataclasses.replace(config, rounds=0), plan, tx_args, clipper
+        )
+    except TypeError:  # an unhashable clipper or loss: build without the cache
+        server_tx, round_fn = _compiled_round.__wrapped__(loss_fn, config, plan, tx_args, clipper)
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    state = srv.ServerState(jnp.zeros([], jnp.int32), params, server_tx.init(params))
+    entry = driver.round_entry(config, plan)
+    ledger, history, start, eps_cache = PrivacyLedger(), [], 0, {}
+    identity = _identity(config, plan)
+
+    ckpt = Checkpointer(workdir) if workdir is not None else None
+    latest = ckpt.latest_step() if ckpt is not None else None
+    if latest is not None:
+        state, meta = ckpt.restore(latest, state)
+        if meta["identity"] != identity:
+            raise ValueError(f"checkpoint {latest} in {workdir} is of another federated config")
+        ledger = PrivacyLedger.from_dict(meta["ledger"])
+        history = list(meta["history"])
+        start = int(meta["round"])
+        state = jax.tree_util.tree_map(jnp.asarray, state)
+
+    def save(r: int) -> None:
+        meta = {
+            "round": r,
+            "ledger": ledger.to_dict(),
+            "history": history,
+            "identity": identity,
+        }
+        ckpt.save(r, state, meta)
+
+    try:
+        for r in range(start, config.rounds):
+            inputs = driver.round_inputs(config, plan, dataset, clients, r)
+            if entry is not None:
+                ledger.record(entry)  # spent before the round's release
+            state, metrics = round_fn(state, frozen, inputs)
+            record: dict[str, Any] = {"round": r + 1}
+            record.update({k: float(v) for k, v in jax.device_get(metrics).items()})
+            last = r + 1 == config.rounds
+            if last or (r + 1) % eval_every == 0:
+                record["epsilon"] = _json_float(_epsilon(ledger, config, eps_cache))
+                if eval_fn is not None:
+                    record.update({k: float(v) for k, v in eval_fn(state.params, frozen).items()})
+            history.append(record)
+            if ckpt is not None and (last or (r + 1) % checkpoint_every == 0):
+                save(r + 1)
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+    return RunResult(
+        state.params, state, history, ledger, _epsilon(ledger, config, eps_cache), plan
+    )
