@@ -34,6 +34,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run
+	$(PY) -m bench.head_cost
 
 # The bench against its peers: installs PyTorch 2.13 (CPU build), Opacus 1.6 and jax-privacy 2.x
 # into the venv, then runs `python -m bench.run --peers`. jax, jaxlib, flax, optax and numpy are
