@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import logging
+import re
 import sys
 
 from absl import app, flags
@@ -22,6 +24,8 @@ def main(argv):
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.getLogger("dpft").setLevel(logging.INFO)  # e.g. "resuming W from step N" (absl's
+    # handler is already on the root logger, so basicConfig alone leaves dpft's INFO unseen)
     summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     print(
         f"test_accuracy={summary['test_accuracy']:.4f} epsilon={summary['epsilon']:.4f} "
@@ -34,10 +38,25 @@ def run():
     flags.mark_flags_as_required(["config", "workdir"])
     try:
         app.run(main)
-    except (ValueError, FileNotFoundError, KeyError, AttributeError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
+    except (ValueError, OSError, KeyError, AttributeError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
+
+
+def _one_line(e: BaseException) -> str:
+    """The whole message on one line (a config-file error names the file on a later line)."""
+    text = str(e)
+    if isinstance(e, KeyError | AttributeError) and e.args:
+        text = str(e.args[0])
+    if isinstance(e, KeyError | AttributeError) and text[:1] in "'\"":
+        try:  # ml_collections raises the repr of a KeyError's message
+            text = str(ast.literal_eval(text))
+        except (ValueError, SyntaxError):
+            pass
+        if re.fullmatch(r"'[\w.]+'", text.splitlines()[0] if text else ""):
+            text = f"unknown config key {text}"
+    msg = " ".join(text.split()) or type(e).__name__
+    return msg if len(msg) <= 600 else msg[:597] + "..."
 
 
 if __name__ == "__main__":

@@ -48,6 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.dp.auto_gamma = 0.01
     c.dp.global_threshold = 0.0  # Z for global clipping; 0 = clip_norm
     c.dp.accountant = "pld"  # pld | rdp
+    # True: sampling and noise seeded from OS entropy, not c.seed (docs/randomness.md); the
+    # secret is kept only inside the checkpoints, which must then be protected.
+    c.dp.secure_noise = False
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 256  # EXPECTED logical batch size (Poisson: q = batch_size / N)

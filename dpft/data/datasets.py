@@ -142,6 +142,10 @@ def _load_local(name: str, split: str, override: str | os.PathLike | None) -> Da
     images_path = _local_file(folder, f"{prefix}-images-idx3-ubyte")
     labels_path = _local_file(folder, f"{prefix}-labels-idx1-ubyte")
     images = read_idx(images_path, expect_ndim=3, expect_dtype=np.uint8)
+    if images.shape[1:] != (28, 28):
+        raise DataError(
+            f"{images_path}: expected 28x28 images, header says {images.shape[1]}x{images.shape[2]}"
+        )
     labels = read_idx(labels_path, expect_ndim=1, expect_dtype=np.uint8)
     if images.shape[0] != labels.shape[0]:
         raise DataError(

@@ -87,7 +87,7 @@ def _parse(f: BinaryIO, path: pathlib.Path, expect_ndim: int | None, expect_dtyp
     if expect_dtype is not None and dtype.newbyteorder("=") != np.dtype(expect_dtype):
         raise DataError(
             f"corrupt data file {path}: expected IDX elements of type {np.dtype(expect_dtype)}, "
-            f"header says {dtype}"
+            f"header says {dtype.newbyteorder('=')}"
         )
     if not 0 < ndim <= _MAX_NDIM:
         raise DataError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -11,6 +12,7 @@ import numpy as np
 
 from dpft import data as dpdata
 from dpft import models, optim
+from dpft.paths import DataError
 from dpft.privacy import accounting, clipping, sampling
 
 
@@ -35,10 +37,17 @@ def load_data(config) -> tuple[dict, dict, int]:
         )
     kind = c.preprocessing or dpdata.default_preprocessing(c.name, config.model.name)
 
-    def arrays(ds):
-        return {"image": dpdata.preprocess(ds.images, kind), "label": ds.labels.astype(np.int32)}
+    def arrays(ds, split):
+        image = dpdata.preprocess(ds.images, kind)
+        bad = int(image.size - np.count_nonzero(np.isfinite(image)))
+        if bad:
+            raise DataError(
+                f"{c.name} {split}: expected finite model inputs, found {bad} NaN/Inf values "
+                f"after preprocessing {kind!r} (config.data.preprocessing)"
+            )
+        return {"image": image, "label": ds.labels.astype(np.int32)}
 
-    return arrays(train), arrays(evaluation), train.num_classes
+    return arrays(train, "train"), arrays(evaluation, "eval"), train.num_classes
 
 
 def build_model(config, num_classes: int, example_image: np.ndarray):
@@ -58,15 +67,21 @@ def build_model(config, num_classes: int, example_image: np.ndarray):
         kwargs["dtype"] = jnp.bfloat16
     fresh = models.get_model(m.name, num_classes, **kwargs)
     key = jax.random.PRNGKey(config.seed)
-    fresh_vars = fresh.init(key, jnp.asarray(example_image[None]))
+    x = jnp.asarray(example_image[None])
+    with _shape_errors(m.name, example_image.shape):
+        jax.eval_shape(fresh.init, key, x)  # shapes only: cheap, before any real work
+    if m.pretrained:
+        from dpft.models import pretrained
+
+        model, variables = pretrained.load(m.pretrained, path=m.pretrained_path or None)
+        if "dtype" in kwargs:
+            model = model.clone(dtype=kwargs["dtype"])
+        with _shape_errors(f"{m.name} (pretrained {m.pretrained})", example_image.shape):
+            jax.eval_shape(model.apply, variables, x)  # the weights fit these images
+    fresh_vars = fresh.init(key, x)
     fresh_vars = reinit(fresh_vars, m.get("init", "default"), jax.random.fold_in(key, 1))
     if not m.pretrained:
         return fresh, fresh_vars
-    from dpft.models import pretrained
-
-    model, variables = pretrained.load(m.pretrained, path=m.pretrained_path or None)
-    if "dtype" in kwargs:
-        model = model.clone(dtype=kwargs["dtype"])
     head_init = config.finetune.head_init
     old_head = variables["params"]["linear"]["kernel"]
     if head_init == "keep" and old_head.shape[-1] != num_classes:
@@ -87,6 +102,21 @@ def build_model(config, num_classes: int, example_image: np.ndarray):
         variables = {**variables, "params": params}
         model = fresh if type(fresh) is type(model) else model
     return model, variables
+
+
+@contextlib.contextmanager
+def _shape_errors(name: str, shape: tuple):
+    """Turns a model's shape failure on the data's images into a one-line ValueError."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - flax/XLA raise many types for a shape mismatch
+        detail = " ".join(str(e).split())[:300]
+        raise ValueError(
+            f"config.model.name={name} cannot take images of shape {tuple(shape)} (H, W, C) "
+            f"from config.data / config.data.preprocessing: {detail}"
+        ) from None
 
 
 def build_clipper(dp) -> clipping.Clipper:
@@ -131,6 +161,8 @@ def plan_privacy(config, num_examples: int, batch_multiple: int = 1) -> PrivacyP
     number of data-parallel devices); accounting uses the rounded cap.
     """
     dp, tr = config.dp, config.train
+    if not dp.clip_norm > 0:
+        raise ValueError(f"config.dp.clip_norm must be > 0 (inf: no clipping), got {dp.clip_norm}")
     if not dp.epsilon > 0:
         raise ValueError(f"config.dp.epsilon must be > 0, got {dp.epsilon}")
     if not 0 < dp.delta < 1.0 / num_examples:

@@ -7,7 +7,17 @@ Order of events per step, which is what makes the reported epsilon trustworthy:
 3. at log/checkpoint points metrics and checkpoints are written, the checkpoint carrying the
    ledger of every step it reflects.
 A resumed run replays from its last checkpoint with the same keys and sampler, so it recomputes
-exactly what the interrupted run computed: nothing new about the data is released.
+exactly what the interrupted run computed: nothing new about the data is released. Every output
+of step t (metrics.jsonl, a checkpoint) is written after step t is in the ledger, so a checkpoint's
+ledger covers every step reflected in its arrays and a logged epsilon is never below the ledger's
+(tests/test_crash.py kills the CLI with SIGKILL at random and targeted points to check this).
+
+Config and data are validated before the workdir is touched: a bad input leaves it as it was.
+
+Randomness (docs/randomness.md): by default the sampler and the noise are seeded from
+``config.seed`` (reproducible). With ``config.dp.secure_noise`` both are seeded from OS entropy;
+the secret seed is stored only inside the checkpoints (a step-0 checkpoint is written before
+the first step), so that a resumed run still replays exactly.
 """
 
 from __future__ import annotations
@@ -16,7 +26,11 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import pathlib
+import secrets
+import signal
+import threading
 import time
 from collections.abc import Callable
 
@@ -51,8 +65,49 @@ class ConfigMismatchError(ValueError):
     """The workdir holds a run of a different config."""
 
 
+# TEST HOOK (tests/test_crash.py), inert unless the variable is set: "POINT:STEP" makes the
+# process SIGKILL itself at POINT (step | eval | metrics | checkpoint) of step STEP.
+_KILL_ENV = "DPFT_TEST_KILL_AT"
+
+
+def _test_kill(point: str, step: int) -> None:
+    if os.environ.get(_KILL_ENV) == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _test_kill_while_writing(step: int, directory: pathlib.Path) -> None:
+    """For "checkpoint:STEP": a thread that kills as soon as orbax's temporary dir appears."""
+    if os.environ.get(_KILL_ENV) != f"checkpoint:{step}":
+        return
+
+    def watch():
+        while not any("tmp" in p.name for p in directory.glob("*")):
+            time.sleep(0.0002)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _root_key(seed: int, secure: bool) -> jax.Array:
+    """``PRNGKey(seed)``; in secure mode all 64 bits of the secret (PRNGKey keeps 32 of them)."""
+    if not secure:
+        return jax.random.PRNGKey(seed)
+    return jnp.asarray([seed >> 32, seed & 0xFFFFFFFF], jnp.uint32)
+
+
+def _checkpoint_meta(ckpt: Checkpointer, step: int) -> dict:
+    """The JSON record of checkpoint ``step`` alone (no arrays restored)."""
+    import orbax.checkpoint as ocp
+
+    out = ckpt._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(out["meta"])
+
+
 def _config_json(config) -> str:
-    return json.dumps(config.to_dict(), sort_keys=True, indent=2, default=str)
+    d = config.to_dict()
+    if not d.get("dp", {}).get("secure_noise", True):  # off: workdirs from before the key resume
+        del d["dp"]["secure_noise"]
+    return json.dumps(d, sort_keys=True, indent=2, default=str)
 
 
 def _claim_workdir(workdir: pathlib.Path, config_json: str) -> bool:
@@ -107,7 +162,7 @@ class _Runtime:
 
 
 def _build_runtime(
-    config, workdir, index, phase, plan, model, full, data, num_classes, mesh=None
+    config, workdir, index, phase, plan, model, full, data, num_classes, mesh=None, root=None
 ) -> _Runtime:
     """Partitions the model for ``phase``, builds its DP optimizer and jitted step."""
     train_arrays, eval_arrays = data
@@ -125,7 +180,8 @@ def _build_runtime(
     trainable, frozen = partition(variables, phase.trainable)
     clipper = build.build_clipper(config.dp)
     sensitivity = clipper.sensitivity(trainable) if config.dp.clip_norm < math.inf else math.inf
-    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
+    root = jax.random.PRNGKey(config.seed) if root is None else root  # secret in secure mode
+    key = jax.random.fold_in(root, 1)
     if index > 0:  # single-phase runs keep the key they always had
         key = jax.random.fold_in(key, index)
     tx = build.build_optimizer(
@@ -239,26 +295,43 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         )
     model, variables = build.build_model(config, num_classes, train_arrays["image"][0])
     full = flatten(variables)
+    secure = bool(config.dp.get("secure_noise", False))
 
-    resumable = _claim_workdir(workdir, config_json)
+    resumable = _claim_workdir(workdir, config_json)  # everything above validated the inputs
     ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
-    sampler = sampling.PoissonSampler(n, plan.sampling_rate, config.seed, plan.max_batch_size)
+    latest = ckpt.latest_step() if resumable else None
+    other = ConfigMismatchError(
+        f"checkpoint {ckpt.directory / str(latest)} is of another config than "
+        f"{workdir / 'config.json'} (expected fingerprint {fingerprint}): use a new --workdir"
+    )
+    saved = _checkpoint_meta(ckpt, latest) if latest is not None else {}
+    if latest is not None and saved.get("fingerprint") != fingerprint:
+        raise other
+    seed = config.seed
+    if secure:  # sampling and noise from OS entropy; resuming takes it from the checkpoint
+        seed = secrets.randbits(64) if latest is None else int(saved.get("secure_seed", -1))
+        if seed < 0:
+            raise other
+    sampler = sampling.PoissonSampler(n, plan.sampling_rate, seed, plan.max_batch_size)
+    root = _root_key(seed, secure)
     budget = accounting.PrivacyBudget(plan.target_epsilon, plan.delta, plan.accountant)
     data = (train_arrays, eval_arrays)
 
     def runtime(i: int) -> _Runtime:
         return _build_runtime(
-            config, workdir, i, phases[i], plan, model, full, data, num_classes, mesh
+            config, workdir, i, phases[i], plan, model, full, data, num_classes, mesh, root
         )
 
     start = 0
-    latest = ckpt.latest_step() if resumable else None
     current = phase_index(phases, latest) if latest is not None else 0
     rt = runtime(current)
     if latest is not None:
-        state, meta = ckpt.restore(latest, rt.state)
-        if meta["fingerprint"] != fingerprint or meta.get("phase", 0) != current:
-            raise ConfigMismatchError(f"checkpoint {latest} in {workdir} is of another config")
+        try:
+            state, meta = ckpt.restore(latest, rt.state)
+        except (ValueError, KeyError, TypeError) as e:  # other tree structure, shapes, dtypes
+            raise other from e
+        if meta.get("phase", 0) != current:
+            raise other
         if mesh is not None:
             state = jax.device_put(state, NamedSharding(mesh, P()))
         rt.state = state
@@ -268,7 +341,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         log.info("resuming %s from step %d (phase %s)", workdir, start, rt.phase.name)
 
     writer = report.MetricsWriter(workdir, resume_step=start, tensorboard=config.tensorboard)
-    step_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
+    step_key = jax.random.fold_in(root, 2)
     entry = plan.entry()
 
     def checkpoint(step: int) -> None:
@@ -279,7 +352,11 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
             "sampler": sampler.state_dict(),
             "fingerprint": fingerprint,
         }
+        if secure:  # the secret: needed to resume exactly; protect the checkpoints
+            meta["secure_seed"] = seed
+        _test_kill_while_writing(step, ckpt.directory)
         ckpt.save(step, rt.state, meta)
+        _test_kill("checkpoint", step)
 
     def run_eval(details=False):
         return evaluate(
@@ -295,6 +372,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     stop_reason = "steps"
     t_train = time.time()
     examples_seen = 0
+    if secure and latest is None:  # persist the secret before anything is computed from it
+        checkpoint(0)
     bar = report.progress_bar(plan.steps, start, config.name or "dpft")
     step = start
     try:
@@ -330,6 +409,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
                         if mesh is not None:  # examples split over the data axis
                             batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
                         rt.state, metrics = rt.step_fn(rt.state, batch, rng)
+                    _test_kill("step", step_idx + 1)  # the step is (being) computed
                     step = step_idx + 1
                     sampler.step = step
                     examples_seen += int(mask.sum())
@@ -342,10 +422,12 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
                         record["epsilon"] = epsilon
                         if step % config.train.eval_every == 0 or is_last or phase_end:
                             last_eval = run_eval()
+                            _test_kill("eval", step)
                             record.update(last_eval)
                         if len(phases) > 1:
                             record["phase"] = current
                         writer.write(step, record)
+                        _test_kill("metrics", step)
                         bar.set_postfix(
                             eps=f"{epsilon:.3f}",
                             loss=f"{record['debug/train_loss']:.3f}",
