@@ -32,16 +32,12 @@ import numpy as np
 import optax
 
 from dpft.privacy import clipping
-from dpft.train.step import TrainState
+from dpft.train.step import BatchSums, TrainState, apply_dp_update, batch_sums, clipped_grad_fn
 
 
 class Accumulator(NamedTuple):
     grad_sum: Any  # float32 tree like the trainable params
-    loss_sum: jax.Array
-    correct_sum: jax.Array
-    count: jax.Array
-    clipped: jax.Array
-    nonfinite: jax.Array
+    sums: BatchSums
 
 
 class AccumulatingStep(NamedTuple):
@@ -73,42 +69,20 @@ def make_accumulating_step(
     def init(state: TrainState) -> Accumulator:
         zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
         z = jnp.zeros([], jnp.float32)
-        return Accumulator(zeros, z, z, z, z, z)
+        return Accumulator(zeros, BatchSums(z, z, z, z, z))
 
     def accumulate(acc: Accumulator, state: TrainState, chunk: dict, rng, offset) -> Accumulator:
         mask = chunk["mask"]
         examples = {k: v for k, v in chunk.items() if k != "mask"}
-
-        def per_example(params, example, key):
-            return loss_fn(params, state.frozen, example, key)
-
-        grad_fn = clipping.clipped_grad(
-            per_example, clipper, microbatch_size=microbatch_size, norm_strategy=norm_strategy
-        )
+        grad_fn = clipped_grad_fn(loss_fn, state.frozen, clipper, microbatch_size, norm_strategy)
         out = grad_fn(state.params, examples, mask, rng, index_offset=offset)
-        finite_loss = jnp.where(mask > 0, jnp.nan_to_num(out.loss, posinf=0.0), 0.0)
         return Accumulator(
             jax.tree_util.tree_map(jnp.add, acc.grad_sum, out.grad_sum),
-            acc.loss_sum + jnp.sum(finite_loss),
-            acc.correct_sum + jnp.sum(out.aux["correct"] * mask),
-            acc.count + jnp.sum(mask),
-            acc.clipped + out.num_clipped,
-            acc.nonfinite + out.num_nonfinite,
+            BatchSums(*jax.tree_util.tree_map(jnp.add, acc.sums, batch_sums(out, mask))),
         )
 
     def finish(state: TrainState, acc: Accumulator) -> tuple[TrainState, dict]:
-        updates, opt_state = tx.update(acc.grad_sum, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        params = jax.tree_util.tree_map(lambda p, q: p.astype(q.dtype), params, state.params)
-        real = jnp.maximum(acc.count, 1.0)
-        metrics = {
-            "debug/train_loss": acc.loss_sum / real,
-            "debug/train_accuracy": acc.correct_sum / real,
-            "debug/batch_size": acc.count,
-            "debug/clipped_fraction": acc.clipped / real,
-            "debug/nonfinite": acc.nonfinite,
-        }
-        return TrainState(state.step + 1, params, opt_state, state.frozen), metrics
+        return apply_dp_update(tx, state, acc.grad_sum, acc.sums)
 
     return AccumulatingStep(init, accumulate, finish)
 

@@ -107,33 +107,66 @@ def make_train_step(
     def step(state: TrainState, batch: dict, rng: jax.Array):
         mask = batch["mask"]
         examples = {k: v for k, v in batch.items() if k != "mask"}
-
-        def per_example(params, example, key):
-            return loss_fn(params, state.frozen, example, key)
-
-        grad_fn = clipping.clipped_grad(
-            per_example, clipper, microbatch_size=microbatch_size, norm_strategy=norm_strategy
-        )
+        grad_fn = clipped_grad_fn(loss_fn, state.frozen, clipper, microbatch_size, norm_strategy)
         if mesh is None:
             out = grad_fn(state.params, examples, mask, rng)
         else:
             out = _sharded(grad_fn, mesh, data_axis)(state.params, examples, mask, rng)
-        updates, opt_state = tx.update(out.grad_sum, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        params = jax.tree_util.tree_map(lambda p, q: p.astype(q.dtype), params, state.params)
-        real = jnp.maximum(jnp.sum(mask), 1.0)
-        finite_loss = jnp.where(mask > 0, jnp.nan_to_num(out.loss, posinf=0.0), 0.0)
-        metrics = {
-            "debug/train_loss": jnp.sum(finite_loss) / real,
-            "debug/train_accuracy": jnp.sum(out.aux["correct"] * mask) / real,
-            "debug/batch_size": jnp.sum(mask),
-            "debug/clipped_fraction": out.num_clipped / real,
-            "debug/nonfinite": out.num_nonfinite,
-        }
-        new_state = TrainState(state.step + 1, params, opt_state, state.frozen)
-        return new_state, metrics
+        return apply_dp_update(tx, state, out.grad_sum, batch_sums(out, mask))
 
     return step
+
+
+class BatchSums(NamedTuple):
+    """Sums over the real examples of a (logical) batch, for the ``debug/`` metrics."""
+
+    loss: jax.Array
+    correct: jax.Array
+    count: jax.Array
+    clipped: jax.Array
+    nonfinite: jax.Array
+
+
+def clipped_grad_fn(loss_fn, frozen, clipper, microbatch_size=None, norm_strategy=None):
+    """`clipping.clipped_grad` of ``loss_fn`` with the frozen parameters closed over."""
+
+    def per_example(params, example, key):
+        return loss_fn(params, frozen, example, key)
+
+    return clipping.clipped_grad(
+        per_example, clipper, microbatch_size=microbatch_size, norm_strategy=norm_strategy
+    )
+
+
+def batch_sums(out: clipping.ClippedGrad, mask: jax.Array) -> BatchSums:
+    """Loss, accuracy and clipping counts of ``out`` summed over the real rows (NOT private)."""
+    finite_loss = jnp.where(mask > 0, jnp.nan_to_num(out.loss, posinf=0.0), 0.0)
+    return BatchSums(
+        jnp.sum(finite_loss),
+        jnp.sum(out.aux["correct"] * mask),
+        jnp.sum(mask),
+        jnp.asarray(out.num_clipped, jnp.float32),
+        jnp.asarray(out.num_nonfinite, jnp.float32),
+    )
+
+
+def apply_dp_update(tx, state: TrainState, grad_sum, sums: BatchSums):
+    """``tx`` (the DP chain: noise once, divide by the expected batch) on the clipped sum.
+
+    Returns the next state and the ``debug/`` metrics (computed without noise: not private).
+    """
+    updates, opt_state = tx.update(grad_sum, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    params = jax.tree_util.tree_map(lambda p, q: p.astype(q.dtype), params, state.params)
+    real = jnp.maximum(sums.count, 1.0)
+    metrics = {
+        "debug/train_loss": sums.loss / real,
+        "debug/train_accuracy": sums.correct / real,
+        "debug/batch_size": sums.count,
+        "debug/clipped_fraction": sums.clipped / real,
+        "debug/nonfinite": sums.nonfinite,
+    }
+    return TrainState(state.step + 1, params, opt_state, state.frozen), metrics
 
 
 def _sharded(grad_fn: Callable, mesh: jax.sharding.Mesh, axis: str) -> Callable:

@@ -369,6 +369,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         )
 
     last_eval: dict = {}
+    calibration = None  # bins of the latest eval, for the reliability diagram
     stop_reason = "steps"
     t_train = time.time()
     examples_seen = 0
@@ -382,7 +383,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
                 full.update(rt.state.params)
                 current += 1
                 rt = runtime(current)
-                last_eval = {}
+                last_eval, calibration = {}, None
             if rt.chunked is None:
                 loader = dpdata.BatchLoader(
                     rt.train_arrays, sampler, start_step=step, prefetch=2, stop_step=rt.phase.end
@@ -421,7 +422,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
                         epsilon = budget.epsilon()
                         record["epsilon"] = epsilon
                         if step % config.train.eval_every == 0 or is_last or phase_end:
-                            last_eval = run_eval()
+                            last_eval, calibration = run_eval(details=True)
                             _test_kill("eval", step)
                             record.update(last_eval)
                         if len(phases) > 1:
@@ -443,7 +444,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     if stop_reason == "budget" and steps_done > start:
         checkpoint(steps_done)
     train_seconds = time.time() - t_train
-    last_eval, calibration = run_eval(details=True)  # the final model, with its bins
+    if calibration is None or stop_reason == "budget":  # evaluate the final model once
+        last_eval, calibration = run_eval(details=True)
     epsilon = budget.epsilon()
     try:  # cross-check; RDP cannot account a binding batch cap, PLD (the default) can
         rdp_eps = (
@@ -457,6 +459,14 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         "epsilon": epsilon,
         "epsilon_rdp": rdp_eps,
         "delta": plan.delta,
+        # A validation split carved from the private training set is held out of training, but
+        # the eval metrics on it are computed without noise: they are NOT differentially private
+        # (fine for tuning, not for release).
+        "eval_data": (
+            "validation split of the training data (metrics NOT private)"
+            if config.data.validation_fraction > 0
+            else f"public {config.data.eval_split} split"
+        ),
         "accountant": plan.accountant,
         "target_epsilon": plan.target_epsilon,
         "noise_multiplier": plan.noise_multiplier,
