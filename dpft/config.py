@@ -74,6 +74,13 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.parallel = ml_collections.ConfigDict()
     c.parallel.data = 1  # data-parallel devices (batch sharded, params replicated); 0 = all
+    c.parallel.fsdp = False  # True: params and optimizer state sharded over the data axis
+    # Multi-host (dpft/train/distributed.py; README "Launching on a TPU pod"). These describe the
+    # launch, not the experiment: they are left out of config.json and its fingerprint.
+    c.parallel.multihost = "auto"  # auto: if coordinator_address / a TPU pod | on | off
+    c.parallel.coordinator_address = ""  # host:port of process 0 ("" = $DPFT_COORDINATOR / TPU)
+    c.parallel.num_processes = 0  # with coordinator_address (0 = $DPFT_NUM_PROCESSES)
+    c.parallel.process_id = -1  # this process, in [0, num_processes) (-1 = $DPFT_PROCESS_ID)
     return c
 
 

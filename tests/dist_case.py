@@ -40,3 +40,41 @@ def run_case(mesh, global_arrays: bool) -> dict:
     for i in range(3):
         state, _ = step(state, batch, jax.random.PRNGKey(100 + i))
     return distributed.to_host(state.params) if global_arrays else jax.device_get(state.params)
+
+
+def write_tiny_mnist(data_dir, n_train: int = 256, n_test: int = 64) -> None:
+    """Random 28x28 'MNIST' IDX files (with a learnable signal) under ``data_dir/mnist``."""
+    from dpft import data
+
+    rng = np.random.default_rng(3)
+    folder = data_dir / "mnist"
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 64, (n, 28, 28)).astype(np.uint8)
+        images[np.arange(n), 2 * labels + 4, 4:24] = 255  # a bright row per class
+        data.write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+        data.write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+
+
+def tiny_train_config(data_dir, num_devices: int = 0):
+    """A run of seconds: 4 DP steps of a linear model on `write_tiny_mnist` data."""
+    from dpft.config import base_config
+
+    c = base_config()
+    c.name = "tiny_mh"
+    c.data.name = "mnist"
+    c.data.data_dir = str(data_dir)
+    c.model.name = "linear"  # cheap to compile: the test is about the processes, not the model
+    c.dp.noise_multiplier = 1.0
+    c.dp.delta = 1e-3
+    c.train.batch_size = 32
+    c.train.max_batch_size = 64  # a multiple of the 4 devices
+    c.train.steps = 4
+    c.train.learning_rate = 0.5
+    c.train.log_every = 2
+    c.train.eval_every = 2
+    c.train.checkpoint_every = 2
+    c.eval_batch_size = 64
+    c.parallel.data = num_devices
+    return c

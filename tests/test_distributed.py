@@ -11,7 +11,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from tests.dist_case import run_case
+from dpft.train import train_and_evaluate
+from dpft.train.checkpoint import Checkpointer
+from tests.dist_case import run_case, tiny_train_config, write_tiny_mnist
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -22,8 +24,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_one_process(tmp_path):
-    out = tmp_path / "params.json"
+def _two_processes(*args: str) -> list[str]:
+    """Runs ``tests/mh_worker.py ARGS`` as processes 0 and 1 (2 CPU devices each); their logs."""
     env = {
         **os.environ,
         "DPFT_COORDINATOR": f"127.0.0.1:{_free_port()}",
@@ -32,10 +34,9 @@ def test_two_processes_equal_one_process(tmp_path):
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": str(ROOT),
     }
-    cmd = [sys.executable, str(ROOT / "tests" / "mh_worker.py"), str(out)]
     procs = [
         subprocess.Popen(
-            cmd,
+            [sys.executable, str(ROOT / "tests" / "mh_worker.py"), *args, str(i)],
             env={**env, "DPFT_PROCESS_ID": str(i)},
             cwd=ROOT,
             stdout=subprocess.PIPE,
@@ -46,6 +47,12 @@ def test_two_processes_equal_one_process(tmp_path):
     ]
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), logs
+    return logs
+
+
+def test_two_processes_equal_one_process(tmp_path):
+    out = tmp_path / "params.json"
+    logs = _two_processes("step", str(out))
     assert "of 2 devices 4" in logs[0] and "of 2 devices 4" in logs[1]
     two_processes = {k: np.asarray(v) for k, v in json.loads(out.read_text()).items()}
     # the same 4-device mesh in this one process, and no mesh at all
@@ -55,3 +62,52 @@ def test_two_processes_equal_one_process(tmp_path):
         np.testing.assert_allclose(two_processes[k], one_process[k], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(two_processes[k], no_mesh[k], rtol=1e-5, atol=1e-6)
     assert np.abs(no_mesh["w"]).max() > 0
+
+
+def _final(workdir):
+    ck = Checkpointer(workdir)
+    arrays, meta = ck.load_arrays(ck.latest_step())
+    ck.close()
+    return arrays, meta
+
+
+def _files(workdir) -> list[str]:
+    """The workdir's files, event files and checkpoint internals abstracted away."""
+    names = set()
+    for p in workdir.rglob("*"):
+        rel = p.relative_to(workdir)
+        if rel.parts[0] == "checkpoints":
+            names.add("/".join(rel.parts[:2]))
+        elif p.name.startswith("events.out.tfevents"):
+            names.add(f"{p.name.split('.', 3)[:3]}")
+        else:
+            names.add(str(rel))
+    return sorted(names)
+
+
+def test_trainer_two_processes_equal_one_process(tmp_path):
+    """`train_and_evaluate` in 2 processes x 2 devices == 1 process x 4 devices; 0 writes."""
+    data_dir = tmp_path / "data"
+    write_tiny_mnist(data_dir)
+    work = tmp_path / "two"
+    logs = _two_processes("train", str(data_dir), str(work), str(tmp_path / "summary"))
+    s0, s1 = (json.loads((tmp_path / f"summary{i}").read_text()) for i in range(2))
+    assert (s0["process"], s1["process"], s0["devices"]) == (0, 1, 4)
+    one = train_and_evaluate(tiny_train_config(data_dir, num_devices=4), tmp_path / "one")
+    for s in (s0, s1):
+        assert s["steps"] == one["steps"] == 4
+        assert s["epsilon"] == one["epsilon"] and s["epsilon_rdp"] == one["epsilon_rdp"]
+        assert s["test_accuracy"] == one["test_accuracy"]
+    a, meta_a = _final(work)
+    b, meta_b = _final(tmp_path / "one")
+    assert meta_a["ledger"] == meta_b["ledger"] and meta_a["step"] == 4
+    for x, y in zip(a, b, strict=True):  # same examples, keys and single noise draw
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    assert max(np.abs(x).max() for x in a) > 0
+    # only process 0 wrote: the files of a one-process run, each once
+    assert _files(work) == _files(tmp_path / "one")
+    steps = [json.loads(x)["step"] for x in (work / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]
+    assert len(list(work.glob("events.out.tfevents*"))) == 1
+    assert json.loads((work / "summary.json").read_text())["epsilon"] == s0["epsilon"]
+    assert "tiny_mh" in logs[0] and "tiny_mh" not in logs[1]  # the progress bar

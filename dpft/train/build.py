@@ -194,13 +194,22 @@ def plan_privacy(config, num_examples: int, batch_multiple: int = 1) -> PrivacyP
 
 
 def make_mesh(num_devices: int):
-    """A 1-D ('data',) mesh over the first ``num_devices`` devices (0 = all); None for one."""
+    """A 1-D ('data',) mesh over the first ``num_devices`` devices (0 = all); None for one.
+
+    In a multi-process run ``jax.devices()`` holds every process's devices and the mesh must
+    span all of them (each process feeds its own devices).
+    """
     devices = jax.devices()
     n = num_devices or len(devices)
     if not 1 <= n <= len(devices):
         raise ValueError(
             f"config.parallel.data must be in [0, {len(devices)}] (0 = all devices), "
             f"got {num_devices}"
+        )
+    if jax.process_count() > 1 and n != len(devices):
+        raise ValueError(
+            f"config.parallel.data must be 0 or {len(devices)} (every device of the "
+            f"{jax.process_count()} processes) in a multi-process run, got {num_devices}"
         )
     if n == 1:
         return None

@@ -1,16 +1,22 @@
-"""Multi-host runs: `jax.distributed` initialisation and global arrays from per-process data.
+"""Multi-host runs: `jax.distributed` initialisation, global arrays from per-process data.
 
-On a TPU pod slice every host runs the same command; `initialize()` connects them (on Cloud TPU
-``jax.distributed.initialize()`` needs no arguments). Elsewhere set ``DPFT_COORDINATOR``
-(host:port of process 0), ``DPFT_NUM_PROCESSES`` and ``DPFT_PROCESS_ID``; on CPU the processes
-talk through gloo collectives, which is how the tests run two local processes.
+Every process runs the same command and the same config. `initialize` connects them:
 
-After initialisation ``jax.devices()`` lists the devices of every process, so a mesh over them
-is global. `global_batch` builds the sharded batch array from the host-side padded batch: each
-process gathers only the rows of its own devices (data sharded per process), and the DP step
-(`dpft.train.step.make_train_step` with ``mesh``) adds the per-device clipped sums with one psum
-and draws the noise once, with one key, on the replicated sum. Only process 0 should write
-files (`is_primary`).
+* ``config.parallel.coordinator_address`` (host:port of process 0) with
+  ``config.parallel.num_processes`` and ``config.parallel.process_id`` (the launcher sets the
+  last per process, e.g. ``--config.parallel.process_id=$RANK``); or the environment variables
+  ``DPFT_COORDINATOR``, ``DPFT_NUM_PROCESSES`` and ``DPFT_PROCESS_ID``;
+* on a Cloud TPU pod slice nothing: ``jax.distributed.initialize()`` finds the other hosts
+  itself (``config.parallel.multihost='auto'`` does so when ``TPU_WORKER_HOSTNAMES`` lists more
+  than one host; ``'on'`` always calls it, e.g. under SLURM).
+
+On CPU the processes exchange collectives through gloo, which is how the tests run two local
+processes. After initialisation ``jax.devices()`` lists the devices of every process and the
+trainer's mesh spans all of them. Every process computes the same Poisson batch (same seed, same
+sampler), gathers only the rows of its own devices (`gather_global`), and the DP step adds the
+per-device clipped sums with one psum and draws the noise ONCE, with one key, on the replicated
+sum (`dpft.train.step.make_train_step`). Only process 0 writes files (`is_primary`), except
+orbax checkpoints, which every process saves together.
 """
 
 from __future__ import annotations
@@ -23,30 +29,86 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+#: config.parallel keys that describe the launch, not the experiment (kept out of config.json,
+#: so every process has the same config fingerprint and a run may resume on another topology).
+LAUNCH_KEYS = ("multihost", "coordinator_address", "num_processes", "process_id")
+_MODES = ("auto", "on", "off")
 
-def initialize() -> bool:
-    """Connects the processes of a multi-host run; False (and nothing done) for one process."""
-    coordinator = os.environ.get("DPFT_COORDINATOR")
+
+def _launch(parallel) -> tuple[str, str, int, int]:
+    """(mode, coordinator, num_processes, process_id) from the config, else the environment."""
+    get = parallel.get if parallel is not None else (lambda k, d=None: d)
+    mode = get("multihost", "auto")
+    if mode not in _MODES:
+        raise ValueError(f"config.parallel.multihost must be auto|on|off, got {mode!r}")
+    coordinator = get("coordinator_address", "") or os.environ.get("DPFT_COORDINATOR", "")
+    num = int(get("num_processes", 0) or os.environ.get("DPFT_NUM_PROCESSES", 0))
+    pid = int(get("process_id", -1))
+    if pid < 0:
+        pid = int(os.environ.get("DPFT_PROCESS_ID", -1))
+    if coordinator and mode != "off":
+        if num < 1:
+            raise ValueError(
+                f"config.parallel.num_processes must be >= 1 with a coordinator_address, got {num}"
+            )
+        if not 0 <= pid < num:
+            raise ValueError(
+                f"config.parallel.process_id must be in [0, {num}) with a coordinator_address, "
+                f"got {pid}"
+            )
+    return mode, coordinator, num, pid
+
+
+def initialize(parallel=None) -> bool:
+    """Connects the processes of a multi-host run (see the module doc); False if single-process.
+
+    ``parallel`` is ``config.parallel`` (None: environment only). Idempotent: an already
+    initialised `jax.distributed` is kept. Must run before anything touches a JAX backend.
+    """
+    mode, coordinator, num, pid = _launch(parallel)
+    if jax.distributed.is_initialized():
+        return jax.process_count() > 1
     on_tpu_pod = os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0
-    if not coordinator and not on_tpu_pod:
+    if mode == "off" or (mode == "auto" and not coordinator and not on_tpu_pod):
         return False
     # CPU processes exchange collectives through gloo (no effect on TPU/GPU devices). Asking for
     # the backend here would initialise it before jax.distributed, which must come first.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if coordinator:
         jax.distributed.initialize(
-            coordinator_address=coordinator,
-            num_processes=int(os.environ["DPFT_NUM_PROCESSES"]),
-            process_id=int(os.environ["DPFT_PROCESS_ID"]),
+            coordinator_address=coordinator, num_processes=num, process_id=pid
         )
     else:
         jax.distributed.initialize()
-    return True
+    return jax.process_count() > 1
+
+
+def is_multiprocess() -> bool:
+    return jax.process_count() > 1
 
 
 def is_primary() -> bool:
-    """True on the process that writes checkpoints, metrics and summaries."""
+    """True on the process that writes metrics, summaries and plots."""
     return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Waits for every process (no-op for one process)."""
+    if is_multiprocess():
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def broadcast_seed(seed: int) -> int:
+    """Process 0's 64-bit ``seed`` on every process (secure mode draws it from OS entropy)."""
+    if not is_multiprocess():
+        return seed
+    from jax.experimental import multihost_utils
+
+    words = np.asarray([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
+    hi, lo = (int(w) for w in multihost_utils.broadcast_one_to_all(words))
+    return (hi << 32) | lo
 
 
 def global_mesh(axis: str = "data") -> Mesh:
@@ -54,12 +116,32 @@ def global_mesh(axis: str = "data") -> Mesh:
     return Mesh(np.asarray(jax.devices()), (axis,))
 
 
-def global_batch(mesh: Mesh, batch: Mapping[str, np.ndarray], axis: str = "data") -> dict:
-    """The padded batch as global arrays sharded over ``axis``, built from host-local numpy.
+def gather_global(
+    mesh: Mesh,
+    arrays: Mapping[str, np.ndarray],
+    indices: np.ndarray,
+    mask: np.ndarray,
+    axis: str = "data",
+) -> dict:
+    """The padded batch ``arrays[k][indices]`` plus ``mask``, as global arrays over ``axis``.
 
-    Every process holds the same (deterministic) index batch; each materialises only the rows
-    of its own devices.
+    Every process passes the same ``indices``/``mask`` (the sampler is deterministic) and
+    gathers only the rows that land on its own devices: data is sharded per process.
     """
+    sharding = NamedSharding(mesh, P(axis))
+    rows = len(indices)
+
+    def build(v: np.ndarray, take):
+        shape = (rows, *np.shape(v)[1:])
+        return jax.make_array_from_callback(shape, sharding, lambda idx: take(idx[0]))
+
+    out = {k: build(v, lambda r, v=v: np.take(v, indices[r], axis=0)) for k, v in arrays.items()}
+    out["mask"] = build(mask, lambda r: np.asarray(mask[r], np.float32))
+    return out
+
+
+def global_batch(mesh: Mesh, batch: Mapping[str, np.ndarray], axis: str = "data") -> dict:
+    """An already gathered host batch as global arrays sharded over ``axis``."""
     sharding = NamedSharding(mesh, P(axis))
     return {
         k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
@@ -75,9 +157,15 @@ def replicated(mesh: Mesh, tree):
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
-    return jax.tree_util.tree_map(put, tree)
+    return jax.tree_util.tree_map(put, to_host(tree))
 
 
 def to_host(tree):
-    """Replicated global arrays back to numpy (every process has a full copy)."""
-    return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), tree)
+    """Arrays (replicated global ones included) as numpy: every process gets a full copy."""
+
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(x)
+
+    return jax.tree_util.tree_map(get, tree)

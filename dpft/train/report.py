@@ -1,4 +1,7 @@
-"""What a run writes: metrics.jsonl, TensorBoard events, the progress bar and the curves PNG."""
+"""What a run writes: metrics.jsonl, TensorBoard events, the progress bar and the curves PNG.
+
+In a multi-process run only process 0 writes: the others get a `NullWriter` and a disabled bar.
+"""
 
 from __future__ import annotations
 
@@ -56,6 +59,23 @@ class MetricsWriter:
             self._tb.close()
 
 
+class NullWriter:
+    """The `MetricsWriter` of a process that writes nothing (every process but 0)."""
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> dict:
+        return {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
+
+    def close(self) -> None:
+        pass
+
+
+def metrics_writer(workdir, resume_step: int, tensorboard: bool, primary: bool = True):
+    """A `MetricsWriter` on the writing process, a `NullWriter` elsewhere."""
+    if not primary:
+        return NullWriter()
+    return MetricsWriter(workdir, resume_step=resume_step, tensorboard=tensorboard)
+
+
 def read_metrics(workdir: pathlib.Path) -> list[dict]:
     path = pathlib.Path(workdir) / "metrics.jsonl"
     if not path.exists():
@@ -63,13 +83,15 @@ def read_metrics(workdir: pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def progress_bar(total: int, initial: int, desc: str):
+def progress_bar(total: int, initial: int, desc: str, disable: bool = False):
+    """A tqdm bar on stderr (``disable``: on every process but 0 of a multi-process run)."""
     from tqdm.auto import tqdm
 
     return tqdm(
         total=total,
         initial=initial,
         desc=desc,
+        disable=disable,
         dynamic_ncols=True,
         mininterval=0.5 if sys.stderr.isatty() else 30.0,
         file=sys.stderr,

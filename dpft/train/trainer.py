@@ -18,12 +18,17 @@ Randomness (docs/randomness.md): by default the sampler and the noise are seeded
 ``config.seed`` (reproducible). With ``config.dp.secure_noise`` both are seeded from OS entropy;
 the secret seed is stored only inside the checkpoints (a step-0 checkpoint is written before
 the first step), so that a resumed run still replays exactly.
+
+Multi-process runs (`dpft.train.distributed`, README "Launching on a TPU pod"): every process
+runs this same function on the same config; the mesh spans every device of every process, each
+process gathers only its own rows of the common Poisson batch, the noise is drawn once per
+logical batch on the replicated clipped sum, the accounting runs (identically) on every host,
+checkpoints are saved by all processes together and everything else is written by process 0.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -44,7 +49,7 @@ from dpft import data as dpdata
 from dpft import models
 from dpft.metrics import CalibrationAccumulator, reliability_diagram
 from dpft.privacy import accounting, sampling
-from dpft.train import accumulate, build, report
+from dpft.train import accumulate, build, distributed, report
 from dpft.train import features as features_lib
 from dpft.train.checkpoint import Checkpointer, config_fingerprint
 from dpft.train.phases import Phase, phase_index, plan_phases
@@ -57,13 +62,13 @@ from dpft.train.step import (
     partition,
     unflatten,
 )
+from dpft.train.workdir import ConfigMismatchError, write_summary
+from dpft.train.workdir import checkpoint_meta as _checkpoint_meta
+from dpft.train.workdir import claim_workdir as _claim_workdir
+from dpft.train.workdir import config_json as _config_json
 
 log = logging.getLogger("dpft")
-
-
-class ConfigMismatchError(ValueError):
-    """The workdir holds a run of a different config."""
-
+__all__ = ["ConfigMismatchError", "evaluate", "train_and_evaluate"]
 
 # TEST HOOK (tests/test_crash.py), inert unless the variable is set: "POINT:STEP" makes the
 # process SIGKILL itself at POINT (step | eval | metrics | checkpoint) of step STEP.
@@ -93,39 +98,6 @@ def _root_key(seed: int, secure: bool) -> jax.Array:
     if not secure:
         return jax.random.PRNGKey(seed)
     return jnp.asarray([seed >> 32, seed & 0xFFFFFFFF], jnp.uint32)
-
-
-def _checkpoint_meta(ckpt: Checkpointer, step: int) -> dict:
-    """The JSON record of checkpoint ``step`` alone (no arrays restored)."""
-    import orbax.checkpoint as ocp
-
-    out = ckpt._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    return dict(out["meta"])
-
-
-def _config_json(config) -> str:
-    d = config.to_dict()
-    if not d.get("dp", {}).get("secure_noise", True):  # off: workdirs from before the key resume
-        del d["dp"]["secure_noise"]
-    return json.dumps(d, sort_keys=True, indent=2, default=str)
-
-
-def _claim_workdir(workdir: pathlib.Path, config_json: str) -> bool:
-    """Writes config.json, or checks it against an existing run; True if resuming is possible."""
-    path = workdir / "config.json"
-    if path.exists():
-        old = path.read_text()
-        if old != config_json:
-            raise ConfigMismatchError(
-                f"{path} holds a different config (fingerprint {config_fingerprint(old)} vs "
-                f"{config_fingerprint(config_json)}): use a new --workdir"
-            )
-        return True
-    workdir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(config_json)
-    tmp.replace(path)
-    return False
 
 
 def evaluate(eval_fn, params, frozen, arrays: dict, batch_size: int, *, details=False):
@@ -210,10 +182,18 @@ def _build_runtime(
     step_fn = jax.jit(
         make_train_step(loss, clipper, tx, microbatch_size=mb, mesh=mesh), donate_argnums=0
     )
-    if mesh is not None:  # params and optimizer state replicated over the mesh
-        state = jax.device_put(state, NamedSharding(mesh, P()))
+    state = _place(mesh, state)  # params and optimizer state replicated over the mesh
     eval_fn = jax.jit(make_eval_step(model.apply))
     return _Runtime(phase, state, step_fn, eval_fn, train_arrays, eval_arrays, chunked)
+
+
+def _place(mesh, state):
+    """``state`` replicated over ``mesh`` (global arrays in a multi-process run)."""
+    if mesh is None:
+        return state
+    if distributed.is_multiprocess():
+        return distributed.replicated(mesh, state)
+    return jax.device_put(state, NamedSharding(mesh, P()))
 
 
 def _features(config, workdir, model, full, train_arrays, eval_arrays) -> dict:
@@ -271,6 +251,8 @@ class _IndexLoader:
 def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     """Trains with DP per ``config``, writing metrics, checkpoints and summary.json to workdir."""
     t_start = time.time()
+    multi = distributed.initialize(config.get("parallel"))  # before anything touches JAX
+    primary = distributed.is_primary()
     workdir = pathlib.Path(workdir)
     config_json = _config_json(config)
     fingerprint = config_fingerprint(config_json)
@@ -285,6 +267,11 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         )
     plan = build.plan_privacy(config, n, batch_multiple=chunk or n_dev)
     phases = plan_phases(config, plan.steps)
+    if multi and any(p.use_features for p in phases):
+        raise ValueError(
+            "config.finetune.feature_cache=True is not supported in a multi-process run "
+            "(every host would write the cache): set it False"
+        )
     mb = config.train.microbatch_size or None
     if mb is not None and mb < -1:
         raise ValueError(f"config.train.microbatch_size must be -1 (auto), 0 or > 0, got {mb}")
@@ -309,7 +296,10 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         raise other
     seed = config.seed
     if secure:  # sampling and noise from OS entropy; resuming takes it from the checkpoint
-        seed = secrets.randbits(64) if latest is None else int(saved.get("secure_seed", -1))
+        if latest is None:  # process 0's secret on every process
+            seed = distributed.broadcast_seed(secrets.randbits(64))
+        else:
+            seed = int(saved.get("secure_seed", -1))
         if seed < 0:
             raise other
     sampler = sampling.PoissonSampler(n, plan.sampling_rate, seed, plan.max_batch_size)
@@ -332,15 +322,13 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
             raise other from e
         if meta.get("phase", 0) != current:
             raise other
-        if mesh is not None:
-            state = jax.device_put(state, NamedSharding(mesh, P()))
-        rt.state = state
+        rt.state = _place(mesh, state)
         budget.ledger = accounting.PrivacyLedger.from_dict(meta["ledger"])
         sampler.load_state_dict(meta["sampler"])
         start = int(meta["step"])
         log.info("resuming %s from step %d (phase %s)", workdir, start, rt.phase.name)
 
-    writer = report.MetricsWriter(workdir, resume_step=start, tensorboard=config.tensorboard)
+    writer = report.metrics_writer(workdir, start, config.tensorboard, primary)
     step_key = jax.random.fold_in(root, 2)
     entry = plan.entry()
 
@@ -359,10 +347,13 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         _test_kill("checkpoint", step)
 
     def run_eval(details=False):
+        params, frozen = rt.state.params, rt.state.frozen
+        if multi:  # every process evaluates on its own device, from a host copy
+            params, frozen = distributed.to_host((params, frozen))
         return evaluate(
             rt.eval_fn,
-            rt.state.params,
-            rt.state.frozen,
+            params,
+            frozen,
             rt.eval_arrays,
             config.eval_batch_size,
             details=details,
@@ -375,20 +366,20 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     examples_seen = 0
     if secure and latest is None:  # persist the secret before anything is computed from it
         checkpoint(0)
-    bar = report.progress_bar(plan.steps, start, config.name or "dpft")
+    bar = report.progress_bar(plan.steps, start, config.name or "dpft", disable=not primary)
     step = start
     try:
         while stop_reason == "steps" and step < plan.steps:
             if step >= rt.phase.end:  # next phase: carry the trained parameters over
-                full.update(rt.state.params)
+                full.update(distributed.to_host(rt.state.params) if multi else rt.state.params)
                 current += 1
                 rt = runtime(current)
                 last_eval, calibration = {}, None
-            if rt.chunked is None:
+            if rt.chunked is None and not multi:
                 loader = dpdata.BatchLoader(
                     rt.train_arrays, sampler, start_step=step, prefetch=2, stop_step=rt.phase.end
                 )
-            else:  # indices only; examples are gathered one chunk at a time
+            else:  # indices only; examples gathered chunk by chunk or per process
                 loader = _IndexLoader(sampler, step, rt.phase.end)
             try:
                 for step_idx, batch, mask in loader:
@@ -401,7 +392,11 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
                         stop_reason = "budget"
                         break
                     rng = jax.random.fold_in(step_key, step_idx)
-                    if rt.chunked is not None:
+                    if multi:  # each process gathers the rows of its own devices
+                        batch = distributed.gather_global(mesh, rt.train_arrays, batch, mask)
+                        rng = distributed.replicated(mesh, rng)
+                        rt.state, metrics = rt.step_fn(rt.state, batch, rng)
+                    elif rt.chunked is not None:
                         rt.state, metrics = accumulate.run_chunked(
                             rt.chunked, rt.state, rt.train_arrays, batch, mask, chunk, rng
                         )
@@ -418,7 +413,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
                     is_last = step == plan.steps
                     phase_end = step == rt.phase.end
                     if step % config.train.log_every == 0 or is_last or phase_end:
-                        record = {k: float(v) for k, v in metrics.items()}
+                        host = distributed.to_host(metrics) if multi else metrics
+                        record = {k: float(v) for k, v in host.items()}
                         epsilon = budget.epsilon()
                         record["epsilon"] = epsilon
                         if step % config.train.eval_every == 0 or is_last or phase_end:
@@ -484,10 +480,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     summary = {k: report._jsonable(v) if isinstance(v, float) else v for k, v in summary.items()}
     writer.close()
     ckpt.close()
-    tmp = workdir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(workdir / "summary.json")
-    title = f"{config.name}: eps={epsilon:.2f}, delta={plan.delta:g}"
-    report.plot_curves(workdir, title=title)
-    reliability_diagram(calibration, workdir / "reliability.png", title=title)
+    write_summary(workdir, summary)
+    if primary:
+        title = f"{config.name}: eps={epsilon:.2f}, delta={plan.delta:g}"
+        report.plot_curves(workdir, title=title)
+        reliability_diagram(calibration, workdir / "reliability.png", title=title)
     return summary

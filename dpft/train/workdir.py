@@ -1,0 +1,74 @@
+"""The workdir contract: config.json (the run's identity), checkpoint records, summary.json.
+
+A workdir belongs to one config: `claim_workdir` writes ``config.json`` on the first run and
+refuses a later run of another config (`ConfigMismatchError`). In a multi-process run every
+process checks, and only process 0 writes; the launch keys of ``config.parallel`` (coordinator,
+process id, ...) are not part of the identity, so every process has the same fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+from dpft.train import distributed
+from dpft.train.checkpoint import Checkpointer, config_fingerprint
+
+
+class ConfigMismatchError(ValueError):
+    """The workdir holds a run of a different config."""
+
+
+def config_json(config) -> str:
+    """The canonical JSON of ``config`` that identifies a run (and its fingerprint)."""
+    d = config.to_dict()
+    if not d.get("dp", {}).get("secure_noise", True):  # off: workdirs from before the key resume
+        del d["dp"]["secure_noise"]
+    parallel = d.get("parallel", {})
+    for key in distributed.LAUNCH_KEYS:  # the launch, not the experiment
+        parallel.pop(key, None)
+    if not parallel.get("fsdp", True):  # off: workdirs from before the key resume
+        del parallel["fsdp"]
+    return json.dumps(d, sort_keys=True, indent=2, default=str)
+
+
+def claim_workdir(workdir: pathlib.Path, text: str) -> bool:
+    """Writes config.json, or checks it against an existing run; True if resuming is possible.
+
+    Every process checks (so all raise alike on a mismatch); process 0 alone writes, after all
+    have looked, so that they agree on whether the run resumes.
+    """
+    path = workdir / "config.json"
+    exists = path.exists()
+    if exists:
+        old = path.read_text()
+        if old != text:
+            raise ConfigMismatchError(
+                f"{path} holds a different config (fingerprint {config_fingerprint(old)} vs "
+                f"{config_fingerprint(text)}): use a new --workdir"
+            )
+    distributed.barrier("dpft-claim-workdir")
+    if not exists and distributed.is_primary():
+        workdir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    distributed.barrier("dpft-claimed-workdir")
+    return exists
+
+
+def checkpoint_meta(ckpt: Checkpointer, step: int) -> dict:
+    """The JSON record of checkpoint ``step`` alone (no arrays restored)."""
+    import orbax.checkpoint as ocp
+
+    out = ckpt._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(out["meta"])
+
+
+def write_summary(workdir: pathlib.Path, summary: dict) -> None:
+    """summary.json, atomically (process 0 only)."""
+    if not distributed.is_primary():
+        return
+    tmp = workdir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(workdir / "summary.json")
