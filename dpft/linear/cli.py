@@ -1,0 +1,203 @@
+"""``python -m dpft --config configs/fmnist_linear.py:METHOD --workdir DIR``: a feature method.
+
+A config with a ``linear`` section is dispatched here by `dpft.train.train_and_evaluate`. The run
+loads the data (`dpft.train.build.load_data`), the pretrained backbone
+(`dpft.train.build.build_model`), takes its pooled features from the feature cache shared with
+the head / LP runs of the trainer (`dpft.train.features`, ``finetune.cache_dir``), fits a linear
+head with one of the methods of `dpft.linear` calibrated to ``config.dp.epsilon`` /
+``config.dp.delta``, and writes the workdir contract of every dpft run:
+
+* ``config.json`` (a workdir holding another config is refused);
+* ``metrics.jsonl``: one record at the last step with ``epsilon``, ``test_accuracy``,
+  ``test_loss`` (NLL), ``test_ece``, ``test_mce`` (15 bins) and ``debug/`` train statistics;
+* ``summary.json``: those metrics plus ``epsilon``, ``delta``, ``steps``, ``wall_seconds``, the
+  releases and their noise multipliers;
+* ``reliability.png`` and ``training_curves.png``.
+
+A rerun in a finished workdir returns its summary without redoing any work.
+
+``config.linear.method``:
+
+* ``single_step``: one full-batch DP-GD step from zero (Mehta et al. 2022), SGD or Adam update;
+* ``dp_gd``: ``linear.steps`` full-batch DP-GD steps;
+* ``dp_least_squares``: noisy X^T X and X^T Y, PSD projection, ridge solve;
+* ``dp_newton``: noisy gradients and curvature, Newton-type steps;
+* ``dp_fc``: noisy feature covariance as preconditioner of full-batch DP-GD.
+
+The per-example gradient clip of the gradient methods is ``config.dp.clip_norm``; the other
+hyperparameters are the keys of ``config.linear`` (unused keys are ignored by a method).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pathlib
+import secrets
+import time
+
+import jax
+import numpy as np
+
+from dpft import linear
+from dpft.metrics import CalibrationAccumulator, reliability_diagram
+
+log = logging.getLogger("dpft")
+
+METHODS = ("single_step", "dp_gd", "dp_least_squares", "dp_newton", "dp_fc")
+
+
+def _method_kwargs(config) -> tuple:
+    """(function, keyword arguments, number of optimisation steps) for ``config.linear``."""
+    lin, clip = config.linear, float(config.dp.clip_norm)
+    m = lin.method
+    if m in ("single_step", "dp_gd") and lin.optimizer not in ("sgd", "adam"):
+        raise ValueError(f"config.linear.optimizer must be sgd|adam, got {lin.optimizer!r}")
+    if m == "single_step":
+        kw = dict(clip_norm=clip, steps=1, learning_rate=lin.learning_rate, update=lin.optimizer)
+        return linear.dp_gd, {**kw, "weight_decay": lin.weight_decay}, 1
+    if m == "dp_gd":
+        kw = dict(clip_norm=clip, steps=lin.steps, learning_rate=lin.learning_rate)
+        return (
+            linear.dp_gd,
+            {**kw, "update": lin.optimizer, "weight_decay": lin.weight_decay},
+            lin.steps,
+        )
+    if m == "dp_least_squares":
+        kw = dict(feature_clip=lin.feature_clip, reg=lin.reg, targets=lin.targets)
+        return linear.dp_least_squares, {**kw, "budget_split": lin.budget_split}, 1
+    if m == "dp_newton":
+        kw = dict(feature_clip=lin.feature_clip, steps=lin.steps, reg=lin.reg)
+        kw.update(damping=lin.damping, hessian=lin.hessian, hessian_share=lin.hessian_share)
+        return linear.dp_newton, kw, lin.steps
+    if m == "dp_fc":
+        kw = dict(feature_clip=lin.feature_clip, clip_norm=clip, steps=lin.steps)
+        kw.update(learning_rate=lin.learning_rate, cov_fraction=lin.cov_fraction, reg=lin.reg)
+        return linear.dp_fc, kw, lin.steps
+    raise ValueError(f"config.linear.method must be one of {'|'.join(METHODS)}, got {m!r}")
+
+
+def check_config(config) -> None:
+    """One-line ValueErrors naming the key, before any data is read or the workdir touched."""
+    _method_kwargs(config)
+    dp = config.dp
+    if not dp.epsilon > 0 or math.isnan(dp.epsilon):
+        raise ValueError(f"config.dp.epsilon must be > 0, got {dp.epsilon}")
+    if not 0 < dp.delta < 1:
+        raise ValueError(f"config.dp.delta must be in (0, 1), got {dp.delta}")
+    if dp.noise_multiplier >= 0:
+        raise ValueError(
+            "config.dp.noise_multiplier must be < 0 for config.linear runs (their noise is "
+            f"calibrated to dp.epsilon), got {dp.noise_multiplier}"
+        )
+    if not config.model.pretrained:
+        raise ValueError("config.linear needs a pretrained backbone: set config.model.pretrained")
+
+
+def fit(config, X, y, num_classes: int, seed: int) -> tuple:
+    """Runs ``config.linear.method`` on features ``X`` [N, d] -> (LinearParams, info, steps).
+
+    Privacy:
+        The method's own statement (`dpft.linear`): a fixed composition of full-batch Gaussian
+        mechanisms on clipped sums, add/remove-one neighbouring, calibrated with PLD so that the
+        returned ``info['epsilon']`` <= ``config.dp.epsilon`` at ``config.dp.delta``. ``X`` must
+        be a public function (the frozen public backbone) of the private examples.
+    """
+    fn, kwargs, steps = _method_kwargs(config)
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
+    try:
+        params, info = fn(
+            X, y, num_classes, epsilon=config.dp.epsilon, delta=config.dp.delta, key=key, **kwargs
+        )
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"config.linear ({config.linear.method}): {e}") from None
+    return params, info, int(steps)
+
+
+def calibration(params, X, y):
+    """`CalibrationResult` (accuracy, NLL, ECE, MCE, 15 bins) of the head on (X, y)."""
+    logits = np.asarray(linear.logits(params, X))
+    return CalibrationAccumulator(num_bins=15).update(logits, np.asarray(y)).result()
+
+
+def load_features(config, workdir: pathlib.Path) -> tuple[dict, dict, int]:
+    """(train {'x','y'}, eval {'x','y'}, num_classes): backbone features from the cache."""
+    from dpft.train import build
+    from dpft.train.step import flatten
+    from dpft.train.trainer import _features  # same cache key as the trainer's head runs
+
+    train, evaluation, k = build.load_data(config)
+    model, variables = build.build_model(config, k, train["image"][0])
+    feats = _features(config, workdir, model, flatten(variables), train, evaluation)
+    return (
+        {"x": feats["train"], "y": train["label"]},
+        {"x": feats["eval"], "y": evaluation["label"]},
+        k,
+    )
+
+
+def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
+    """Fits the head per ``config.linear`` and writes the workdir contract -> summary."""
+    from dpft.train import report
+    from dpft.train.trainer import _claim_workdir, _config_json
+
+    t_start = time.time()
+    workdir = pathlib.Path(workdir)
+    check_config(config)
+    done = workdir / "summary.json"
+    resumable = _claim_workdir(workdir, _config_json(config))  # refuses another config
+    if resumable and done.exists():
+        log.info("%s is finished: returning its summary", workdir)
+        return json.loads(done.read_text())
+    train, evaluation, k = load_features(config, workdir)
+    seed = secrets.randbits(63) if config.dp.get("secure_noise", False) else config.seed
+    t_fit = time.time()
+    params, info, steps = fit(config, train["x"], train["y"], k, seed)
+    fit_seconds = time.time() - t_fit
+    result = calibration(params, evaluation["x"], evaluation["y"])
+    train_cal = calibration(params, train["x"], train["y"])  # NOT private: debug/ only
+    metrics = {
+        "test_accuracy": result.accuracy,
+        "test_loss": result.nll,
+        "test_ece": result.ece,
+        "test_mce": result.mce,
+    }
+    writer = report.MetricsWriter(workdir, resume_step=0, tensorboard=config.tensorboard)
+    writer.write(
+        steps,
+        {
+            "epsilon": info["epsilon"],
+            **metrics,
+            "debug/train_loss": train_cal.nll,
+            "debug/train_accuracy": train_cal.accuracy,
+        },
+    )
+    writer.close()
+    summary = {
+        **metrics,
+        "epsilon": info["epsilon"],
+        "delta": float(config.dp.delta),
+        "target_epsilon": float(config.dp.epsilon),
+        "method": config.linear.method,
+        "eval_data": (
+            "validation split of the training data (metrics NOT private)"
+            if config.data.validation_fraction > 0
+            else f"public {config.data.eval_split} split"
+        ),
+        "accountant": "pld (full-batch Gaussian compositions, dpft.linear.accounting)",
+        "releases": info["releases"],
+        "steps": steps,
+        "num_train_examples": len(train["y"]),
+        "feature_dim": int(train["x"].shape[1]),
+        "fit_seconds": fit_seconds,
+        "wall_seconds": time.time() - t_start,
+    }
+    summary = {k: report._jsonable(v) if isinstance(v, float) else v for k, v in summary.items()}
+    title = f"{config.name or 'linear'} {config.linear.method}: eps={info['epsilon']:.2f}"
+    reliability_diagram(result, workdir / "reliability.png", title=title)
+    report.plot_curves(workdir, title=title)
+    tmp = done.with_suffix(".json.tmp")  # written last: its presence marks a finished run
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(done)
+    return summary
