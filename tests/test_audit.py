@@ -10,12 +10,16 @@ from scipy import stats
 
 from dpft.audit import (
     AuditConfig,
+    DistinguishConfig,
     best_lower_bound,
+    clopper_pearson,
     default_guess_grid,
     epsilon_lower_bound,
     guess_counts,
     p_value,
     run_audit,
+    run_distinguishing_audit,
+    threshold_bound,
 )
 from dpft.audit.__main__ import main
 from dpft.audit.mechanism import _realized_batch_step
@@ -133,6 +137,61 @@ def test_realized_batch_audit_runs():
 
 
 # ------------------------------------------------------------------------------------------
+# Two-dataset audit over many runs
+# ------------------------------------------------------------------------------------------
+
+
+def test_clopper_pearson_closed_forms():
+    n, alpha = 500, 0.025
+    lo, hi = clopper_pearson(0, n, alpha)
+    assert lo == 0.0 and hi == pytest.approx(1 - alpha ** (1 / n), rel=1e-6)
+    lo, hi = clopper_pearson(n, n, alpha)
+    assert hi == 1.0 and lo == pytest.approx(alpha ** (1 / n), rel=1e-6)
+    lo, hi = clopper_pearson(250, n, alpha)
+    assert lo < 0.5 < hi
+    # coverage: the true rate 0.3 is below the upper bound in >= 1 - alpha of draws
+    draws = np.random.default_rng(0).binomial(n, 0.3, size=2000)
+    covered = np.mean([clopper_pearson(int(k), n, alpha)[1] >= 0.3 for k in draws])
+    assert covered >= 1 - alpha - 0.01
+
+
+def test_threshold_bound_by_hand_and_monotone():
+    n, alpha, delta = 1000, 0.025, 1e-5
+    b_lo, a_hi = alpha ** (1 / n), 1 - alpha ** (1 / n)
+    expected = math.log((b_lo - delta) / a_hi)
+    assert threshold_bound(n, 0, n, delta, alpha) == pytest.approx(expected, rel=1e-6)
+    assert threshold_bound(500, 500, n, delta, alpha) == 0.0  # chance level
+    assert threshold_bound(900, 50, n, delta, alpha) > threshold_bound(900, 100, n, delta, alpha)
+
+
+@pytest.mark.parametrize(("seed", "rate", "num_real", "steps"), [(0, 1.0, 1, 1), (2, 0.5, 10, 2)])
+def test_two_dataset_audit_correct_mechanism_never_exceeds_claim(seed, rate, num_real, steps):
+    cfg = DistinguishConfig(
+        epsilon=1.0, runs=1000, steps=steps, sampling_rate=rate, num_real=num_real, seed=seed
+    )
+    res = run_distinguishing_audit(cfg)
+    assert 0.0 <= res.lower_bound <= res.claimed_epsilon
+
+
+@pytest.mark.parametrize("broken", ["noise", "clip", "realized_batch"])
+def test_two_dataset_audit_catches_broken_mechanisms(broken):
+    # realized_batch with a tiny dataset (|D| = 1, full batch): the published parameters'
+    # noise level is sigma C / |B|, so it tells |B| = 1 from |B| = 2, i.e. D from D'.
+    res = run_distinguishing_audit(DistinguishConfig(epsilon=1.0, runs=1000, broken=broken))
+    assert res.lower_bound > 2 * res.claimed_epsilon
+    if broken == "realized_batch":
+        assert res.statistic == "scale"
+
+
+def test_two_dataset_cli(capsys):
+    argv = ["--method", "two-dataset", "--runs", "100", "--steps", "1", "--broken", "noise"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and "method=two-dataset" in lines[2] and "runs=100" in lines[2]
+    assert float(lines[1].split()[3]) > 1.0
+
+
+# ------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------
 
@@ -155,6 +214,8 @@ def test_cli_prints_three_lines(capsys):
         ["--delta", "2"],
         ["--steps", "x"],
         ["--sampling-rate", "1.5"],
+        ["--method", "two-dataset", "--runs", "5"],
+        ["--method", "bogus"],
     ],
 )
 def test_cli_bad_arguments_exit_2(argv, capsys):

@@ -1,7 +1,9 @@
 """Command line: ``python -m dpft.audit --epsilon 2 --delta 1e-5 --canaries 1000 --steps 10``.
 
-Prints the claimed epsilon, the audit's lower bound and the settings, one line each. Bad
-arguments give a one-line error and exit code 2.
+``--method one-run`` (default) is the one-run canary audit; ``--method two-dataset --runs R``
+trains R runs on D and R on D' = D + {target} and tests which produced each. Prints the
+claimed epsilon, the audit's lower bound and the settings, one line each. Bad arguments give a
+one-line error and exit code 2.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from dpft.audit.distinguish import DistinguishConfig, run_distinguishing_audit
 from dpft.audit.mechanism import BROKEN, SCORERS, AuditConfig, run_audit
 
 
@@ -21,12 +24,16 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m dpft.audit", description=__doc__.splitlines()[0])
+    p.add_argument("--method", choices=("one-run", "two-dataset"), default="one-run")
+    p.add_argument("--runs", type=int, default=2000, help="two-dataset: runs per dataset")
     p.add_argument("--epsilon", type=float, default=2.0, help="claimed epsilon")
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--canaries", type=int, default=1000, help="m, canaries (each p=1/2)")
     p.add_argument("--steps", type=int, default=10, help="T, DP-SGD steps")
     p.add_argument("--sampling-rate", type=float, default=1.0, help="Poisson q; 1 = full batch")
-    p.add_argument("--num-real", type=int, default=100, help="non-canary examples")
+    p.add_argument(
+        "--num-real", type=int, default=None, help="non-canary examples (|D| for two-dataset)"
+    )
     p.add_argument("--broken", choices=BROKEN, default="none")
     p.add_argument("--scorer", choices=SCORERS, default="auto")
     p.add_argument("--beta", type=float, default=0.05, help="1 - confidence")
@@ -38,6 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parses arguments, runs the audit and prints three lines; returns the exit code."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.method == "two-dataset":
+        return _two_dataset(parser, args)
     try:
         cfg = AuditConfig(
             epsilon=args.epsilon,
@@ -45,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             canaries=args.canaries,
             steps=args.steps,
             sampling_rate=args.sampling_rate,
-            num_real=args.num_real,
+            num_real=100 if args.num_real is None else args.num_real,
             broken=args.broken,
             scorer=args.scorer,
             beta=args.beta,
@@ -62,6 +71,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"sampling_rate={cfg.sampling_rate:g} num_real={cfg.num_real} "
         f"noise_multiplier={res.noise_multiplier:.4f} used={res.noise_multiplier_used:.4f} "
         f"scorer={res.scorer} k={b.k} grid={len(b.grid)} seed={cfg.seed}"
+    )
+    return 0
+
+
+def _two_dataset(parser: argparse.ArgumentParser, args) -> int:
+    try:
+        cfg = DistinguishConfig(
+            epsilon=args.epsilon,
+            delta=args.delta,
+            runs=args.runs,
+            steps=args.steps,
+            sampling_rate=args.sampling_rate,
+            num_real=1 if args.num_real is None else args.num_real,
+            broken=args.broken,
+            beta=args.beta,
+            seed=args.seed,
+        )
+    except ValueError as e:
+        parser.error(str(e))
+    res = run_distinguishing_audit(cfg)
+    print(f"claimed epsilon: {res.claimed_epsilon:.4f} (delta={cfg.delta:g})")
+    print(
+        f"audit lower bound: {res.lower_bound:.4f} (confidence {1 - cfg.beta:g}, "
+        f"test fired on {res.true_positive}/{res.evaluation_runs} runs of one dataset and "
+        f"{res.false_positive}/{res.evaluation_runs} of the other)"
+    )
+    print(
+        f"settings: method=two-dataset broken={cfg.broken} runs={cfg.runs} steps={cfg.steps} "
+        f"sampling_rate={cfg.sampling_rate:g} num_real={cfg.num_real} "
+        f"noise_multiplier={res.noise_multiplier:.4f} statistic={res.statistic} seed={cfg.seed}"
     )
     return 0
 

@@ -47,7 +47,7 @@ from dpft.privacy.noise import gaussian_privatizer
 from dpft.privacy.sampling import PoissonSampler, poisson_batch_cap
 from dpft.train.step import TrainState, make_train_step
 
-__all__ = ["BROKEN", "SCORERS", "AuditConfig", "AuditResult", "run_audit"]
+__all__ = ["BROKEN", "SCORERS", "AuditConfig", "AuditResult", "build_mechanism", "run_audit"]
 
 BROKEN = ("none", "noise", "clip", "realized_batch")
 SCORERS = ("auto", "sum", "count_weighted")
@@ -211,6 +211,38 @@ def _realized_batch_step(clipper, sigma, sensitivity, lr, key):
     return init, step
 
 
+def build_mechanism(
+    broken: str,
+    noise_multiplier: float,
+    clip_norm: float,
+    learning_rate: float,
+    expected_batch_size: float,
+    key: jax.Array,
+):
+    """``(init, step)`` of DP-SGD on the white-box linear model, correct or with one bug.
+
+    The correct mechanism is dpft's own: `make_train_step` (per-example `clipped_grad` with
+    `FlatClip(clip_norm)`) and `dp_sgd` (`gaussian_privatizer` with std ``noise_multiplier *
+    clip_norm``, division by the public ``expected_batch_size``, SGD). ``broken`` swaps one
+    component (see the module docstring); ``noise_multiplier`` is the one the claim is
+    computed for, and the 'noise' variant drops it.
+    """
+    if broken not in BROKEN:
+        raise ValueError(f"broken must be one of {BROKEN}, got {broken!r}")
+    sigma = 0.0 if broken == "noise" else noise_multiplier
+    clipper = FlatClip(math.inf) if broken == "clip" else FlatClip(clip_norm)
+    if broken == "realized_batch":
+        return _realized_batch_step(clipper, sigma, clip_norm, learning_rate, key)
+    tx = dp_sgd(
+        learning_rate,
+        noise_multiplier=sigma,
+        l2_sensitivity=clip_norm,  # the clip norm the noise is calibrated to, also for 'clip'
+        expected_batch_size=expected_batch_size,
+        key=key,
+    )
+    return tx.init, make_train_step(_loss, clipper, tx)
+
+
 def _scores(cfg: AuditConfig, deltas: np.ndarray, free_std: np.ndarray, sigma: float, scorer):
     """Canary scores from per-step canary-coordinate updates ``deltas [T, m]``.
 
@@ -259,21 +291,11 @@ def run_audit(cfg: AuditConfig) -> AuditResult:
         sigma = float(cfg.noise_multiplier)
         claimed = compute_epsilon(GaussianSteps(sigma, q, cfg.steps, **acct), cfg.delta)
 
-    c = cfg.clip_norm
-    sigma_used = 0.0 if cfg.broken == "noise" else sigma
-    clipper = FlatClip(math.inf) if cfg.broken == "clip" else FlatClip(c)
     key = jax.random.PRNGKey(int(rng.integers(2**31)))
-    if cfg.broken == "realized_batch":
-        init, step = _realized_batch_step(clipper, sigma_used, c, cfg.learning_rate, key)
-    else:
-        tx = dp_sgd(
-            cfg.learning_rate,
-            noise_multiplier=sigma_used,
-            l2_sensitivity=c,  # the clip norm the noise is calibrated to, also for 'clip'
-            expected_batch_size=cfg.expected_batch_size,
-            key=key,
-        )
-        init, step = tx.init, make_train_step(_loss, clipper, tx)
+    sigma_used = 0.0 if cfg.broken == "noise" else sigma
+    init, step = build_mechanism(
+        cfg.broken, sigma, cfg.clip_norm, cfg.learning_rate, cfg.expected_batch_size, key
+    )
 
     d = data.shape[1]
     lo, hi = cfg.real_dim, cfg.real_dim + cfg.canaries

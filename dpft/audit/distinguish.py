@@ -1,0 +1,264 @@
+"""Two-dataset audit over many runs: can an observer tell D from D' = D + {target}?
+
+The one-run audit (`mechanism`) guesses the membership of many canaries in ONE run. It cannot
+see a bug whose leak is a *count*, such as dividing the noisy sum by the realised batch size:
+the count says how many canaries were sampled, not which. The classic audit (Jagielski,
+Ullman & Oprea 2020; Nasr et al. 2021) catches it: run the mechanism R times on a dataset D
+and R times on its neighbour D' (D plus one target example, add/remove neighbouring), look at
+what a user would publish (the final parameters), and test which dataset produced each run.
+
+Any test with false-positive rate a = P_D[S] and true-positive rate b = P_D'[S] on a set S of
+outputs must satisfy, under (eps, delta)-DP, ``b <= e^eps a + delta`` and ``a <= e^eps b +
+delta``. So ``eps >= log((b - delta) / a)`` (and symmetrically). With Clopper-Pearson bounds
+on a and b this is a lower bound on eps that holds with confidence 1 - beta.
+
+Selection. The statistic, the threshold and the side are chosen on the first half of the runs
+and the bound is computed on the second half only, so the choice costs no union bound.
+Statistics of the final parameters ``w_T``, fixed before any run:
+
+* ``target``: the target's coordinate, ``-w_T[target] / lr`` (large when the target was in);
+* ``scale``: ``-log std(w_T[free])``, the noise level of coordinates no example touches. A
+  correct mechanism's noise does not depend on the data; dividing by the realised batch size
+  makes it shrink with every extra example, so it counts them.
+
+White-box model, dpft's real DP-SGD (`mechanism.build_mechanism`): D holds ``num_real`` real
+examples with random gradients of norm about C, the target is a dirac gradient of norm
+``canary_scale * C``. Runs are vectorised with ``jax.vmap`` (one noise key per run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import stats
+
+from dpft.audit.mechanism import BROKEN, build_mechanism
+from dpft.privacy.accounting import calibrate_noise_multiplier
+from dpft.privacy.noise import PrivatizerState
+from dpft.train.step import TrainState
+
+__all__ = [
+    "STATISTICS",
+    "DistinguishConfig",
+    "DistinguishResult",
+    "clopper_pearson",
+    "run_distinguishing_audit",
+    "threshold_bound",
+]
+
+STATISTICS = ("target", "scale")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistinguishConfig:
+    """Settings of a two-dataset audit.
+
+    Attributes:
+      epsilon, delta: the claimed guarantee; sigma is calibrated to it with dpft's accountant.
+      runs: R, training runs on EACH of D and D' (half select the test, half bound it).
+      steps: T, DP-SGD steps per run.
+      sampling_rate: Poisson rate q; 1.0 means full batch.
+      num_real: |D|. A tiny D makes a count leak large (the realised-batch bug).
+      broken: 'none' or a broken variant of `mechanism.BROKEN`.
+      beta: 1 - confidence of the lower bound.
+    """
+
+    epsilon: float = 1.0
+    delta: float = 1e-5
+    runs: int = 2000
+    steps: int = 1
+    sampling_rate: float = 1.0
+    num_real: int = 1
+    real_dim: int = 16
+    free_dim: int = 256
+    clip_norm: float = 1.0
+    canary_scale: float = 100.0
+    learning_rate: float = 1.0
+    broken: str = "none"
+    seed: int = 0
+    beta: float = 0.05
+
+    def __post_init__(self):
+        if not (self.epsilon > 0 and math.isfinite(self.epsilon)):
+            raise ValueError(f"epsilon must be a finite number > 0, got {self.epsilon!r}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta!r}")
+        if not (isinstance(self.runs, int) and self.runs >= 20):
+            raise ValueError(f"runs must be an int >= 20, got {self.runs!r}")
+        if not (isinstance(self.steps, int) and self.steps > 0):
+            raise ValueError(f"steps must be a positive int, got {self.steps!r}")
+        if not 0 < self.sampling_rate <= 1:
+            raise ValueError(f"sampling_rate must be in (0, 1], got {self.sampling_rate!r}")
+        if not (isinstance(self.num_real, int) and self.num_real >= 0):
+            raise ValueError(f"num_real must be an int >= 0, got {self.num_real!r}")
+        if self.broken not in BROKEN:
+            raise ValueError(f"broken must be one of {BROKEN}, got {self.broken!r}")
+        if not 0 < self.beta < 1:
+            raise ValueError(f"beta must be in (0, 1), got {self.beta!r}")
+        if self.free_dim < 2:
+            raise ValueError(f"free_dim must be >= 2, got {self.free_dim!r}")
+
+    @property
+    def expected_batch_size(self) -> float:
+        """A public normaliser: q * (|D| + 1/2), the same for D and D'."""
+        return self.sampling_rate * (self.num_real + 0.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistinguishResult:
+    """Outcome of `run_distinguishing_audit`."""
+
+    config: DistinguishConfig
+    claimed_epsilon: float
+    noise_multiplier: float
+    lower_bound: float  # eps lower bound, confidence 1 - beta
+    statistic: str  # chosen on the selection half
+    false_positive: int  # on the evaluation half: runs on D the test called D'
+    true_positive: int  # runs on D' the test called D'
+    evaluation_runs: int  # runs per dataset in the evaluation half
+
+
+def clopper_pearson(k: int, n: int, alpha: float) -> tuple[float, float]:
+    """One-sided Clopper-Pearson bounds (lower, upper) for a binomial rate, each at level alpha."""
+    if not (0 <= k <= n and n > 0):
+        raise ValueError(f"need 0 <= k <= n, n > 0; got k={k}, n={n}")
+    lo = 0.0 if k == 0 else float(stats.beta.ppf(alpha, k, n - k + 1))
+    hi = 1.0 if k == n else float(stats.beta.ppf(1 - alpha, k + 1, n - k))
+    return lo, hi
+
+
+def threshold_bound(pos: int, neg: int, n: int, delta: float, alpha: float) -> float:
+    """eps lower bound from a test that fires on ``pos`` of n D'-runs and ``neg`` of n D-runs.
+
+    Reasoning:
+        (eps, delta)-DP gives ``P_D'[S] <= e^eps P_D[S] + delta``. With probability
+        >= 1 - 2 alpha, ``P_D'[S] >= lower(pos)`` and ``P_D[S] <= upper(neg)``, hence
+        ``eps >= log((lower(pos) - delta) / upper(neg))``. Swap the arguments for the other
+        direction.
+    """
+    b_lo, _ = clopper_pearson(pos, n, alpha)
+    _, a_hi = clopper_pearson(neg, n, alpha)
+    if b_lo - delta <= 0:
+        return 0.0
+    return max(0.0, math.log((b_lo - delta) / a_hi))
+
+
+def _candidates(s_d: np.ndarray, s_dp: np.ndarray, num: int = 256):
+    """(threshold, side, direction) candidates: sets S = {s > t} or {s <= t}, both directions."""
+    pooled = np.sort(np.concatenate([s_d, s_dp]))
+    qs = np.unique(pooled[np.linspace(0, pooled.size - 1, num).astype(int)])
+    for t in qs:
+        for side in (">", "<="):
+            yield float(t), side
+
+
+def _fires(s: np.ndarray, t: float, side: str) -> int:
+    return int(np.sum(s > t) if side == ">" else np.sum(s <= t))
+
+
+def _best_test(stats_d: dict, stats_dp: dict, delta: float, alpha: float):
+    """On the selection half: the (statistic, threshold, side, swap) with the largest bound."""
+    best, best_eps = None, -1.0
+    for name in STATISTICS:
+        s_d, s_dp = stats_d[name], stats_dp[name]
+        n = s_d.size
+        for t, side in _candidates(s_d, s_dp):
+            a, b = _fires(s_d, t, side), _fires(s_dp, t, side)
+            for swap in (False, True):  # False: S says D'; True: S says D
+                pos, neg = (a, b) if swap else (b, a)
+                eps = threshold_bound(pos, neg, n, delta, alpha)
+                if eps > best_eps:
+                    best, best_eps = (name, t, side, swap), eps
+    return best
+
+
+def _statistics(w: np.ndarray, cfg: DistinguishConfig, target: int) -> dict:
+    free = w[:, cfg.real_dim + 1 :]
+    return {
+        "target": -w[:, target] / cfg.learning_rate,
+        "scale": -np.log(np.maximum(free.std(axis=1), 1e-30)),
+    }
+
+
+def _with_key(opt_state, key_data: jax.Array):
+    """Replaces the privatizer's key inside an optimizer state (one noise stream per run)."""
+
+    def swap(x):
+        return x._replace(key=key_data) if isinstance(x, PrivatizerState) else x
+
+    return jax.tree_util.tree_map(swap, opt_state, is_leaf=lambda x: isinstance(x, PrivatizerState))
+
+
+def _final_params(
+    cfg: DistinguishConfig, sigma: float, data: np.ndarray, n: int, key
+) -> np.ndarray:
+    """Final parameters of ``cfg.runs`` independent runs on the first ``n`` rows of ``data``."""
+    init, step = build_mechanism(
+        cfg.broken, sigma, cfg.clip_norm, cfg.learning_rate, cfg.expected_batch_size, key
+    )
+    d = data.shape[1]
+    g = jnp.asarray(data)
+    present = jnp.asarray(np.arange(data.shape[0]) < n, jnp.float32)
+    q = cfg.sampling_rate
+
+    def one_run(run_key):
+        noise_key, sample_key, step_key = jax.random.split(run_key, 3)
+        params = {"w": jnp.zeros((d,), jnp.float32)}
+        opt = _with_key(init(params), jax.random.key_data(noise_key))
+        state = TrainState(jnp.zeros([], jnp.int32), params, opt, {})
+        for t in range(cfg.steps):
+            if q < 1:
+                coin = jax.random.bernoulli(jax.random.fold_in(sample_key, t), q, present.shape)
+                mask = present * coin.astype(jnp.float32)
+            else:
+                mask = present
+            state, _ = step(state, {"g": g, "mask": mask}, jax.random.fold_in(step_key, t))
+        return state.params["w"]
+
+    keys = jax.random.split(key, cfg.runs)
+    return np.asarray(jax.jit(jax.vmap(one_run))(keys), np.float64)
+
+
+def run_distinguishing_audit(cfg: DistinguishConfig) -> DistinguishResult:
+    """Trains R runs on D and R on D', then bounds epsilon from the best held-out test.
+
+    Reasoning:
+        If the implementation is (claimed eps, delta)-DP, every fixed test on the evaluation
+        half satisfies the DP inequality, and the test is fixed (by the selection half) before
+        the evaluation half is looked at; so with probability >= 1 - beta the returned bound is
+        <= the claimed epsilon. A bound above the claim is statistical evidence of a bug.
+    """
+    rng = np.random.default_rng([cfg.seed, 0xD15C])
+    c, q = cfg.clip_norm, cfg.sampling_rate
+    acct = {"sampling": "full"} if q == 1 else {"sampling": "poisson"}
+    sigma = calibrate_noise_multiplier(cfg.epsilon, cfg.delta, q, cfg.steps, **acct)
+
+    d = cfg.real_dim + 1 + cfg.free_dim
+    target = cfg.real_dim
+    data = np.zeros((cfg.num_real + 1, d), np.float32)
+    real = rng.normal(size=(cfg.num_real, cfg.real_dim))
+    real *= c * rng.uniform(0.5, 2.0, size=(cfg.num_real, 1))
+    real /= np.maximum(np.linalg.norm(real, axis=1, keepdims=True), 1e-12)
+    data[: cfg.num_real, : cfg.real_dim] = real
+    data[cfg.num_real, target] = cfg.canary_scale * c  # the target: D' = D + this row
+
+    key_d, key_dp = jax.random.split(jax.random.PRNGKey(int(rng.integers(2**31))))
+    w_d = _final_params(cfg, sigma, data, cfg.num_real, key_d)
+    w_dp = _final_params(cfg, sigma, data, cfg.num_real + 1, key_dp)
+    s_d, s_dp = _statistics(w_d, cfg, target), _statistics(w_dp, cfg, target)
+
+    half = cfg.runs // 2
+    alpha = cfg.beta / 2  # one half for each Clopper-Pearson bound
+    sel_d = {k: v[:half] for k, v in s_d.items()}
+    sel_dp = {k: v[:half] for k, v in s_dp.items()}
+    name, t, side, swap = _best_test(sel_d, sel_dp, cfg.delta, alpha)
+    ev_d, ev_dp = s_d[name][half:], s_dp[name][half:]
+    n = ev_d.size
+    a, b = _fires(ev_d, t, side), _fires(ev_dp, t, side)
+    pos, neg = (a, b) if swap else (b, a)
+    eps = threshold_bound(pos, neg, n, cfg.delta, alpha)
+    return DistinguishResult(cfg, cfg.epsilon, float(sigma), eps, name, neg, pos, n)
