@@ -21,8 +21,12 @@ WORKDIR ?= runs/fmnist_resnet20
 run: $(STAMP)
 	$(PY) -m dpft --config $(CONFIG) --workdir $(WORKDIR)
 
+# Test files are spread over one worker per core (pytest-xdist, a whole file per worker so that
+# module fixtures are built once); the slowest tests are listed at the end of the log.
+# TEST_WORKERS=0 runs in one process. pytest's exit 5 (no test collected) fails the target.
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
