@@ -290,3 +290,152 @@ def test_head_tuning_same_path():
     assert not np.allclose(res.params["params/Dense_1/kernel"], params["params/Dense_1/kernel"])
     body = flatten(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4))))
     np.testing.assert_array_equal(frozen["params/Dense_0/kernel"], body["params/Dense_0/kernel"])
+
+
+# ------------------------------------------------------------- CLI / config (issue 7 §1)
+
+try:
+    from dpft import paths
+
+    paths.data_dir()
+    HAVE_DATA = True
+except Exception:  # noqa: BLE001 - any failure to find the data dir skips the data tests
+    HAVE_DATA = False
+needs_data = pytest.mark.skipif(not HAVE_DATA, reason="no data dir (set DPFT_DATA_DIR)")
+
+
+def fed_smoke(arg="scratch,smoke", **federated):
+    from configs import fmnist_fed
+
+    c = fmnist_fed.get_config(arg)
+    c.tensorboard = False
+    c.data.train_subset, c.data.eval_subset, c.eval_batch_size = 400, 100, 100
+    c.model.name = "linear"  # a linear model on pixels compiles in a second (CI time)
+    c.dp.accountant = "rdp"  # PLD calibration is tested above; RDP keeps this fast
+    for k, v in federated.items():
+        setattr(c.federated, k, v)
+    return c
+
+
+def checkpoint_arrays(workdir):
+    from dpft.train.checkpoint import Checkpointer
+
+    ck = Checkpointer(workdir)
+    arrays, meta = ck.load_arrays(ck.latest_step())
+    ck.close()
+    return arrays, meta
+
+
+@needs_data
+def test_cli_smoke_writes_contract_and_resumes(tmp_path, monkeypatch):
+    import json
+
+    from dpft.train import report, train_and_evaluate
+
+    c = fed_smoke(log_every=1, eval_every=2, checkpoint_every=2)
+    c.tensorboard = True
+    summary = train_and_evaluate(c, tmp_path / "full")
+    full = tmp_path / "full"
+    for key in ("test_accuracy", "epsilon", "delta", "steps", "wall_seconds", "test_ece"):
+        assert key in summary
+    assert summary["steps"] == 4 and 0 < summary["epsilon"] <= c.dp.epsilon
+    assert {"test_mce", "test_loss"} <= set(json.loads((full / "summary.json").read_text()))
+    lines = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    assert all("epsilon" in r and "debug/train_loss" in r for r in lines)
+    assert "test_accuracy" in lines[1] and "test_accuracy" not in lines[0]
+    assert lines[0]["epsilon"] < lines[-1]["epsilon"] == pytest.approx(summary["epsilon"])
+    assert json.loads((full / "config.json").read_text())["federated"]["rounds"] == 4
+    assert (full / "reliability.png").stat().st_size > 1000
+    assert (full / "training_curves.png").exists() and list(full.glob("events.out.tfevents*"))
+
+    original = report.MetricsWriter.write
+
+    def crash_at_round_3(self, step, metrics):
+        if step == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self, step, metrics)
+
+    c.tensorboard = False
+    c2 = fed_smoke(log_every=1, eval_every=2, checkpoint_every=2)
+    monkeypatch.setattr(report.MetricsWriter, "write", crash_at_round_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_and_evaluate(c2, tmp_path / "resumed")
+    monkeypatch.setattr(report.MetricsWriter, "write", original)
+    assert checkpoint_arrays(tmp_path / "resumed")[1]["round"] == 2
+    again = train_and_evaluate(c2, tmp_path / "resumed")
+    a, meta_a = checkpoint_arrays(full)
+    b, meta_b = checkpoint_arrays(tmp_path / "resumed")
+    assert meta_a["ledger"] == meta_b["ledger"] and meta_b["round"] == 4
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert again["epsilon"] == summary["epsilon"]
+    assert again["test_accuracy"] == summary["test_accuracy"]
+    steps = [json.loads(x)["step"] for x in (tmp_path / "resumed" / "metrics.jsonl").open()]
+    assert steps == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="different config"):  # another config is refused
+        train_and_evaluate(fed_smoke(rounds=5), tmp_path / "resumed")
+
+
+@needs_data
+def test_bad_federated_key_is_one_line_error(tmp_path):
+    import subprocess
+    import sys
+
+    from dpft.train import train_and_evaluate
+
+    out = subprocess.run(
+        [sys.executable, "-m", "dpft", "--config", "configs/fmnist_fed.py:smoke"]
+        + ["--workdir", str(tmp_path / "cli"), "--config.federated.roundz=3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    err = [line for line in out.stderr.strip().splitlines() if line.strip()]
+    assert out.returncode != 0 and len(err) == 1 and "roundz" in err[0], out.stderr[-800:]
+    for key, value in (("partition", "zipf"), ("level", "user"), ("rounds", 0)):
+        c = fed_smoke(**{key: value})
+        with pytest.raises(ValueError, match=f"config.federated.{key}") as e:
+            train_and_evaluate(c, tmp_path / key)
+        assert "\n" not in str(e.value)
+        assert not (tmp_path / key).exists()  # validated before the workdir is touched
+    c = fed_smoke()
+    c.unlock()
+    c.federated.roundz = 3  # an unknown key in a config file (not only on the command line)
+    with pytest.raises(ValueError, match="config.federated.roundz"):
+        train_and_evaluate(c, tmp_path / "file")
+
+
+# ------------------------------------------------------------- clients over a device mesh
+
+
+@pytest.mark.parametrize("level", ["example", "client"])
+def test_clients_sharded_over_eight_devices_equal_one(level):
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (conftest sets XLA_FLAGS=...device_count=8)")
+    from dpft.train.build import make_mesh
+
+    model, params, frozen, data = setup(n=60)
+    clients = partition.dirichlet(data["label"], 12, alpha=1.0, seed=0)  # unequal sizes
+    config = driver.FedConfig(
+        rounds=2,
+        client_rate=0.5,
+        local_steps=2,  # 12 client slots on one device, 16 (two per device) on eight
+        local_rate=0.5,
+        dp=level,
+        noise_multiplier=0.8,
+        example_clip=0.5,
+        client_clip=0.3,
+        seed=1,
+        accountant="rdp",
+    )
+    loss = cross_entropy_loss(model.apply)
+    one = fed_run(config, loss, params, frozen, data, clients)
+    eight = fed_run(config, loss, params, frozen, data, clients, mesh=make_mesh(8))
+    assert eight.plan.slots == 16 and one.plan.slots == 12
+    assert one.ledger == eight.ledger and one.history[-1]["debug/clients"] >= 1
+    for a, b in zip(one.history, eight.history, strict=True):
+        assert a["debug/clients"] == b["debug/clients"]
+    close(eight.params, one.params, atol=1e-6)
+    sharding = eight.params["params/Dense_0/kernel"].sharding
+    assert len(sharding.device_set) == 8  # replicated over the mesh

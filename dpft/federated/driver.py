@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
 
 from dpft.federated import server as srv
 from dpft.federated.plan import (
@@ -181,10 +182,16 @@ def make_round(
     clipper: clipping.Clipper | None = None,
     *,
     jit: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
+    data_axis: str = "data",
 ) -> Callable[[srv.ServerState, Any, RoundInputs], tuple[srv.ServerState, dict]]:
     """``round_fn(server_state, frozen, inputs) -> (server_state, metrics)``.
 
-    Clients run vectorized (``jax.vmap`` over slots of `make_local_update`) in one jit.
+    Clients run vectorized (``jax.vmap`` over slots of `make_local_update`) in one jit. With a
+    ``mesh``, the client slots are split over its ``data_axis`` (``plan.slots`` must be a
+    multiple of its size, see ``make_plan(slot_multiple=...)``): each device runs its own
+    clients (``shard_map`` of the vmap), parameters are replicated, and the aggregation and the
+    server noise run once on the gathered updates, with the same keys as on one device.
 
     Privacy:
         'client': each client's update is clipped to L2 norm ``client_clip`` (non-finite ones
@@ -198,10 +205,25 @@ def make_round(
     z, s_clip = plan.noise_multiplier, config.client_clip
     std = noise_std(z, s_clip) if config.dp == "client" else 0.0
     expected = config.client_rate * plan.num_clients
+    clients_fn = jax.vmap(local_update, in_axes=(None, None, 0, 0, 0, 0))
+    if mesh is not None:
+        if plan.slots % mesh.shape[data_axis]:
+            raise ValueError(
+                f"{plan.slots} client slots do not split over {mesh.shape[data_axis]} devices: "
+                "build the plan with slot_multiple=<devices>"
+            )
+        rows = P(data_axis)
+        clients_fn = jax.shard_map(
+            clients_fn,
+            mesh=mesh,
+            in_specs=(P(), P(), rows, rows, rows, rows),
+            out_specs=rows,
+            check_vma=False,
+        )
 
     def round_fn(state: srv.ServerState, frozen, inputs: RoundInputs):
         keys = jax.vmap(lambda c: client_key(config.seed, state.round, c))(inputs.client_ids)
-        updates, metrics = jax.vmap(local_update, in_axes=(None, None, 0, 0, 0, 0))(
+        updates, metrics = clients_fn(
             state.params, frozen, inputs.batch, inputs.mask, inputs.inv_expected, keys
         )
         cmask = inputs.client_mask

@@ -92,8 +92,11 @@ class FedPlan:
         return len(self.client_sizes)
 
 
-def make_plan(config: FedConfig, client_sizes: Sequence[int]) -> FedPlan:
+def make_plan(config: FedConfig, client_sizes: Sequence[int], slot_multiple: int = 1) -> FedPlan:
     """Validates ``config`` and resolves slots, local batch, weighting and noise multiplier.
+
+    ``slot_multiple`` rounds the static client slots up to a multiple (the number of devices
+    the client axis is sharded over); extra slots are padding and never hold a client.
 
     Privacy:
         With ``noise_multiplier < 0`` the multiplier is calibrated so that the run's epsilon at
@@ -114,6 +117,7 @@ def make_plan(config: FedConfig, client_sizes: Sequence[int]) -> FedPlan:
     slots = min(int(slots), m)
     if q_c == 1 and slots < m:
         raise ValueError("client_rate=1 needs max_clients >= num_clients (no truncation)")
+    slots = -(-slots // int(slot_multiple)) * int(slot_multiple)
     k = 1 if config.algorithm == "fedsgd" else int(config.local_steps)
     max_n = max(sizes)
     b = config.local_batch or (max_n if q_l == 1 else sampling.poisson_batch_cap(max_n, q_l))

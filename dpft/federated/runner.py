@@ -18,6 +18,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dpft.federated import driver
 from dpft.federated import server as srv
@@ -39,11 +41,11 @@ class RunResult:
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_round(loss_fn, config, plan, server_tx_args, clipper):
-    """One jitted round function per (loss, config without rounds, plan, clipper): a resumed
-    or extended run in the same process reuses its compilation."""
+def _compiled_round(loss_fn, config, plan, server_tx_args, clipper, mesh=None):
+    """One jitted round function per (loss, config without rounds, plan, clipper, mesh): a
+    resumed or extended run in the same process reuses its compilation."""
     server_tx = srv.make_server_optimizer(*server_tx_args)
-    return server_tx, driver.make_round(loss_fn, config, plan, server_tx, clipper)
+    return server_tx, driver.make_round(loss_fn, config, plan, server_tx, clipper, mesh=mesh)
 
 
 def _identity(config: driver.FedConfig, plan: driver.FedPlan) -> dict:
@@ -82,6 +84,9 @@ def run(
     eval_every: int = 1,
     checkpoint_every: int = 1,
     clipper: clipping.Clipper | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    log_every: int | None = None,
+    on_round: Callable[[dict, srv.ServerState], None] | None = None,
 ) -> RunResult:
     """Runs ``config.rounds`` rounds of FedAvg/FedSGD from ``params`` (resuming from workdir).
 
@@ -97,6 +102,12 @@ def run(
         except ``rounds``, so a run may be extended).
       eval_fn: ``eval_fn(params, frozen) -> dict`` of floats, run every ``eval_every`` rounds
         and after the last round; merged into that round's history record.
+      mesh: a device mesh with a 'data' axis: client slots are sharded over it (the slots are
+        rounded up to a multiple of its size; padding slots hold no client).
+      log_every: epsilon is computed every ``log_every`` rounds (default ``eval_every``), at
+        every eval point and after the last round.
+      on_round: ``on_round(record, state)`` after each round (and its checkpoint), e.g. to
+        write metrics or move a progress bar.
 
     Returns:
       `RunResult`: history records hold ``round``, the ``debug/`` train metrics, ``epsilon``
@@ -110,14 +121,17 @@ def run(
         q_c, sensitivity S). The ledger records each round before it runs. ``debug/``
         metrics and eval metrics on private data are not private.
     """
-    plan = driver.make_plan(config, [len(c) for c in clients])
+    n_dev = mesh.shape["data"] if mesh is not None else 1
+    plan = driver.make_plan(config, [len(c) for c in clients], slot_multiple=n_dev)
     tx_args = (config.server_optimizer, config.server_lr, config.server_momentum)
+    base = dataclasses.replace(config, rounds=0)
     try:
-        server_tx, round_fn = _compiled_round(
-            loss_fn, dataclasses.replace(config, rounds=0), plan, tx_args, clipper
-        )
+        server_tx, round_fn = _compiled_round(loss_fn, base, plan, tx_args, clipper, mesh)
     except TypeError:  # an unhashable clipper or loss: build without the cache
-        server_tx, round_fn = _compiled_round.__wrapped__(loss_fn, config, plan, tx_args, clipper)
+        server_tx, round_fn = _compiled_round.__wrapped__(
+            loss_fn, base, plan, tx_args, clipper, mesh
+        )
+    log_every = log_every or eval_every
     params = jax.tree_util.tree_map(jnp.asarray, params)
     state = srv.ServerState(jnp.zeros([], jnp.int32), params, server_tx.init(params))
     entry = driver.round_entry(config, plan)
@@ -134,6 +148,9 @@ def run(
         history = list(meta["history"])
         start = int(meta["round"])
         state = jax.tree_util.tree_map(jnp.asarray, state)
+    if mesh is not None:  # parameters and server state replicated, client slots sharded
+        replicated = NamedSharding(mesh, P())
+        state, frozen = jax.device_put((state, frozen), replicated)
 
     def save(r: int) -> None:
         meta = {
@@ -147,19 +164,24 @@ def run(
     try:
         for r in range(start, config.rounds):
             inputs = driver.round_inputs(config, plan, dataset, clients, r)
+            if mesh is not None:
+                inputs = jax.device_put(inputs, NamedSharding(mesh, P("data")))
             if entry is not None:
                 ledger.record(entry)  # spent before the round's release
             state, metrics = round_fn(state, frozen, inputs)
             record: dict[str, Any] = {"round": r + 1}
             record.update({k: float(v) for k, v in jax.device_get(metrics).items()})
             last = r + 1 == config.rounds
-            if last or (r + 1) % eval_every == 0:
+            is_eval = last or (r + 1) % eval_every == 0
+            if is_eval or (r + 1) % log_every == 0:
                 record["epsilon"] = _json_float(_epsilon(ledger, config, eps_cache))
-                if eval_fn is not None:
-                    record.update({k: float(v) for k, v in eval_fn(state.params, frozen).items()})
+            if is_eval and eval_fn is not None:
+                record.update({k: float(v) for k, v in eval_fn(state.params, frozen).items()})
             history.append(record)
             if ckpt is not None and (last or (r + 1) % checkpoint_every == 0):
                 save(r + 1)
+            if on_round is not None:
+                on_round(record, state)
     finally:
         if ckpt is not None:
             ckpt.close()

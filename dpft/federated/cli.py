@@ -1,0 +1,321 @@
+"""``train_and_evaluate(config, workdir)`` for configs with a ``federated`` section.
+
+``python -m dpft --config configs/fmnist_fed.py --workdir DIR`` lands here (`dpft.train`
+dispatches on the section). The run reuses the centralized trainer's pieces: data loading and
+model building (`dpft.train.build`), fine-tuning modes (`dpft.train.phases`: ``scratch``,
+``full``, ``head`` on cached features, ``partial``), the feature cache, evaluation with
+calibration metrics, the metrics writer, progress bar and plots (`dpft.train.report`), and it
+writes the same workdir contract: ``config.json``, ``metrics.jsonl`` (one record per logged
+round, ``step`` = rounds done), TensorBoard events, orbax checkpoints (every
+``federated.checkpoint_every`` rounds), ``training_curves.png``, ``reliability.png`` and
+``summary.json``. Rerunning with the same workdir resumes from the last checkpoint; a workdir
+holding another config is refused.
+
+Config mapping: ``config.dp`` gives the target ``epsilon``, ``delta``, ``noise_multiplier``
+(< 0: calibrated to the target for the planned rounds), the accountant, and at example level
+the per-example clipping (``clip_norm``, ``clipping``); ``config.federated`` gives everything
+else (see `FEDERATED_KEYS`). ``config.train`` is not used, except ``keep_checkpoints``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import time
+
+import jax
+import numpy as np
+
+from dpft import models
+from dpft.federated import driver, runner
+from dpft.federated import partition as fed_partition
+from dpft.federated.plan import DP_LEVELS, FedConfig
+from dpft.metrics import reliability_diagram
+from dpft.privacy import accounting, clipping
+from dpft.train import build, report
+from dpft.train import trainer as central
+from dpft.train.checkpoint import Checkpointer
+from dpft.train.phases import plan_phases
+from dpft.train.step import cross_entropy_loss, flatten, make_eval_step, partition, unflatten
+
+log = logging.getLogger("dpft")
+
+#: Keys of ``config.federated`` and their meaning (defaults in configs/fmnist_fed.py).
+FEDERATED_KEYS = {
+    "num_clients": "number of clients the training set is split into",
+    "partition": "iid | dirichlet | shards",
+    "alpha": "Dirichlet concentration (partition=dirichlet)",
+    "shards_per_client": "shards per client (partition=shards)",
+    "level": "DP level: example | client | none",
+    "algorithm": "fedavg | fedsgd",
+    "rounds": "number of rounds",
+    "client_rate": "Poisson rate of client sampling per round",
+    "max_clients": "static client slots per round (0: automatic)",
+    "local_steps": "local steps K per round (fedavg)",
+    "local_rate": "Poisson rate of a client's local batches (1: the whole client)",
+    "local_batch": "static local batch cap (0: automatic)",
+    "local_optimizer": "sgd | adam",
+    "local_lr": "local learning rate",
+    "local_momentum": "local SGD momentum (0: none)",
+    "server_optimizer": "sgd | momentum | adam",
+    "server_lr": "server learning rate",
+    "server_momentum": "server momentum (server_optimizer=momentum)",
+    "client_clip": "L2 clip of a client's whole update (level=client)",
+    "weighting": "examples | uniform | '' (uniform at client level, else examples)",
+    "microbatch_size": "per-example gradients per microbatch inside a local step (0: all)",
+    "log_every": "rounds between metrics records",
+    "eval_every": "rounds between test evaluations",
+    "checkpoint_every": "rounds between checkpoints",
+}
+PARTITIONS = ("iid", "dirichlet", "shards")
+
+
+def _check(config) -> None:
+    """One-line errors for unknown or bad ``config.federated`` keys, before any work."""
+    f = config.federated
+    unknown = sorted(set(f.keys()) - set(FEDERATED_KEYS))
+    if unknown:
+        raise ValueError(
+            f"unknown key config.federated.{unknown[0]} (valid: {', '.join(FEDERATED_KEYS)})"
+        )
+    missing = sorted(set(FEDERATED_KEYS) - set(f.keys()))
+    if missing:
+        raise ValueError(f"config.federated.{missing[0]} is missing")
+    if f.partition not in PARTITIONS:
+        raise ValueError(
+            f"config.federated.partition must be {'|'.join(PARTITIONS)}, got {f.partition!r}"
+        )
+    if f.level not in DP_LEVELS:
+        raise ValueError(f"config.federated.level must be {'|'.join(DP_LEVELS)}, got {f.level!r}")
+    for key in ("num_clients", "rounds", "local_steps", "log_every", "eval_every"):
+        if not (isinstance(f[key], int) and f[key] >= 1):
+            raise ValueError(f"config.federated.{key} must be an int >= 1, got {f[key]!r}")
+    if not (isinstance(f.checkpoint_every, int) and f.checkpoint_every >= 1):
+        raise ValueError(
+            f"config.federated.checkpoint_every must be an int >= 1, got {f.checkpoint_every!r}"
+        )
+    if f.partition == "dirichlet" and not f.alpha > 0:
+        raise ValueError(f"config.federated.alpha must be > 0, got {f.alpha!r}")
+    if config.dp.get("secure_noise", False):
+        raise ValueError("config.dp.secure_noise is not supported by federated runs yet")
+
+
+def fed_config(config) -> FedConfig:
+    """The driver's `FedConfig` from ``config.federated`` and ``config.dp``.
+
+    Privacy:
+        ``dp.noise_multiplier < 0`` calibrates the noise so that the run's epsilon at
+        ``federated.level`` is <= ``dp.epsilon`` at ``dp.delta`` after ``federated.rounds``.
+    """
+    f, dp = config.federated, config.dp
+    z = float(dp.noise_multiplier)
+    if f.level != "none" and z < 0 and not math.isfinite(dp.epsilon):
+        raise ValueError("config.dp.noise_multiplier < 0 (calibrate) needs a finite dp.epsilon")
+    return FedConfig(
+        rounds=int(f.rounds),
+        client_rate=float(f.client_rate),
+        max_clients=int(f.max_clients) or None,
+        algorithm=f.algorithm,
+        local_steps=int(f.local_steps),
+        local_rate=float(f.local_rate),
+        local_batch=int(f.local_batch) or None,
+        local_optimizer=f.local_optimizer,
+        local_lr=float(f.local_lr),
+        local_momentum=float(f.local_momentum) or None,
+        server_optimizer=f.server_optimizer,
+        server_lr=float(f.server_lr),
+        server_momentum=float(f.server_momentum),
+        weighting=f.weighting or None,
+        dp=f.level,
+        noise_multiplier=z,
+        example_clip=float(dp.clip_norm),
+        client_clip=float(f.client_clip),
+        target_epsilon=float(dp.epsilon) if math.isfinite(dp.epsilon) else None,
+        delta=float(dp.delta),
+        accountant=dp.accountant,
+        seed=int(config.seed),
+        microbatch_size=int(f.microbatch_size) or None,
+    )
+
+
+def split_clients(config, labels: np.ndarray) -> list[np.ndarray]:
+    """The clients' index arrays into the training set (seeded by ``config.seed``)."""
+    f = config.federated
+    n = int(f.num_clients)
+    if f.partition == "iid":
+        return fed_partition.iid(labels, n, seed=config.seed)
+    if f.partition == "dirichlet":
+        return fed_partition.dirichlet(labels, n, alpha=float(f.alpha), seed=config.seed)
+    return fed_partition.shards(labels, n, int(f.shards_per_client), seed=config.seed)
+
+
+def _prepare(config):
+    """(train arrays, eval arrays, num_classes, model, variables, phase), validated."""
+    train, evaluation, num_classes = build.load_data(config)
+    model, variables = build.build_model(config, num_classes, train["image"][0])
+    phases = plan_phases(config, int(config.federated.rounds))
+    if len(phases) != 1:
+        raise ValueError(
+            f"config.finetune.mode={config.finetune.mode!r} has {len(phases)} phases: federated "
+            "runs support one (scratch, full, head, partial)"
+        )
+    return train, evaluation, num_classes, model, variables, phases[0]
+
+
+def _apply_mode(config, workdir, data, model, variables, phase):
+    """The fine-tuning mode: ``head`` with the feature cache swaps images for the frozen
+    backbone's features and the model for the linear head, exactly as the centralized trainer
+    does; then (params, frozen) per the phase's trainable patterns."""
+    train, evaluation, num_classes = data
+    if phase.use_features:
+        full = flatten(variables)
+        feats = central._features(config, workdir, model, full, train, evaluation)
+        train = {"image": feats["train"], "label": train["label"]}
+        evaluation = {"image": feats["eval"], "label": evaluation["label"]}
+        model = models.get_model("linear", num_classes)
+        variables = unflatten({k: v for k, v in full.items() if k.startswith("params/linear/")})
+    params, frozen = partition(variables, phase.trainable)
+    return train, evaluation, model, params, frozen
+
+
+def _clipper(config, fc: FedConfig, params):
+    """The per-example clipper (example level) bound to the trainable parameters."""
+    if fc.dp != "example":
+        return None
+    clipper = build.build_clipper(config.dp)
+    if isinstance(clipper, clipping.PerLayerClip):
+        clipper = clipper.bind(params)
+    return clipper
+
+
+def _check_budget(fc: FedConfig, clients) -> None:
+    """Refuses a run whose given noise multiplier would exceed the target epsilon.
+
+    Privacy:
+        With ``noise_multiplier >= 0`` and a finite target, the planned rounds' epsilon (at
+        the run's level, same accountant as the run) must be <= the target before any round.
+    """
+    if fc.dp == "none" or fc.noise_multiplier < 0 or fc.target_epsilon is None:
+        return
+    plan = driver.make_plan(fc, [len(c) for c in clients])
+    entry = driver.round_entry(fc, plan)
+    total = dataclasses.replace(entry, count=entry.count * fc.rounds)
+    eps = accounting.compute_epsilon(total, fc.delta, fc.accountant)
+    if eps > fc.target_epsilon:
+        raise ValueError(
+            f"config.dp.noise_multiplier={fc.noise_multiplier} gives epsilon {eps:.3f} > "
+            f"config.dp.epsilon={fc.target_epsilon} after {fc.rounds} rounds"
+        )
+
+
+def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
+    """Runs the federated experiment ``config`` in ``workdir`` (resuming) -> summary dict."""
+    t_start = time.time()
+    workdir = pathlib.Path(workdir)
+    _check(config)
+    fc = fed_config(config)
+    mesh = build.make_mesh(config.get("parallel", {}).get("data", 1))
+    f = config.federated
+    train, evaluation, num_classes, model, variables, phase = _prepare(config)
+    clients = split_clients(config, train["label"])
+    _check_budget(fc, clients)
+    central._claim_workdir(workdir, central._config_json(config))  # inputs validated above
+    data = (train, evaluation, num_classes)
+    train, evaluation, model, params, frozen = _apply_mode(
+        config, workdir, data, model, variables, phase
+    )
+    eval_step = jax.jit(make_eval_step(model.apply))
+    last: dict = {}
+
+    def eval_fn(p, fr):
+        last["metrics"], last["calibration"] = central.evaluate(
+            eval_step, p, fr, evaluation, config.eval_batch_size, details=True
+        )
+        return last["metrics"]
+
+    ckpt = Checkpointer(workdir)
+    start = ckpt.latest_step() or 0
+    ckpt.close()
+    writer = report.MetricsWriter(workdir, resume_step=start, tensorboard=config.tensorboard)
+    bar = report.progress_bar(fc.rounds, start, config.name or "dpft-federated")
+
+    def on_round(record, state):
+        bar.update(1)
+        r = record["round"]
+        if "epsilon" in record:  # a log or eval point (the runner computed epsilon)
+            out = {k: v for k, v in record.items() if k != "round"}
+            if out["epsilon"] is None:
+                out["epsilon"] = math.inf
+            writer.write(r, out)
+            bar.set_postfix(
+                eps=f"{out['epsilon']:.3f}",
+                loss=f"{record.get('debug/train_loss', math.nan):.3f}",
+                acc=f"{record.get('test_accuracy', math.nan):.3f}",
+            )
+
+    t_train = time.time()
+    try:
+        result = runner.run(
+            fc,
+            cross_entropy_loss(model.apply),
+            params,
+            frozen,
+            train,
+            clients,
+            workdir=workdir,
+            eval_fn=eval_fn,
+            eval_every=int(f.eval_every),
+            checkpoint_every=int(f.checkpoint_every),
+            clipper=_clipper(config, fc, params),
+            mesh=mesh,
+            log_every=int(f.log_every),
+            on_round=on_round,
+        )
+    finally:
+        bar.close()
+        writer.close()
+    train_seconds = time.time() - t_train
+    if "calibration" not in last:  # resumed a finished run: evaluate the final model once
+        eval_fn(result.params, frozen)
+    final, calibration = last["metrics"], last["calibration"]  # the last round's eval
+    plan = result.plan
+    summary = {
+        **final,
+        "epsilon": result.epsilon,
+        "delta": fc.delta,
+        "dp_level": fc.dp,
+        "eval_data": (
+            "validation split of the training data (metrics NOT private)"
+            if config.data.validation_fraction > 0
+            else f"public {config.data.eval_split} split"
+        ),
+        "accountant": fc.accountant,
+        "target_epsilon": fc.target_epsilon,
+        "noise_multiplier": plan.noise_multiplier,
+        "steps": int(result.state.round),
+        "rounds": int(result.state.round),
+        "ledger_steps": result.ledger.steps,
+        "finetune_mode": config.finetune.mode or phase.name,
+        "num_clients": plan.num_clients,
+        "client_slots": plan.slots,
+        "local_batch": plan.local_batch,
+        "local_steps": plan.local_steps,
+        "partition": f.partition,
+        "num_train_examples": len(train["label"]),
+        "wall_seconds": time.time() - t_start,
+        "train_seconds": train_seconds,
+    }
+    summary = {k: report._jsonable(v) if isinstance(v, float) else v for k, v in summary.items()}
+    tmp = workdir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(workdir / "summary.json")
+    title = f"{config.name} ({fc.dp}-level): eps={result.epsilon:.2f}, delta={fc.delta:g}"
+    report.plot_curves(workdir, title=title)
+    reliability_diagram(calibration, workdir / "reliability.png", title=title)
+    return summary
+
+
+__all__ = ["FEDERATED_KEYS", "fed_config", "split_clients", "train_and_evaluate"]
