@@ -9,6 +9,7 @@ name                   model
 ``tramer_boneh_cnn``   `TramerBonehCNN` (the same layers with tanh, Tramer & Boneh 2021)
 ``resnet20`` .. ``56`` `CifarResNet` (option-A CIFAR ResNet; kwargs ``norm``, ``groups``)
 ``wrn16_4``            `WideResNet` WRN-16-4, GroupNorm + weight standardization
+``resnet18/34/50``     `ImageNetResNet` (torchvision layout; GroupNorm; kwargs ``norm``, ``stem``)
 ``linear``             `LinearHead`: one Dense on flattened inputs (training on features)
 =====================  ==============================================================
 
@@ -29,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from dpft.models.cnn import SampleConvNet, TramerBonehCNN
+from dpft.models.imagenet_resnet import ImageNetResNet
 from dpft.models.resnet import (
     CifarResNet,
     WideResNet,
@@ -67,6 +69,10 @@ def _resnet(depth: int) -> Callable[..., nn.Module]:
     return lambda num_classes, **kw: CifarResNet(depth=depth, num_classes=num_classes, **kw)
 
 
+def _imagenet_resnet(depth: int) -> Callable[..., nn.Module]:
+    return lambda num_classes, **kw: ImageNetResNet(depth=depth, num_classes=num_classes, **kw)
+
+
 # name -> (class, constructor(num_classes, **kwargs), attributes fixed by the name)
 _REGISTRY: dict[str, tuple[type[nn.Module], Callable[..., nn.Module], tuple[str, ...]]] = {
     "sample_convnet": (SampleConvNet, lambda k, **kw: SampleConvNet(num_classes=k, **kw), ()),
@@ -80,6 +86,9 @@ _REGISTRY: dict[str, tuple[type[nn.Module], Callable[..., nn.Module], tuple[str,
         lambda k, **kw: WideResNet(depth=16, width=4, num_classes=k, **kw),
         ("depth", "width"),
     ),
+    "resnet18": (ImageNetResNet, _imagenet_resnet(18), ("depth",)),
+    "resnet34": (ImageNetResNet, _imagenet_resnet(34), ("depth",)),
+    "resnet50": (ImageNetResNet, _imagenet_resnet(50), ("depth",)),
     "linear": (LinearHead, lambda k, **kw: LinearHead(num_classes=k, **kw), ()),
 }
 
@@ -134,6 +143,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "MODEL_NAMES",
     "CifarResNet",
+    "ImageNetResNet",
     "LinearHead",
     "SampleConvNet",
     "TramerBonehCNN",
