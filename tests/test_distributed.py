@@ -9,8 +9,11 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
+from dpft.train import step as step_lib
 from dpft.train import train_and_evaluate
 from dpft.train.checkpoint import Checkpointer
 from tests.dist_case import run_case, tiny_train_config, write_tiny_mnist
@@ -111,3 +114,45 @@ def test_trainer_two_processes_equal_one_process(tmp_path):
     assert len(list(work.glob("events.out.tfevents*"))) == 1
     assert json.loads((work / "summary.json").read_text())["epsilon"] == s0["epsilon"]
     assert "tiny_mh" in logs[0] and "tiny_mh" not in logs[1]  # the progress bar
+
+
+def test_fsdp_spec_shards_the_largest_divisible_dimension():
+    from dpft.train.step import fsdp_spec
+
+    assert fsdp_spec((784, 16), 8) == P("data")
+    assert fsdp_spec((3, 3, 16, 32), 8) == P(None, None, None, "data")
+    assert fsdp_spec((10,), 8) == P() and fsdp_spec((), 8) == P() and fsdp_spec((4,), 8) == P()
+
+
+def test_fsdp_eight_devices_equal_one_device(tmp_path, monkeypatch):
+    """Params and optimizer state sharded over 8 CPU devices: the run of one device."""
+    from dpft.train import trainer
+
+    assert jax.device_count() >= 8, "conftest sets 8 host devices"
+    data_dir = tmp_path / "data"
+    write_tiny_mnist(data_dir)
+    specs = []
+
+    def spy(mesh, state, fsdp):
+        out = step_lib.state_shardings(mesh, state, fsdp)
+        specs.extend(s.spec for s in jax.tree_util.tree_leaves(out.params))
+        specs.extend(s.spec for s in jax.tree_util.tree_leaves(out.opt_state))
+        return out
+
+    monkeypatch.setattr(trainer, "state_shardings", spy)
+    fsdp = tiny_train_config(data_dir, num_devices=8)
+    fsdp.parallel.fsdp = True
+    fsdp.train.momentum = 0.9  # optimizer state to shard too
+    one = tiny_train_config(data_dir, num_devices=1)
+    one.train.momentum = 0.9
+    one.train.max_batch_size = 64
+    s8 = train_and_evaluate(fsdp, tmp_path / "fsdp")
+    s1 = train_and_evaluate(one, tmp_path / "one")
+    assert P("data") in specs and P() in specs  # kernel [784, 10] sharded, bias not
+    assert s8["epsilon"] == s1["epsilon"] and s8["steps"] == s1["steps"] == 4
+    a, meta_a = _final(tmp_path / "fsdp")
+    b, meta_b = _final(tmp_path / "one")
+    assert meta_a["ledger"] == meta_b["ledger"]
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    assert s8["test_accuracy"] == pytest.approx(s1["test_accuracy"], abs=1 / 64 + 1e-9)

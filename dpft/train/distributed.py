@@ -151,21 +151,33 @@ def global_batch(mesh: Mesh, batch: Mapping[str, np.ndarray], axis: str = "data"
 
 def replicated(mesh: Mesh, tree):
     """``tree`` (identical on every process) as fully replicated global arrays."""
-    sharding = NamedSharding(mesh, P())
+    return put(tree, jax.tree_util.tree_map(lambda _: NamedSharding(mesh, P()), tree))
 
-    def put(x):
+
+def put(tree, shardings):
+    """``tree`` (identical on every process) as global arrays with ``shardings`` (a tree like
+    ``tree``); each process materialises only its own shards."""
+
+    def one(x, sharding):
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
-    return jax.tree_util.tree_map(put, to_host(tree))
+    return jax.tree_util.tree_map(one, to_host(tree), shardings)
 
 
 def to_host(tree):
-    """Arrays (replicated global ones included) as numpy: every process gets a full copy."""
+    """Arrays (global ones included, replicated or sharded) as numpy, in full on every process.
+
+    A sharded global array is all-gathered: every process must call this together.
+    """
 
     def get(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return np.asarray(x.addressable_data(0))
+            if x.is_fully_replicated:
+                return np.asarray(x.addressable_data(0))
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
         return np.asarray(x)
 
     return jax.tree_util.tree_map(get, tree)

@@ -5,6 +5,14 @@ over, never differentiated), then the DP optimizer chain (noise once, divide by 
 batch size, base optimizer). The step is jitted once with donated state; the federated driver
 and multi-device runs reuse this same function.
 
+Placement over a mesh (`state_shardings`): parameters and optimizer state replicated, or with
+FSDP (``config.parallel.fsdp``) sharded over the data axis on their largest divisible dimension.
+The step is the same function either way: inside it the sharded parameters are gathered for
+the per-device clipped gradients (``shard_map`` takes them replicated), and jitting with
+``out_shardings=state_shardings(...)`` keeps the new state sharded. The noise is drawn on the
+full (logical) shape with one key; with partitionable threefry (JAX's default) the values do not
+depend on the sharding, so an FSDP run computes what a one-device run computes.
+
 Metrics computed from the private batch without noise (loss, accuracy, clipping statistics) are
 returned under ``debug/``: they are NOT differentially private and are meant for debugging.
 """
@@ -18,7 +26,10 @@ from typing import Any, NamedTuple
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dpft.privacy import clipping
 
@@ -171,7 +182,6 @@ def apply_dp_update(tx, state: TrainState, grad_sum, sums: BatchSums):
 
 def _sharded(grad_fn: Callable, mesh: jax.sharding.Mesh, axis: str) -> Callable:
     """``grad_fn`` over a batch sharded along ``axis``: local clipped sums, then one psum."""
-    from jax.sharding import PartitionSpec as P
 
     def local(params, examples, mask, rng):
         offset = jax.lax.axis_index(axis) * mask.shape[0]
@@ -186,6 +196,39 @@ def _sharded(grad_fn: Callable, mesh: jax.sharding.Mesh, axis: str) -> Callable:
     out_specs = clipping.ClippedGrad(P(), rows, rows, rows, P(), P())
     return jax.shard_map(
         local, mesh=mesh, in_specs=(P(), rows, rows, P()), out_specs=out_specs, check_vma=False
+    )
+
+
+def fsdp_spec(shape: Sequence[int], axis_size: int, axis: str = "data") -> P:
+    """``axis`` on the largest dimension of ``shape`` divisible by ``axis_size``; P() if none."""
+    dims = [d for d, n in enumerate(shape) if n >= axis_size and n % axis_size == 0]
+    if not dims:
+        return P()
+    d = max(dims, key=lambda i: (shape[i], -i))
+    return P(*([None] * d), axis)
+
+
+def state_shardings(mesh: jax.sharding.Mesh, state: TrainState, fsdp: bool, axis: str = "data"):
+    """Shardings of ``state`` over ``mesh``: all replicated, or params and optimizer state FSDP.
+
+    The step counter and the frozen variables stay replicated (the frozen ones are closed over
+    inside the per-device gradient computation).
+    """
+    replicated = NamedSharding(mesh, P())
+
+    def shard(x):
+        return NamedSharding(mesh, fsdp_spec(np.shape(x), mesh.shape[axis], axis))
+
+    def rep(tree):
+        return jax.tree_util.tree_map(lambda _: replicated, tree)
+
+    if not fsdp:
+        return rep(state)
+    return TrainState(
+        replicated,
+        jax.tree_util.tree_map(shard, state.params),
+        jax.tree_util.tree_map(shard, state.opt_state),
+        rep(state.frozen),
     )
 
 

@@ -60,6 +60,7 @@ from dpft.train.step import (
     make_eval_step,
     make_train_step,
     partition,
+    state_shardings,
     unflatten,
 )
 from dpft.train.workdir import ConfigMismatchError, write_summary
@@ -131,6 +132,7 @@ class _Runtime:
     train_arrays: dict
     eval_arrays: dict
     chunked: accumulate.AccumulatingStep | None = None  # host-chunked logical steps
+    shardings: object = None  # of the state over the mesh (replicated, or FSDP)
 
 
 def _build_runtime(
@@ -179,21 +181,27 @@ def _build_runtime(
         chunked = accumulate.jit_accumulating(
             accumulate.make_accumulating_step(loss, clipper, tx, microbatch_size=mb)
         )
-    step_fn = jax.jit(
-        make_train_step(loss, clipper, tx, microbatch_size=mb, mesh=mesh), donate_argnums=0
-    )
-    state = _place(mesh, state)  # params and optimizer state replicated over the mesh
-    eval_fn = jax.jit(make_eval_step(model.apply))
-    return _Runtime(phase, state, step_fn, eval_fn, train_arrays, eval_arrays, chunked)
-
-
-def _place(mesh, state):
-    """``state`` replicated over ``mesh`` (global arrays in a multi-process run)."""
+    step = make_train_step(loss, clipper, tx, microbatch_size=mb, mesh=mesh)
+    shardings = None
     if mesh is None:
+        step_fn = jax.jit(step, donate_argnums=0)
+    else:  # params and optimizer state replicated over the mesh, or sharded (FSDP)
+        fsdp = bool(config.parallel.get("fsdp", False))
+        shardings = state_shardings(mesh, state, fsdp)
+        out = (shardings, NamedSharding(mesh, P()))
+        step_fn = jax.jit(step, donate_argnums=0, out_shardings=out)
+    state = _place(state, shardings)
+    eval_fn = jax.jit(make_eval_step(model.apply))
+    return _Runtime(phase, state, step_fn, eval_fn, train_arrays, eval_arrays, chunked, shardings)
+
+
+def _place(state, shardings):
+    """``state`` laid out over the mesh (global arrays in a multi-process run)."""
+    if shardings is None:
         return state
     if distributed.is_multiprocess():
-        return distributed.replicated(mesh, state)
-    return jax.device_put(state, NamedSharding(mesh, P()))
+        return distributed.put(state, shardings)
+    return jax.device_put(state, shardings)
 
 
 def _features(config, workdir, model, full, train_arrays, eval_arrays) -> dict:
@@ -260,6 +268,11 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     n = len(train_arrays["label"])
     mesh = build.make_mesh(config.get("parallel", {}).get("data", 1))
     n_dev = mesh.size if mesh is not None else 1
+    if config.get("parallel", {}).get("fsdp", False) and mesh is None:
+        raise ValueError(
+            "config.parallel.fsdp=True shards over a mesh: set config.parallel.data to 0 (all "
+            "devices) or > 1"
+        )
     chunk = config.train.get("host_chunk_size", 0)
     if chunk and (chunk < 0 or n_dev > 1):
         raise ValueError(
@@ -322,7 +335,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
             raise other from e
         if meta.get("phase", 0) != current:
             raise other
-        rt.state = _place(mesh, state)
+        rt.state = _place(state, rt.shardings)
         budget.ledger = accounting.PrivacyLedger.from_dict(meta["ledger"])
         sampler.load_state_dict(meta["sampler"])
         start = int(meta["step"])
