@@ -11,7 +11,7 @@ See README "Launching on a TPU pod"::
       "cd dpft && python -m dpft --config configs/imagenet_pod.py \\
          --workdir gs://$BUCKET/runs/imagenet_pod --config.data.tfds_data_dir=gs://$BUCKET/tfds"
 
-    python -m dpft --config configs/imagenet_pod.py:smoke --workdir /tmp/pod_smoke   # CPU, s
+    python -m dpft --config configs/imagenet_pod.py:smoke --workdir /tmp/pod_smoke   # 2 steps
 
 Data: TFDS ``imagenet_resized/64x64`` (ImageNet 2012, 1,281,167 training and 50,000 validation
 images, box-resized to 64x64 by TFDS from the manually downloaded imagenet2012 archives; prepare
@@ -71,7 +71,8 @@ def get_config(arg: str = ""):
             c.model.norm = ""
             c.model.dtype = "float32"
             c.parallel.data = 1  # one CPU device
-            c.data.train_subset = 0  # mock data: 32 examples
+            c.data.train_subset = 32  # tests: all of tfds.testing.mock_data's 32 examples
+            c.data.eval_subset = 32
             c.train.batch_size = 8
             c.train.max_batch_size = 32  # no cap on 32 examples: quick to account
             c.train.microbatch_size = 16
