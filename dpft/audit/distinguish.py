@@ -147,32 +147,54 @@ def threshold_bound(pos: int, neg: int, n: int, delta: float, alpha: float) -> f
     return max(0.0, math.log((b_lo - delta) / a_hi))
 
 
-def _candidates(s_d: np.ndarray, s_dp: np.ndarray, num: int = 256):
-    """(threshold, side, direction) candidates: sets S = {s > t} or {s <= t}, both directions."""
-    pooled = np.sort(np.concatenate([s_d, s_dp]))
-    qs = np.unique(pooled[np.linspace(0, pooled.size - 1, num).astype(int)])
-    for t in qs:
-        for side in (">", "<="):
-            yield float(t), side
+def _cp_lower(k: np.ndarray, n: int, alpha: float) -> np.ndarray:
+    k = np.asarray(k, np.float64)
+    out = stats.beta.ppf(alpha, np.maximum(k, 1), n - k + 1)
+    return np.where(k == 0, 0.0, out)
 
 
-def _fires(s: np.ndarray, t: float, side: str) -> int:
-    return int(np.sum(s > t) if side == ">" else np.sum(s <= t))
+def _cp_upper(k: np.ndarray, n: int, alpha: float) -> np.ndarray:
+    k = np.asarray(k, np.float64)
+    out = stats.beta.ppf(1 - alpha, k + 1, np.maximum(n - k, 1))
+    return np.where(k == n, 1.0, out)
 
 
-def _best_test(stats_d: dict, stats_dp: dict, delta: float, alpha: float):
-    """On the selection half: the (statistic, threshold, side, swap) with the largest bound."""
+def _bounds(pos: np.ndarray, neg: np.ndarray, n: int, delta: float, alpha: float) -> np.ndarray:
+    """Vectorised `threshold_bound`."""
+    num = _cp_lower(pos, n, alpha) - delta
+    den = _cp_upper(neg, n, alpha)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        eps = np.log(np.where(num > 0, num, 1.0) / den)
+    return np.where(num > 0, np.maximum(eps, 0.0), 0.0)
+
+
+def _fires(s: np.ndarray, t, side: str):
+    """How many of ``s`` fall in S = {s > t} or {s <= t} (``t`` scalar or array)."""
+    s = np.sort(s)
+    below = np.searchsorted(s, t, side="right")  # count of s <= t
+    return s.size - below if side == ">" else below
+
+
+def _best_test(stats_d: dict, stats_dp: dict, delta: float, alpha: float, num: int = 256):
+    """On the selection half: the (statistic, threshold, side, swap) with the largest bound.
+
+    Candidates: sets S = {s > t} or {s <= t} for ``num`` thresholds t at quantiles of the pooled
+    statistic, each read as "S says D'" (swap False) or "S says D" (swap True).
+    """
     best, best_eps = None, -1.0
     for name in STATISTICS:
         s_d, s_dp = stats_d[name], stats_dp[name]
         n = s_d.size
-        for t, side in _candidates(s_d, s_dp):
-            a, b = _fires(s_d, t, side), _fires(s_dp, t, side)
-            for swap in (False, True):  # False: S says D'; True: S says D
+        pooled = np.sort(np.concatenate([s_d, s_dp]))
+        ts = np.unique(pooled[np.linspace(0, pooled.size - 1, num).astype(int)])
+        for side in (">", "<="):
+            a, b = _fires(s_d, ts, side), _fires(s_dp, ts, side)
+            for swap in (False, True):
                 pos, neg = (a, b) if swap else (b, a)
-                eps = threshold_bound(pos, neg, n, delta, alpha)
-                if eps > best_eps:
-                    best, best_eps = (name, t, side, swap), eps
+                eps = _bounds(pos, neg, n, delta, alpha)
+                i = int(np.argmax(eps))
+                if eps[i] > best_eps:
+                    best, best_eps = (name, float(ts[i]), side, swap), float(eps[i])
     return best
 
 
@@ -258,7 +280,7 @@ def run_distinguishing_audit(cfg: DistinguishConfig) -> DistinguishResult:
     name, t, side, swap = _best_test(sel_d, sel_dp, cfg.delta, alpha)
     ev_d, ev_dp = s_d[name][half:], s_dp[name][half:]
     n = ev_d.size
-    a, b = _fires(ev_d, t, side), _fires(ev_dp, t, side)
+    a, b = int(_fires(ev_d, t, side)), int(_fires(ev_dp, t, side))
     pos, neg = (a, b) if swap else (b, a)
     eps = threshold_bound(pos, neg, n, cfg.delta, alpha)
     return DistinguishResult(cfg, cfg.epsilon, float(sigma), eps, name, neg, pos, n)
