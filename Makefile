@@ -39,6 +39,7 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.run
 	$(PY) -m bench.head_cost
+	$(PY) -m bench.federated
 
 # The bench against its peers: installs PyTorch 2.13 (CPU build), Opacus 1.6 and jax-privacy 2.x
 # into the venv, then runs `python -m bench.run --peers`. jax, jaxlib, flax, optax and numpy are
