@@ -140,13 +140,13 @@ def load_features(config, workdir: pathlib.Path) -> tuple[dict, dict, int]:
 def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     """Fits the head per ``config.linear`` and writes the workdir contract -> summary."""
     from dpft.train import report
-    from dpft.train.trainer import _claim_workdir, _config_json
+    from dpft.train.workdir import claim_workdir, config_json
 
     t_start = time.time()
     workdir = pathlib.Path(workdir)
     check_config(config)
     done = workdir / "summary.json"
-    resumable = _claim_workdir(workdir, _config_json(config))  # refuses another config
+    resumable = claim_workdir(workdir, config_json(config))  # refuses another config
     if resumable and done.exists():
         log.info("%s is finished: returning its summary", workdir)
         return json.loads(done.read_text())
