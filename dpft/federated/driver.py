@@ -222,7 +222,8 @@ def make_round(
         )
 
     def round_fn(state: srv.ServerState, frozen, inputs: RoundInputs):
-        keys = jax.vmap(lambda c: client_key(config.seed, state.round, c))(inputs.client_ids)
+        seed = config.seed if inputs.seed is None else inputs.seed
+        keys = jax.vmap(lambda c: client_key(seed, state.round, c))(inputs.client_ids)
         updates, metrics = clients_fn(
             state.params, frozen, inputs.batch, inputs.mask, inputs.inv_expected, keys
         )
@@ -233,7 +234,7 @@ def make_round(
                 cmask,
                 clip_norm=s_clip,
                 noise_std=std,
-                noise_key=server_noise_key(config.seed, state.round),
+                noise_key=server_noise_key(seed, state.round),
                 expected_clients=expected,
             )
         else:

@@ -181,6 +181,8 @@ class RoundInputs(NamedTuple):
     client_ids: np.ndarray  # int32 [slots] (padding slots: 0)
     weights: np.ndarray  # float32 [slots]
     inv_expected: np.ndarray  # float32 [slots]
+    seed: np.ndarray | None = None  # int32 []: the run's seed, an input so that runs with
+    # different seeds share one compiled round (None: the round function's config.seed)
 
 
 def round_inputs(
@@ -198,6 +200,8 @@ def round_inputs(
         ids and batches are private and must not be logged.
     """
     s, k, b = plan.slots, plan.local_steps, plan.local_batch
+    if not 0 <= config.seed < 2**31:
+        raise ValueError(f"seed must be in [0, 2**31), got {config.seed}")
     if config.client_rate == 1 and s == plan.num_clients:
         ids, cmask = np.arange(s), np.ones(s, bool)
     else:
@@ -230,4 +234,5 @@ def round_inputs(
         np.where(cmask, ids, 0).astype(np.int32),
         weights,
         inv,
+        np.asarray(config.seed, np.int32),
     )

@@ -124,7 +124,7 @@ def run(
     n_dev = mesh.shape["data"] if mesh is not None else 1
     plan = driver.make_plan(config, [len(c) for c in clients], slot_multiple=n_dev)
     tx_args = (config.server_optimizer, config.server_lr, config.server_momentum)
-    base = dataclasses.replace(config, rounds=0)
+    base = dataclasses.replace(config, rounds=0, seed=0)  # the seed is a round input
     try:
         server_tx, round_fn = _compiled_round(loss_fn, base, plan, tx_args, clipper, mesh)
     except TypeError:  # an unhashable clipper or loss: build without the cache
@@ -164,8 +164,10 @@ def run(
     try:
         for r in range(start, config.rounds):
             inputs = driver.round_inputs(config, plan, dataset, clients, r)
-            if mesh is not None:
-                inputs = jax.device_put(inputs, NamedSharding(mesh, P("data")))
+            if mesh is not None:  # client slots sharded, the seed replicated
+                seed = jax.device_put(inputs.seed, NamedSharding(mesh, P()))
+                inputs = jax.device_put(inputs._replace(seed=None), NamedSharding(mesh, P("data")))
+                inputs = inputs._replace(seed=seed)
             if entry is not None:
                 ledger.record(entry)  # spent before the round's release
             state, metrics = round_fn(state, frozen, inputs)
