@@ -4,18 +4,24 @@ Fashion-MNIST split over 100 clients (IID, and Dirichlet alpha = 0.5 label skew)
 delta = 1e-5, example-level DP (each client runs DP-SGD/DP-GD on its own data) and client-level
 DP (DP-FedAvg), three arms:
 
-* HT: head tuning of the CIFAR-10-pretrained ResNet-20 on its cached 64-d features;
-* FT: fine-tuning the pretrained ResNet-20 (scaled down: the last residual block + head);
-* ST: the small CNN (``sample_convnet``) trained from scratch.
+* HT: head tuning of the CIFAR-10-pretrained ResNet-20 on its cached 64-d features, on all
+  60k training examples; HT-3k: the same on a fixed 3k subset (30 examples per client);
+* FT-3k: fine-tuning the pretrained ResNet-20 scaled down to the last residual block + head, on
+  the frozen prefix's cached activations (`experiments.lp_ft`), same 3k subset;
+* ST-3k: the small CNN (``sample_convnet``) trained from scratch, same 3k subset.
 
-Everything goes through the federated CLI's pieces (`dpft.federated.cli`: data, model, fine-tuning
-mode, feature cache, client split) and `dpft.federated.runner.run`; the configs are built from
-``configs/fmnist_fed.py``. Compute is 2 shared CPU cores, so the study is scaled down; the
-scale of every arm is written into the results file (see ``SCALE``).
+Configs come from ``configs/fmnist_fed.py``; data, fine-tuning mode, the feature cache, the
+client split and the config mapping from `dpft.federated.cli`; runs from
+`dpft.federated.runner.run`. Compute is 2 shared CPU cores, so the study is scaled down (see
+``SCALE``, also written into the JSON); the local learning rate is tuned per arm and level on a
+validation split carved from the training data. The run is resumable (rows already in the JSON
+are skipped).
 
-    nice -n 19 python -m experiments.dpfl_pretraining [--seeds 3] [--only HT,ST,FT]
+    nice -n 19 python -m experiments.dpfl_pretraining --levels example
+    nice -n 19 python -m experiments.dpfl_pretraining --only HT-3k,ST-3k --levels client
 
-Writes experiments/results/dpfl_pretraining.{json,md,png}.
+Writes experiments/results/dpfl_pretraining.{json,png,table.md}; the discussion is in
+experiments/results/dpfl_pretraining.md.
 """
 
 from __future__ import annotations
