@@ -36,7 +36,9 @@ from dpft.federated.plan import DP_LEVELS, FedConfig
 from dpft.metrics import reliability_diagram
 from dpft.privacy import accounting, clipping
 from dpft.train import build, report
+from dpft.train import features as features_lib
 from dpft.train import trainer as central
+from dpft.train import workdir as workdir_lib
 from dpft.train.checkpoint import Checkpointer
 from dpft.train.phases import plan_phases
 from dpft.train.step import cross_entropy_loss, flatten, make_eval_step, partition, unflatten
@@ -172,7 +174,7 @@ def _apply_mode(config, workdir, data, model, variables, phase):
     train, evaluation, num_classes = data
     if phase.use_features:
         full = flatten(variables)
-        feats = central._features(config, workdir, model, full, train, evaluation)
+        feats = features_lib.backbone_features(config, workdir, model, full, train, evaluation)
         train = {"image": feats["train"], "label": train["label"]}
         evaluation = {"image": feats["eval"], "label": evaluation["label"]}
         model = models.get_model("linear", num_classes)
@@ -222,7 +224,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     train, evaluation, num_classes, model, variables, phase = _prepare(config)
     clients = split_clients(config, train["label"])
     _check_budget(fc, clients)
-    central._claim_workdir(workdir, central._config_json(config))  # inputs validated above
+    workdir_lib.claim_workdir(workdir, workdir_lib.config_json(config))  # inputs validated above
     data = (train, evaluation, num_classes)
     train, evaluation, model, params, frozen = _apply_mode(
         config, workdir, data, model, variables, phase

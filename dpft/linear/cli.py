@@ -124,12 +124,12 @@ def calibration(params, X, y):
 def load_features(config, workdir: pathlib.Path) -> tuple[dict, dict, int]:
     """(train {'x','y'}, eval {'x','y'}, num_classes): backbone features from the cache."""
     from dpft.train import build
+    from dpft.train.features import backbone_features  # the trainer's cache and key
     from dpft.train.step import flatten
-    from dpft.train.trainer import _features  # same cache key as the trainer's head runs
 
     train, evaluation, k = build.load_data(config)
     model, variables = build.build_model(config, k, train["image"][0])
-    feats = _features(config, workdir, model, flatten(variables), train, evaluation)
+    feats = backbone_features(config, workdir, model, flatten(variables), train, evaluation)
     return (
         {"x": feats["train"], "y": train["label"]},
         {"x": feats["eval"], "y": evaluation["label"]},

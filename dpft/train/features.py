@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpft import data as dpdata
+from dpft.train.step import unflatten
 
 log = logging.getLogger("dpft")
 
@@ -99,3 +100,54 @@ def cached_features(
     (cache_dir / f"features-{key}.json").write_text(json.dumps(desc, indent=2, default=str))
     log.info("computed features in %.1fs -> %s", time.time() - t0, path)
     return got
+
+
+def backbone_features(config, workdir, model, full, train_arrays, eval_arrays) -> dict:
+    """Cached ``model.features`` of the train and eval images, keyed by backbone + data.
+
+    The cache key holds the backbone (name, norm, pretrained weights' identity), the dataset
+    and split choices and the preprocessing, so every driver (centralized head runs, feature
+    methods, federated head tuning) shares one cache per ``config.finetune.cache_dir``.
+    ``full`` is the flat variable dict of the backbone.
+
+    Privacy:
+        Features of private examples are a deterministic function of the private data; they
+        are kept in the workdir and may only enter DP mechanisms (they are never logged).
+    """
+    variables = unflatten(full)
+    m, d = config.model, config.data
+    description = {
+        "backbone": m.name,
+        "norm": m.norm,
+        "pretrained": m.pretrained,
+        "weights": file_identity(_weights_path(config)),
+        "dataset": d.name,
+        "eval_split": d.eval_split,
+        "train_subset": d.train_subset,
+        "eval_subset": d.eval_subset,
+        "validation_fraction": d.validation_fraction,
+        "seed": config.seed if (d.train_subset or d.validation_fraction) else None,
+        "preprocessing": d.preprocessing or "default",
+    }
+    cache_dir = config.finetune.get("cache_dir", "") or pathlib.Path(workdir) / "features"
+    return cached_features(
+        cache_dir,
+        description,
+        lambda x: model.apply(variables, x, method=model.features),
+        {"train": train_arrays["image"], "eval": eval_arrays["image"]},
+        config.eval_batch_size,
+    )
+
+
+def _weights_path(config):
+    """Path of the pretrained weights file (for the cache key), or None."""
+    if not config.model.pretrained:
+        return None
+    if config.model.pretrained_path:
+        return config.model.pretrained_path
+    from dpft.models import pretrained
+
+    try:
+        return pretrained.weights_path(config.model.pretrained, None)
+    except Exception:  # noqa: BLE001 - identity is best effort; the name is in the key anyway
+        return None

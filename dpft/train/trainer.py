@@ -145,7 +145,9 @@ def _build_runtime(
     if phase.use_features:
         head = models.get_model("linear", num_classes)
         variables = unflatten({k: v for k, v in full.items() if k.startswith("params/linear/")})
-        feats = _features(config, workdir, model, full, train_arrays, eval_arrays)
+        feats = features_lib.backbone_features(
+            config, workdir, model, full, train_arrays, eval_arrays
+        )
         train_arrays = {"image": feats["train"], "label": train_arrays["label"]}
         eval_arrays = {"image": feats["eval"], "label": eval_arrays["label"]}
         model = head
@@ -202,45 +204,6 @@ def _place(state, shardings):
     if distributed.is_multiprocess():
         return distributed.put(state, shardings)
     return jax.device_put(state, shardings)
-
-
-def _features(config, workdir, model, full, train_arrays, eval_arrays) -> dict:
-    variables = unflatten(full)
-    m, d = config.model, config.data
-    description = {
-        "backbone": m.name,
-        "norm": m.norm,
-        "pretrained": m.pretrained,
-        "weights": features_lib.file_identity(_weights_path(config)),
-        "dataset": d.name,
-        "eval_split": d.eval_split,
-        "train_subset": d.train_subset,
-        "eval_subset": d.eval_subset,
-        "validation_fraction": d.validation_fraction,
-        "seed": config.seed if (d.train_subset or d.validation_fraction) else None,
-        "preprocessing": d.preprocessing or "default",
-    }
-    cache_dir = config.finetune.get("cache_dir", "") or pathlib.Path(workdir) / "features"
-    return features_lib.cached_features(
-        cache_dir,
-        description,
-        lambda x: model.apply(variables, x, method=model.features),
-        {"train": train_arrays["image"], "eval": eval_arrays["image"]},
-        config.eval_batch_size,
-    )
-
-
-def _weights_path(config):
-    if not config.model.pretrained:
-        return None
-    if config.model.pretrained_path:
-        return config.model.pretrained_path
-    from dpft.models import pretrained
-
-    try:
-        return pretrained.weights_path(config.model.pretrained, None)
-    except Exception:  # noqa: BLE001 - identity is best effort; the name is in the key anyway
-        return None
 
 
 class _IndexLoader:
