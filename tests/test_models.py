@@ -149,9 +149,13 @@ def test_get_model_registry():
         "resnet44",
         "resnet56",
         "wrn16_4",
+        "resnet18",
+        "resnet34",
+        "resnet50",
         "linear",
     }
     assert models.get_model("resnet44", 3).depth == 44
+    assert models.get_model("resnet50", 5).depth == 50
     assert isinstance(models.get_model("tramer_boneh_cnn", 10), TramerBonehCNN)
     head = models.get_model("linear", 4)
     x = jnp.ones((2, 64))
@@ -162,7 +166,7 @@ def test_get_model_registry():
 
 def test_get_model_unknown_name():
     with pytest.raises(ValueError, match="valid names are") as info:
-        models.get_model("resnet18", 10)
+        models.get_model("resnet101", 10)
     for name in models.MODEL_NAMES:
         assert name in str(info.value)
     with pytest.raises(ValueError, match="does not take"):
