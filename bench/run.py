@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import importlib
 import json
 import os
@@ -609,6 +610,12 @@ def main(argv=None):
         }
         print(wname, {k: round(r["median_ms"], 2) for k, r in rows.items()}, flush=True)
         write(results)  # after every workload, so a long run that is cut short keeps its rows
+        # Free this workload's compiled programs: XLA:CPU maps each one's code into memory, and
+        # dozens of ResNet variants in one process exhausted vm.max_map_count (65530) here
+        # ("LLVM compilation error: Cannot allocate memory") in the GroupNorm workload.
+        del steps, times
+        jax.clear_caches()
+        gc.collect()
     print(write(results))
 
 
