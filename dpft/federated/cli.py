@@ -289,11 +289,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         "epsilon": result.epsilon,
         "delta": fc.delta,
         "dp_level": fc.dp,
-        "eval_data": (
-            "validation split of the training data (metrics NOT private)"
-            if config.data.validation_fraction > 0
-            else f"public {config.data.eval_split} split"
-        ),
+        "eval_data": workdir_lib.eval_data_description(config),
         "accountant": fc.accountant,
         "target_epsilon": fc.target_epsilon,
         "noise_multiplier": plan.noise_multiplier,

@@ -140,7 +140,7 @@ def load_features(config, workdir: pathlib.Path) -> tuple[dict, dict, int]:
 def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     """Fits the head per ``config.linear`` and writes the workdir contract -> summary."""
     from dpft.train import report
-    from dpft.train.workdir import claim_workdir, config_json
+    from dpft.train.workdir import claim_workdir, config_json, eval_data_description
 
     t_start = time.time()
     workdir = pathlib.Path(workdir)
@@ -180,11 +180,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         "delta": float(config.dp.delta),
         "target_epsilon": float(config.dp.epsilon),
         "method": config.linear.method,
-        "eval_data": (
-            "validation split of the training data (metrics NOT private)"
-            if config.data.validation_fraction > 0
-            else f"public {config.data.eval_split} split"
-        ),
+        "eval_data": eval_data_description(config),
         "accountant": "pld (full-batch Gaussian compositions, dpft.linear.accounting)",
         "releases": info["releases"],
         "steps": steps,

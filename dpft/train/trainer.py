@@ -63,7 +63,7 @@ from dpft.train.step import (
     state_shardings,
     unflatten,
 )
-from dpft.train.workdir import ConfigMismatchError, write_summary
+from dpft.train.workdir import ConfigMismatchError, eval_data_description, write_summary
 from dpft.train.workdir import checkpoint_meta as _checkpoint_meta
 from dpft.train.workdir import claim_workdir as _claim_workdir
 from dpft.train.workdir import config_json as _config_json
@@ -431,14 +431,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         "epsilon": epsilon,
         "epsilon_rdp": rdp_eps,
         "delta": plan.delta,
-        # A validation split carved from the private training set is held out of training, but
-        # the eval metrics on it are computed without noise: they are NOT differentially private
-        # (fine for tuning, not for release).
-        "eval_data": (
-            "validation split of the training data (metrics NOT private)"
-            if config.data.validation_fraction > 0
-            else f"public {config.data.eval_split} split"
-        ),
+        "eval_data": eval_data_description(config),
         "accountant": plan.accountant,
         "target_epsilon": plan.target_epsilon,
         "noise_multiplier": plan.noise_multiplier,

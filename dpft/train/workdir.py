@@ -65,6 +65,19 @@ def checkpoint_meta(ckpt: Checkpointer, step: int) -> dict:
     return dict(out["meta"])
 
 
+def eval_data_description(config) -> str:
+    """The summary's ``eval_data`` field: where the eval metrics come from.
+
+    Privacy:
+        A validation split carved from the private training set is held out of training, but
+        metrics on it are computed without noise: they are NOT differentially private (fine for
+        tuning, not for release). The public test split's metrics are.
+    """
+    if config.data.validation_fraction > 0:
+        return "validation split of the training data (metrics NOT private)"
+    return f"public {config.data.eval_split} split"
+
+
 def write_summary(workdir: pathlib.Path, summary: dict) -> None:
     """summary.json, atomically (process 0 only)."""
     if not distributed.is_primary():
