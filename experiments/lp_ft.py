@@ -124,7 +124,7 @@ def logits_suffix(m, a):
 class Trainer:
     """Jitted clipped-gradient sums for the head (on features) and the FT suffix (on acts)."""
 
-    def __init__(self, model, variables, clip_norm: float = 1.0):
+    def __init__(self, model, variables, clip_norm=1.0, microbatch: int | None = MICROBATCH):
         self.model, self.clip_norm = model, clip_norm
         params = variables["params"]
         self.stats = variables["batch_stats"]
@@ -143,7 +143,7 @@ class Trainer:
 
         self.grad = {
             "lp": jax.jit(clipping.clipped_grad(head_loss, clipper)),
-            "ft": jax.jit(clipping.clipped_grad(ft_loss, clipper, microbatch_size=MICROBATCH)),
+            "ft": jax.jit(clipping.clipped_grad(ft_loss, clipper, microbatch_size=microbatch)),
         }
 
         def ft_logits(p, a):
@@ -167,6 +167,8 @@ class Trainer:
             z = split["feat"] @ np.asarray(params["linear"]["kernel"]) + np.asarray(
                 params["linear"]["bias"]
             )
+        if not np.all(np.isfinite(z)):  # diverged (too large a step): scored as chance 0
+            return {"accuracy": 0.0, "ece": float("nan"), "nll": float("nan"), "diverged": True}
         r = calibration_metrics(z, split["y"])
         return {"accuracy": r.accuracy, "ece": r.ece, "nll": r.nll}
 
@@ -184,10 +186,17 @@ def run(
     seed: int,
     optimizer: str = "sgd",
     eval_split: str = "val",
+    population: int | None = None,
 ) -> dict:
-    """One LP-FT run (see the module doc) -> metrics on ``eval_split`` and the privacy spent."""
+    """One LP-FT run (see the module doc) -> metrics on ``eval_split`` and the privacy spent.
+
+    The Poisson rate is ``batch / population`` (default: the training set's size), so a tuning
+    run on part of the training set can use the rate of the final run on all of it.
+    """
     n = len(data["train"]["y"])
-    q = batch / n
+    q = batch / (population or n)
+    if not 0 < q <= 1:
+        raise ValueError(f"batch / population must be in (0, 1], got {batch} / {population or n}")
     total = max(1, int(round(epochs / q)))
     lp_steps = int(round(lp_fraction * total))
     sampler = sampling.PoissonSampler(n, q, seed)
