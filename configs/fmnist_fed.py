@@ -8,7 +8,9 @@ Arguments (comma-separated, any order):
 
 * mode: ``head`` (default; HT: zero-initialised head of the CIFAR-10-pretrained ResNet-20 on
   its cached 64-d features), ``full`` (FT: every parameter of the pretrained ResNet-20; slow on
-  CPU), ``scratch`` (ST: the small CNN `sample_convnet` from a fresh init);
+  CPU), ``scratch`` (ST: the small CNN `sample_convnet` from a fresh init), ``lp_ft`` (LP-FT:
+  HT for the first half of the rounds at the HT local lr, then FT of every parameter from the
+  learned head at ``federated.local_lr``, one budget; the FT learning rate is not tuned);
 * partition: ``iid`` (default) or ``dirichlet`` (label skew, alpha 0.5);
 * level: ``example`` (default; each client runs DP-SGD on its own data, epsilon covers every
   example of every client) or ``client`` (DP-FedAvg: clipped client updates, server noise,
@@ -69,9 +71,10 @@ def get_config(arg: str = ""):
     c.eval_batch_size = 1000
     _federated(c)
     parts = [p for p in arg.split(",") if p] if arg else []
-    mode = next((p for p in parts if p in ("head", "full", "scratch")), "head")
+    modes = ("head", "full", "scratch", "lp_ft")
+    mode = next((p for p in parts if p in modes), "head")
     for part in parts:
-        if part in ("head", "full", "scratch"):
+        if part in modes:
             continue
         if part in ("iid", "dirichlet"):
             c.federated.partition = part
@@ -79,7 +82,7 @@ def get_config(arg: str = ""):
             c.federated.level = part
         elif part != "smoke":
             raise ValueError(
-                f"unknown config argument {part!r} (expected head, full, scratch, iid, "
+                f"unknown config argument {part!r} (expected head, full, scratch, lp_ft, iid, "
                 "dirichlet, example, client or smoke)"
             )
     c.finetune.mode = mode
@@ -93,6 +96,9 @@ def get_config(arg: str = ""):
         c.model.norm = "frozen_bn"
         c.model.pretrained = "resnet20"
         c.finetune.head_init = "zero"
+        if mode == "lp_ft":
+            c.finetune.lp_fraction = 0.5
+            c.finetune.lp_learning_rate = c.federated.local_lr  # the LP phase is HT
     if c.federated.level == "client":
         c.federated.client_clip = 1.0
         c.federated.server_lr = 1.0
@@ -107,7 +113,7 @@ def get_config(arg: str = ""):
         c.federated.local_rate = 0.5 if mode != "head" else 1.0
         c.federated.local_steps = 2
         c.eval_batch_size = 250
-        if mode == "full":
+        if mode in ("full", "lp_ft"):
             c.data.train_subset = 200
             c.data.eval_subset = 100
             c.eval_batch_size = 100

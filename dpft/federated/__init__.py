@@ -2,7 +2,8 @@
 
 Modules: `partition` (seeded client splits), `driver` (config, plan, vectorized rounds),
 `server` (client-update clipping, aggregation, server optimizer), `accounting` (epsilon at
-each level), `runner` (rounds with checkpoints, resume and eval callbacks).
+each level), `runner` (rounds with checkpoints, resume and eval callbacks), `phases`
+(fine-tuning modes, LP-FT included, over the runner; used by `cli`).
 """
 
 from dpft.federated import accounting, partition

@@ -3,12 +3,15 @@
 ``python -m dpft --config configs/fmnist_fed.py --workdir DIR`` lands here (`dpft.train`
 dispatches on the section). The run reuses the centralized trainer's pieces: data loading and
 model building (`dpft.train.build`), fine-tuning modes (`dpft.train.phases`: ``scratch``,
-``full``, ``head`` on cached features, ``partial``), the feature cache, evaluation with
+``full``, ``head`` on cached features, ``partial``, and ``lp_ft``: a head phase for the first
+``round(finetune.lp_fraction * rounds)`` rounds, then ``finetune.trainable`` from the learned
+head, over one privacy budget, see `dpft.federated.phases`), the feature cache, evaluation with
 calibration metrics, the metrics writer, progress bar and plots (`dpft.train.report`), and it
 writes the same workdir contract: ``config.json``, ``metrics.jsonl`` (one record per logged
-round, ``step`` = rounds done), TensorBoard events, orbax checkpoints (every
-``federated.checkpoint_every`` rounds), ``training_curves.png``, ``reliability.png`` and
-``summary.json``. Rerunning with the same workdir resumes from the last checkpoint; a workdir
+round, ``step`` = rounds done, counted across phases), TensorBoard events, orbax checkpoints
+(every ``federated.checkpoint_every`` rounds; ``WORKDIR/lp`` and ``WORKDIR/ft`` per phase of
+``lp_ft``), ``training_curves.png``, ``reliability.png`` and ``summary.json`` (with
+``lp_rounds``). Rerunning with the same workdir resumes from the last checkpoint; a workdir
 holding another config is refused.
 
 Config mapping: ``config.dp`` gives the target ``epsilon``, ``delta``, ``noise_multiplier``
@@ -29,19 +32,17 @@ import time
 import jax
 import numpy as np
 
-from dpft import models
-from dpft.federated import driver, runner
+from dpft.federated import driver
 from dpft.federated import partition as fed_partition
+from dpft.federated import phases as fed_phases
 from dpft.federated.plan import DP_LEVELS, FedConfig
 from dpft.metrics import reliability_diagram
-from dpft.privacy import accounting, clipping
+from dpft.privacy import accounting
 from dpft.train import build, report
-from dpft.train import features as features_lib
 from dpft.train import trainer as central
 from dpft.train import workdir as workdir_lib
-from dpft.train.checkpoint import Checkpointer
 from dpft.train.phases import plan_phases
-from dpft.train.step import cross_entropy_loss, flatten, make_eval_step, partition, unflatten
+from dpft.train.step import make_eval_step
 
 log = logging.getLogger("dpft")
 
@@ -154,43 +155,27 @@ def split_clients(config, labels: np.ndarray) -> list[np.ndarray]:
     return fed_partition.shards(labels, n, int(f.shards_per_client), seed=config.seed)
 
 
-def _prepare(config):
-    """(train arrays, eval arrays, num_classes, model, variables, phase), validated."""
+def _load(config):
+    """(train arrays, eval arrays, num_classes, model, variables, phases), validated."""
     train, evaluation, num_classes = build.load_data(config)
     model, variables = build.build_model(config, num_classes, train["image"][0])
     phases = plan_phases(config, int(config.federated.rounds))
+    return train, evaluation, num_classes, model, variables, phases
+
+
+def _prepare(config):
+    """`_load` for callers that run one phase themselves (e.g. experiments): refuses lp_ft."""
+    *loaded, phases = _load(config)
     if len(phases) != 1:
         raise ValueError(
-            f"config.finetune.mode={config.finetune.mode!r} has {len(phases)} phases: federated "
-            "runs support one (scratch, full, head, partial)"
+            f"config.finetune.mode={config.finetune.mode!r} has {len(phases)} phases: run it "
+            "with train_and_evaluate"
         )
-    return train, evaluation, num_classes, model, variables, phases[0]
+    return (*loaded, phases[0])
 
 
-def _apply_mode(config, workdir, data, model, variables, phase):
-    """The fine-tuning mode: ``head`` with the feature cache swaps images for the frozen
-    backbone's features and the model for the linear head, exactly as the centralized trainer
-    does; then (params, frozen) per the phase's trainable patterns."""
-    train, evaluation, num_classes = data
-    if phase.use_features:
-        full = flatten(variables)
-        feats = features_lib.backbone_features(config, workdir, model, full, train, evaluation)
-        train = {"image": feats["train"], "label": train["label"]}
-        evaluation = {"image": feats["eval"], "label": evaluation["label"]}
-        model = models.get_model("linear", num_classes)
-        variables = unflatten({k: v for k, v in full.items() if k.startswith("params/linear/")})
-    params, frozen = partition(variables, phase.trainable)
-    return train, evaluation, model, params, frozen
-
-
-def _clipper(config, fc: FedConfig, params):
-    """The per-example clipper (example level) bound to the trainable parameters."""
-    if fc.dp != "example":
-        return None
-    clipper = build.build_clipper(config.dp)
-    if isinstance(clipper, clipping.PerLayerClip):
-        clipper = clipper.bind(params)
-    return clipper
+_apply_mode = fed_phases.apply_mode
+_clipper = fed_phases.make_clipper
 
 
 def _check_budget(fc: FedConfig, clients) -> None:
@@ -221,26 +206,28 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     fc = fed_config(config)
     mesh = build.make_mesh(config.get("parallel", {}).get("data", 1))
     f = config.federated
-    train, evaluation, num_classes, model, variables, phase = _prepare(config)
+    train, evaluation, num_classes, model, variables, phases = _load(config)
     clients = split_clients(config, train["label"])
     _check_budget(fc, clients)
+    n_dev = mesh.shape["data"] if mesh is not None else 1
+    configs = fed_phases.phase_configs(config, fc, phases, clients, n_dev)
     workdir_lib.claim_workdir(workdir, workdir_lib.config_json(config))  # inputs validated above
-    data = (train, evaluation, num_classes)
-    train, evaluation, model, params, frozen = _apply_mode(
-        config, workdir, data, model, variables, phase
-    )
-    eval_step = jax.jit(make_eval_step(model.apply))
+    dirs = fed_phases.phase_dirs(config, workdir, phases)
     last: dict = {}
 
-    def eval_fn(p, fr):
-        last["metrics"], last["calibration"] = central.evaluate(
-            eval_step, p, fr, evaluation, config.eval_batch_size, details=True
-        )
-        return last["metrics"]
+    def make_eval(model, evaluation):
+        eval_step = jax.jit(make_eval_step(model.apply))
+        last.clear()  # a new phase: its own last eval
 
-    ckpt = Checkpointer(workdir)
-    start = ckpt.latest_step() or 0
-    ckpt.close()
+        def eval_fn(p, fr):
+            last["metrics"], last["calibration"] = central.evaluate(
+                eval_step, p, fr, evaluation, config.eval_batch_size, details=True
+            )
+            return last["metrics"]
+
+        return eval_fn
+
+    start = fed_phases.rounds_done(dirs, phases)
     writer = report.MetricsWriter(workdir, resume_step=start, tensorboard=config.tensorboard)
     bar = report.progress_bar(fc.rounds, start, config.name or "dpft-federated")
 
@@ -260,21 +247,22 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
 
     t_train = time.time()
     try:
-        result = runner.run(
-            fc,
-            cross_entropy_loss(model.apply),
-            params,
-            frozen,
-            train,
+        result, eval_fn, frozen, train = fed_phases.run(
+            config,
+            phases,
+            configs,
+            dirs,
+            (train, evaluation, num_classes),
+            model,
+            variables,
             clients,
             workdir=workdir,
-            eval_fn=eval_fn,
+            make_eval=make_eval,
+            on_round=on_round,
             eval_every=int(f.eval_every),
             checkpoint_every=int(f.checkpoint_every),
-            clipper=_clipper(config, fc, params),
             mesh=mesh,
             log_every=int(f.log_every),
-            on_round=on_round,
         )
     finally:
         bar.close()
@@ -296,7 +284,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         "steps": int(result.state.round),
         "rounds": int(result.state.round),
         "ledger_steps": result.ledger.steps,
-        "finetune_mode": config.finetune.mode or phase.name,
+        "finetune_mode": config.finetune.mode or phases[0].name,
+        "lp_rounds": sum(p.steps for p in phases if p.name == "lp"),
         "num_clients": plan.num_clients,
         "client_slots": plan.slots,
         "local_batch": plan.local_batch,

@@ -3,7 +3,9 @@
 The checkpoint of round ``r`` holds the global parameters, the server optimizer state, the
 round number, the privacy ledger of every round it reflects and the history so far. Client
 sampling, local batches and every key are pure functions of ``(seed, round, client)``, so a run
-resumed from its workdir recomputes exactly what the uninterrupted run computes.
+resumed from its workdir recomputes exactly what the uninterrupted run computes. A later phase
+of a multi-phase run (`dpft.federated.phases`) runs global rounds ``[start_round, rounds)`` on
+the ledger of the phases before it.
 """
 
 from __future__ import annotations
@@ -87,6 +89,8 @@ def run(
     mesh: jax.sharding.Mesh | None = None,
     log_every: int | None = None,
     on_round: Callable[[dict, srv.ServerState], None] | None = None,
+    start_round: int = 0,
+    ledger: PrivacyLedger | None = None,
 ) -> RunResult:
     """Runs ``config.rounds`` rounds of FedAvg/FedSGD from ``params`` (resuming from workdir).
 
@@ -108,6 +112,12 @@ def run(
         every eval point and after the last round.
       on_round: ``on_round(record, state)`` after each round (and its checkpoint), e.g. to
         write metrics or move a progress bar.
+      start_round: the global number of the first round (a later phase of a multi-phase run
+        runs rounds ``[start_round, config.rounds)``): client sampling, local batches, keys and
+        checkpoint numbers are those of the global rounds, so no two phases share a key.
+      ledger: the privacy ledger of the rounds before ``start_round`` (earlier phases); the
+        run's epsilon composes them with its own rounds. Ignored when resuming from workdir
+        (the checkpoint's ledger already holds them).
 
     Returns:
       `RunResult`: history records hold ``round``, the ``debug/`` train metrics, ``epsilon``
@@ -133,9 +143,13 @@ def run(
         )
     log_every = log_every or eval_every
     params = jax.tree_util.tree_map(jnp.asarray, params)
-    state = srv.ServerState(jnp.zeros([], jnp.int32), params, server_tx.init(params))
+    if not 0 <= start_round <= config.rounds:
+        raise ValueError(f"start_round={start_round} is not in [0, {config.rounds}]")
+    round0 = jnp.asarray(start_round, jnp.int32)
+    state = srv.ServerState(round0, params, server_tx.init(params))
     entry = driver.round_entry(config, plan)
-    ledger, history, start, eps_cache = PrivacyLedger(), [], 0, {}
+    ledger = PrivacyLedger.from_dict(ledger.to_dict()) if ledger is not None else PrivacyLedger()
+    history, start, eps_cache = [], start_round, {}
     identity = _identity(config, plan)
 
     ckpt = Checkpointer(workdir) if workdir is not None else None
