@@ -88,10 +88,19 @@ def uninterrupted(tmp_path_factory, lp_fraction):
     return _RUNS[lp_fraction]
 
 
-@needs_data
-def test_lp_ft_one_budget_and_ft_starts_from_lp_head(tmp_path, tmp_path_factory, tiny, monkeypatch):
-    from dpft.federated import runner
+def mode_run(tmp_path_factory, mode):
+    """The one-phase ``mode`` run of the same rounds (shared by the tests of this module)."""
     from dpft.train import train_and_evaluate
+
+    if mode not in _RUNS:
+        workdir = tmp_path_factory.mktemp(mode)
+        _RUNS[mode] = (train_and_evaluate(lp_ft_config(mode), workdir), workdir)
+    return _RUNS[mode]
+
+
+@needs_data
+def test_lp_ft_one_budget_and_ft_starts_from_lp_head(tmp_path_factory, tiny, monkeypatch):
+    from dpft.federated import runner
 
     starts = []
     original = runner.run
@@ -109,7 +118,7 @@ def test_lp_ft_one_budget_and_ft_starts_from_lp_head(tmp_path, tmp_path_factory,
     assert summary["finetune_mode"] == "lp_ft" and summary["ledger_steps"] == 4 * 2
     assert 0 < summary["epsilon"] <= lp_ft_config().dp.epsilon
     # one budget: the same noise and the same per-round entry as a one-phase run of 4 rounds
-    head = train_and_evaluate(lp_ft_config("head"), tmp_path / "head")
+    head, _ = mode_run(tmp_path_factory, "head")
     assert head["lp_rounds"] == 0 and head["rounds"] == 4
     assert summary["epsilon"] == head["epsilon"]
     assert summary["noise_multiplier"] == head["noise_multiplier"]
@@ -143,15 +152,17 @@ def test_lp_ft_one_budget_and_ft_starts_from_lp_head(tmp_path, tmp_path_factory,
 
 @needs_data
 @pytest.mark.parametrize("lp_fraction, mode", [(1.0, "head"), (0.0, "full")])
-def test_lp_fraction_one_is_head_and_zero_is_full(tmp_path, tiny, lp_fraction, mode):
+def test_lp_fraction_one_is_head_and_zero_is_full(
+    tmp_path, tmp_path_factory, tiny, lp_fraction, mode
+):
     from dpft.train import train_and_evaluate
 
     phase = "lp" if lp_fraction == 1.0 else "ft"
     a = train_and_evaluate(lp_ft_config(lp_fraction=lp_fraction), tmp_path / "lp_ft")
-    b = train_and_evaluate(lp_ft_config(mode), tmp_path / mode)
+    b, b_dir = mode_run(tmp_path_factory, mode)
     assert a["lp_rounds"] == (4 if mode == "head" else 0)
     arrays_a, meta_a = checkpoint_arrays(tmp_path / "lp_ft" / phase)
-    arrays_b, meta_b = checkpoint_arrays(tmp_path / mode)
+    arrays_b, meta_b = checkpoint_arrays(b_dir)
     assert meta_a["round"] == meta_b["round"] == 4 and meta_a["ledger"] == meta_b["ledger"]
     assert len(arrays_a) == len(arrays_b)
     for x, y in zip(arrays_a, arrays_b, strict=True):
