@@ -1,18 +1,20 @@
 """Study (c) of issue 6: DP-LAMB vs DP-SGD at expected logical batch {1k, 4k, 16k, 60k}, epsilon 3.
 
-    nice -n 19 .venv/bin/python -m experiments.lamb_vs_sgd   # -> results/lamb_vs_sgd.{md,png,json}
+    python -m experiments.lamb_vs_sgd                       # -> results/lamb_vs_sgd.{md,png,json}
+    python -m experiments.lamb_vs_sgd --arm block --epochs 3  # -> results/lamb_vs_sgd_block.*
 
-Fashion-MNIST, CIFAR-10-pretrained ResNet-20, delta 1e-5. Scaled down for 2 shared CPU cores
-(written into the results file): the tuned parameters are the zero-initialised head on the
-frozen backbone's cached 64-d pooled features (linear probing; the features of study (a),
-`experiments.feature_methods`), not the last stage. Every run: Poisson sampling at rate
-q = B / 60000 (B = 60000: q = 1, every example every step), flat clipping to 1, a noise
-multiplier calibrated with PLD to epsilon 3 for the run's steps, a fixed number of epochs
-(so larger batches take fewer, less noisy steps), cosine decay, from a zero head; the optimizer
-is DP-SGD (momentum 0.9) or DP-LAMB (optax.lamb on the noisy averaged gradient). The learning
-rate is tuned per (optimizer, batch) on the validation split (10% of train, the runs training on
-the other 54k at the same q); the chosen one is then trained on all 60k training examples and
-evaluated on the test split, over 3 noise / sampling seeds.
+Fashion-MNIST, CIFAR-10-pretrained ResNet-20, delta 1e-5. Two arms, both scaled down for 2 CPU
+cores (written into the results files): ``head`` tunes the zero-initialised head on the frozen
+backbone's cached 64-d pooled features (linear probing; the features of study (a),
+`experiments.feature_methods`); ``block`` tunes the last residual block (``layer3_2``) + a zero
+head on the frozen prefix's cached activations (`experiments.lp_ft`'s FT arm), not the whole
+last stage. Every run: Poisson sampling at rate q = B / 60000 (B = 60000: q = 1, every example
+every step), flat clipping to 1, a noise multiplier calibrated with PLD to epsilon 3 for the
+run's steps, a fixed number of epochs (so larger batches take fewer, less noisy steps), cosine
+decay; the optimizer is DP-SGD (momentum 0.9) or DP-LAMB (optax.lamb on the noisy averaged
+gradient). The learning rate is tuned per (optimizer, batch) on the validation split (10% of
+train, the runs training on the other 54k at the same q); the chosen one is then trained on all
+60k training examples and evaluated on the test split, over 3 noise / sampling seeds.
 """
 
 from __future__ import annotations
