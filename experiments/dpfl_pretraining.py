@@ -39,6 +39,7 @@ import numpy as np
 from configs import fmnist_fed
 from dpft import models
 from dpft.federated import cli, driver, runner
+from dpft.federated import phases as fed_phases
 from dpft.train import build
 from dpft.train import features as features_lib
 from dpft.train import trainer as central
@@ -171,7 +172,7 @@ def data_for(arm: str) -> dict:
         old = CACHE / "features-24fc3adc92238644303d.npz"
         features_lib.compute_features, real = _adopting(old), features_lib.compute_features
         try:
-            train, test, model, params, frozen = cli._apply_mode(
+            train, test, model, params, frozen = fed_phases.apply_mode(
                 c, CACHE, (train, test, ncls), model, variables, phase
             )
         finally:
@@ -254,7 +255,7 @@ def run_one(arm, split, eps, level, partition, seed, lr) -> dict:
         frozen,
         train,
         clients,
-        clipper=cli._clipper(c, fc, params),
+        clipper=fed_phases.make_clipper(c, fc, params),
         eval_every=fc.rounds,
     )
     metrics = central.evaluate(eval_step, res.params, frozen, evaluation, 500)

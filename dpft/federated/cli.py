@@ -174,10 +174,6 @@ def _prepare(config):
     return (*loaded, phases[0])
 
 
-_apply_mode = fed_phases.apply_mode
-_clipper = fed_phases.make_clipper
-
-
 def _check_budget(fc: FedConfig, clients) -> None:
     """Refuses a run whose given noise multiplier would exceed the target epsilon.
 
