@@ -5,6 +5,8 @@ Both run the SAME local update (`dpft.federated.driver.make_local_update`: K ste
 round inputs, then the same server aggregation (weighted mean, server SGD with momentum):
 
 * ``vectorized``: `driver.make_round`, one jit with ``jax.vmap`` over the client slots;
+* ``group=G``: the same round with ``client_group=G`` (groups of G clients vmapped, the groups
+  one after another inside the same jit with ``lax.map``);
 * ``loop``: one jitted local update called from Python for each client, then one jitted
   aggregation of the stacked updates (how a Flower/Opacus simulation typically runs clients).
 
@@ -12,12 +14,14 @@ Timed in one process, after compilation, interleaved round-robin (median of repe
 and 100 clients per round, on the linear head over 64-d features (head tuning on cached
 features) and on the small CNN (`sample_convnet`, 28x28 images). Synthetic data: speed only.
 
-    python -m bench.federated [--repeats 5] [--models head,cnn] [--out bench/federated_results.json]
+    python -m bench.federated [--repeats 5] [--models head,cnn] [--groups 1,10]
+        [--out bench/federated_results.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import statistics
@@ -69,8 +73,8 @@ def _setup(model_name: str, clients: int, local_steps: int):
     return model, params, frozen, config, plan, inputs
 
 
-def _runners(model, params, frozen, config, plan, inputs):
-    """(vectorized round, looped round): each returns the next server state when called."""
+def _runners(model, params, frozen, config, plan, inputs, groups=()):
+    """{name: round}: each round returns the next server state when called."""
     loss = cross_entropy_loss(model.apply)
     tx = srv.make_server_optimizer("momentum", 1.0)
     state = srv.ServerState(jnp.zeros([], jnp.int32), params, tx.init(params))
@@ -84,12 +88,21 @@ def _runners(model, params, frozen, config, plan, inputs):
         return srv.server_apply(tx, state, mean)
 
     dev = jax.device_put(inputs)
-    slices = [jax.tree_util.tree_map(lambda a, s=s: a[s], dev) for s in range(plan.slots)]
+    per_client = dev._replace(seed=None)  # the round seed is not per client
+    slices = [jax.tree_util.tree_map(lambda a, s=s: a[s], per_client) for s in range(plan.slots)]
     keys = [driver.client_key(config.seed, 0, int(c)) for c in inputs.client_ids]
 
-    def vectorized():
-        new, _ = round_fn(state, frozen, dev)
-        return jax.block_until_ready(new.params)
+    def whole(fn):
+        def run():
+            new, _ = fn(state, frozen, dev)
+            return jax.block_until_ready(new.params)
+
+        return run
+
+    fns = {"vectorized": whole(round_fn)}
+    for g in groups:
+        grouped = dataclasses.replace(config, client_group=g)
+        fns[f"group={g}"] = whole(driver.make_round(loss, grouped, plan, tx))
 
     def loop():
         ups = []
@@ -99,15 +112,15 @@ def _runners(model, params, frozen, config, plan, inputs):
         new = aggregate(state, ups, dev.client_mask, dev.weights)
         return jax.block_until_ready(new.params)
 
-    return vectorized, loop
+    fns["loop"] = loop
+    return fns
 
 
-def bench_one(model_name: str, clients: int, local_steps: int, repeats: int) -> dict:
+def bench_one(model_name: str, clients: int, local_steps: int, repeats: int, groups=()) -> dict:
     model, params, frozen, config, plan, inputs = _setup(model_name, clients, local_steps)
-    vectorized, loop = _runners(model, params, frozen, config, plan, inputs)
-    fns = {"vectorized": vectorized, "loop": loop}
+    fns = _runners(model, params, frozen, config, plan, inputs, groups)
     compile_s = {}
-    for name, fn in fns.items():  # compile (and warm) both first
+    for name, fn in fns.items():  # compile (and warm) all first
         t0 = time.perf_counter()
         fn()
         compile_s[name] = time.perf_counter() - t0
@@ -126,22 +139,28 @@ def bench_one(model_name: str, clients: int, local_steps: int, repeats: int) -> 
         "vectorized_rounds_per_s": 1.0 / med["vectorized"],
         "loop_rounds_per_s": 1.0 / med["loop"],
         "speedup": med["loop"] / med["vectorized"],
+        "grouped_rounds_per_s": {n[6:]: 1.0 / t for n, t in med.items() if n.startswith("group=")},
         "first_call_seconds": compile_s,
         "round_seconds": times,
     }
 
 
 def table(rows: list[dict]) -> str:
+    groups = sorted({g for r in rows for g in r.get("grouped_rounds_per_s", {})}, key=int)
     lines = [
-        "| model | clients/round | examples/client | K | vectorized rounds/s | loop rounds/s "
-        "| speedup |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| model | clients/round | examples/client | K | vectorized rounds/s | "
+        + "".join(f"group={g} rounds/s | " for g in groups)
+        + "loop rounds/s | vectorized / loop | best grouped / loop |",
+        "|---|---:|---:|---:|---:|" + "---:|" * (len(groups) + 3),
     ]
     for r in rows:
+        gr = r.get("grouped_rounds_per_s", {})
+        cells = "".join(f"{gr[g]:.2f} | " if g in gr else "- | " for g in groups)
+        best = max(gr.values(), default=float("nan")) / r["loop_rounds_per_s"]
         lines.append(
             f"| {r['model']} | {r['clients_per_round']} | {r['examples_per_client']} | "
-            f"{r['local_steps']} | {r['vectorized_rounds_per_s']:.2f} | "
-            f"{r['loop_rounds_per_s']:.2f} | {r['speedup']:.1f}x |"
+            f"{r['local_steps']} | {r['vectorized_rounds_per_s']:.2f} | {cells}"
+            f"{r['loop_rounds_per_s']:.2f} | {r['speedup']:.2f}x | {best:.2f}x |"
         )
     return "\n".join(lines)
 
@@ -152,12 +171,14 @@ def main(argv=None) -> dict:
     p.add_argument("--models", default="head,cnn")
     p.add_argument("--clients", default="10,100")
     p.add_argument("--local-steps", type=int, default=2)
+    p.add_argument("--groups", default="1,10", help="client_group values to time ('' for none)")
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args(argv)
     rows = []
     for name in args.models.split(","):
         for clients in (int(c) for c in args.clients.split(",")):
-            rows.append(bench_one(name, clients, args.local_steps, args.repeats))
+            groups = [g for g in (int(x) for x in args.groups.split(",") if x) if g < clients]
+            rows.append(bench_one(name, clients, args.local_steps, args.repeats, groups))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     result = {
         "device": str(jax.devices()[0].device_kind),

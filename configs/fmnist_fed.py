@@ -55,6 +55,7 @@ def _federated(c):
     f.client_clip = 1.0
     f.weighting = ""  # "" = uniform at client level, examples otherwise
     f.microbatch_size = 0
+    f.client_group = 0  # 0: every client slot in one vmap; G: groups of G run in sequence
     f.log_every = 1
     f.eval_every = 5
     f.checkpoint_every = 5

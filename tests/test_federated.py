@@ -1,6 +1,8 @@
 """Federated DP: partitions, FedSGD == centralized SGD, client-level sensitivity and accounting,
 vmap over clients == a loop, padded client slots, resume == uninterrupted, head tuning."""
 
+import dataclasses
+
 import dp_accounting as dpa
 import flax.linen as nn
 import jax
@@ -221,6 +223,9 @@ def test_vmap_over_clients_equals_loop_and_padding_contributes_nothing():
     st = server.ServerState(jnp.zeros([], jnp.int32), params, tx.init(params))
     round_fn = driver.make_round(loss, config, plan, tx)
     ref, _ = round_fn(st, frozen, inputs)
+    # Clients in groups of 2 (5 slots: two groups and a remainder of one) run in sequence.
+    grouped = driver.make_round(loss, dataclasses.replace(config, client_group=2), plan, tx)
+    close(grouped(st, frozen, inputs)[0].params, ref.params, atol=1e-6)
     pad = inputs.client_mask == 0
     garbage = driver.RoundInputs(
         {

@@ -69,6 +69,7 @@ FEDERATED_KEYS = {
     "client_clip": "L2 clip of a client's whole update (level=client)",
     "weighting": "examples | uniform | '' (uniform at client level, else examples)",
     "microbatch_size": "per-example gradients per microbatch inside a local step (0: all)",
+    "client_group": "clients vectorized together; groups run in sequence (0: all in one vmap)",
     "log_every": "rounds between metrics records",
     "eval_every": "rounds between test evaluations",
     "checkpoint_every": "rounds between checkpoints",
@@ -141,6 +142,7 @@ def fed_config(config) -> FedConfig:
         accountant=dp.accountant,
         seed=int(config.seed),
         microbatch_size=int(f.microbatch_size) or None,
+        client_group=int(f.get("client_group", 0)) or None,
     )
 
 

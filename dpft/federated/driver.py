@@ -5,7 +5,8 @@ A round ``r``:
    ``(seed, r)``), padded to ``plan.slots`` static client slots with a client mask, and gathers
    each sampled client's ``K`` local batches as ``[slots, K, B, ...]`` arrays with example masks
    (local Poisson sampling at rate ``q_local``, a pure function of ``(seed, r, client, k)``);
-2. inside one jit, ``jax.vmap`` over slots runs ``lax.scan`` over the ``K`` local steps of the
+2. inside one jit, ``jax.vmap`` over slots (or over groups of ``client_group`` slots, the groups
+   one after another with ``lax.map``) runs ``lax.scan`` over the ``K`` local steps of the
    SAME step function as centralized training (`dpft.train.step.make_train_step`), from the
    global parameters, with the client's own keys; its update is ``local - global``;
 3. the server aggregates (weighted mean, or clipped noisy sum / expected clients at client
@@ -206,6 +207,15 @@ def make_round(
     std = noise_std(z, s_clip) if config.dp == "client" else 0.0
     expected = config.client_rate * plan.num_clients
     clients_fn = jax.vmap(local_update, in_axes=(None, None, 0, 0, 0, 0))
+    group = config.client_group
+    if group and group < plan.slots:  # groups of `group` clients vmapped, groups in sequence
+
+        def clients_fn(params, frozen, batch, mask, inv_expected, keys):
+            def one(x):
+                return local_update(params, frozen, *x)
+
+            return jax.lax.map(one, (batch, mask, inv_expected, keys), batch_size=group)
+
     if mesh is not None:
         if plan.slots % mesh.shape[data_axis]:
             raise ValueError(

@@ -54,6 +54,7 @@ def _identity(config: driver.FedConfig, plan: driver.FedPlan) -> dict:
     """What a checkpoint must match to be resumed (everything but the number of rounds)."""
     d = dataclasses.asdict(config)
     d.pop("rounds")
+    d.pop("client_group")  # how clients are batched, not what the run computes
     d["client_sizes"] = list(plan.client_sizes)
     d["noise_multiplier_used"] = plan.noise_multiplier
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
