@@ -398,7 +398,12 @@ def test_bad_federated_key_is_one_line_error(tmp_path):
     )
     err = [line for line in out.stderr.strip().splitlines() if line.strip()]
     assert out.returncode != 0 and len(err) == 1 and "roundz" in err[0], out.stderr[-800:]
-    for key, value in (("partition", "zipf"), ("level", "user"), ("rounds", 0)):
+    for key, value in (
+        ("partition", "zipf"),
+        ("level", "user"),
+        ("rounds", 0),
+        ("client_group", -1),
+    ):
         c = fed_smoke(**{key: value})
         with pytest.raises(ValueError, match=f"config.federated.{key}") as e:
             train_and_evaluate(c, tmp_path / key)

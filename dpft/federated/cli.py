@@ -101,6 +101,11 @@ def _check(config) -> None:
         raise ValueError(
             f"config.federated.checkpoint_every must be an int >= 1, got {f.checkpoint_every!r}"
         )
+    if not (isinstance(f.client_group, int) and f.client_group >= 0):
+        raise ValueError(
+            "config.federated.client_group must be an int >= 0 (0: all clients in one vmap), "
+            f"got {f.client_group!r}"
+        )
     if f.partition == "dirichlet" and not f.alpha > 0:
         raise ValueError(f"config.federated.alpha must be > 0, got {f.alpha!r}")
     if config.dp.get("secure_noise", False):
@@ -142,7 +147,7 @@ def fed_config(config) -> FedConfig:
         accountant=dp.accountant,
         seed=int(config.seed),
         microbatch_size=int(f.microbatch_size) or None,
-        client_group=int(f.get("client_group", 0)) or None,
+        client_group=int(f.client_group) or None,
     )
 
 
