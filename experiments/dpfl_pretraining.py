@@ -2,13 +2,15 @@
 
 Fashion-MNIST split over 100 clients (IID, and Dirichlet alpha = 0.5 label skew), FedAvg,
 delta = 1e-5, example-level DP (each client runs DP-SGD/DP-GD on its own data) and client-level
-DP (DP-FedAvg), three arms:
+DP (DP-FedAvg). Arms:
 
 * HT: head tuning of the CIFAR-10-pretrained ResNet-20 on its cached 64-d features, on all
   60k training examples; HT-3k: the same on a fixed 3k subset (30 examples per client);
 * FT-3k: fine-tuning the pretrained ResNet-20 scaled down to the last residual block + head, on
-  the frozen prefix's cached activations (`experiments.lp_ft`), same 3k subset;
-* ST-3k: the small CNN (``sample_convnet``) trained from scratch, same 3k subset.
+  the frozen prefix's cached activations (`experiments.lp_ft`), same 3k subset; FTfull-3k:
+  every parameter of the pretrained ResNet-20 (frozen BatchNorm statistics) from the images;
+* ST-3k: the small CNN (``sample_convnet``) trained from scratch, same 3k subset; STgn-3k:
+  ResNet-20 with GroupNorm from scratch.
 
 Configs come from ``configs/fmnist_fed.py``; data, fine-tuning mode, the feature cache, the
 client split and the config mapping from `dpft.federated.cli`; runs from
@@ -17,8 +19,10 @@ client split and the config mapping from `dpft.federated.cli`; runs from
 validation split carved from the training data. The run is resumable (rows already in the JSON
 are skipped).
 
-    nice -n 19 python -m experiments.dpfl_pretraining --levels example
-    nice -n 19 python -m experiments.dpfl_pretraining --only HT-3k,ST-3k --levels client
+    nice -n 5 python -m experiments.dpfl_pretraining --only HT-3k,ST-3k,FT-3k
+    nice -n 5 python -m experiments.dpfl_pretraining --only FTfull-3k,STgn-3k --levels example
+    nice -n 5 python -m experiments.dpfl_pretraining --only HT --partitions iid
+    nice -n 5 python -m experiments.dpfl_pretraining --only HT --levels example
 
 Writes experiments/results/dpfl_pretraining.{json,png,table.md}; the discussion is in
 experiments/results/dpfl_pretraining.md.
@@ -64,8 +68,6 @@ SCALE = {
         rounds=10,
         local_steps=3,
         epsilons=EPSILONS,
-        client_epsilons=(1.0, 8.0),
-        dirichlet_epsilons=(1.0, 8.0),
         partitions=("iid", "dirichlet"),
         levels=("example", "client"),
         grid=(4.0, 16.0),
@@ -76,8 +78,8 @@ SCALE = {
         data="subset",
         rounds=10,
         local_steps=3,
-        epsilons=(1.0, 8.0),
-        partitions=("iid",),
+        epsilons=EPSILONS,
+        partitions=("iid", "dirichlet"),
         levels=("example", "client"),
         grid=(4.0, 16.0),
         tune_eps=8.0,
@@ -87,8 +89,8 @@ SCALE = {
         data="subset",
         rounds=6,
         local_steps=1,
-        epsilons=(1.0, 8.0),
-        partitions=("iid",),
+        epsilons=EPSILONS,
+        partitions=("iid", "dirichlet"),
         levels=("example", "client"),
         grid=(1.0, 4.0),
         tune_eps=8.0,
@@ -98,22 +100,60 @@ SCALE = {
         data="subset",
         rounds=3,
         local_steps=1,
-        epsilons=(1.0, 8.0),
-        partitions=("iid",),
+        epsilons=EPSILONS,
+        partitions=("iid", "dirichlet"),
         levels=("example", "client"),
         grid=(1.0, 4.0),
         tune_eps=8.0,
         microbatch=0,
     ),
+    # every parameter of the pretrained ResNet-20 (frozen BN statistics), from its images
+    "FTfull-3k": dict(
+        data="subset",
+        rounds=3,
+        local_steps=1,
+        epsilons=(1.0, 4.0, 8.0),
+        partitions=("iid",),
+        levels=("example",),
+        grid=(0.25, 1.0),
+        tune_eps=8.0,
+        microbatch=0,
+        client_group=1,  # clients in sequence: batched convs are slow on CPU
+    ),
+    # ResNet-20 with GroupNorm from scratch
+    "STgn-3k": dict(
+        data="subset",
+        rounds=3,
+        local_steps=1,
+        epsilons=(1.0, 8.0),
+        partitions=("iid",),
+        levels=("example",),
+        grid=(0.5, 2.0),
+        tune_eps=8.0,
+        microbatch=0,
+        client_group=1,  # clients in sequence: batched convs are slow on CPU
+    ),
 }
-ARMS = {"HT": "head", "HT-3k": "head", "FT-3k": "ft_last_block", "ST-3k": "scratch"}
+ARMS = {
+    "HT": "head",
+    "HT-3k": "head",
+    "FT-3k": "ft_last_block",
+    "ST-3k": "scratch",
+    "FTfull-3k": "full",
+    "STgn-3k": "scratch_gn",
+}
 
 
 def config_for(arm, eps, level, partition, lr):
     """The fmnist_fed config of one run (its data seed 0: the same clients for every seed)."""
     s = SCALE[arm]
-    c = fmnist_fed.get_config("scratch" if ARMS[arm] == "scratch" else "head")
+    mode = ARMS[arm]
+    c = fmnist_fed.get_config(
+        {"scratch": "scratch", "scratch_gn": "scratch", "full": "full"}.get(mode, "head")
+    )
     c.unlock()
+    if mode == "scratch_gn":
+        c.model.name, c.model.norm = "resnet20", "group_norm"
     c.tensorboard = False
     c.finetune.cache_dir = str(CACHE)
     c.dp.epsilon, c.dp.delta = eps, DELTA
@@ -123,6 +163,7 @@ def config_for(arm, eps, level, partition, lr):
     f.local_lr, f.server_optimizer, f.server_lr, f.server_momentum = lr, "momentum", 1.0, 0.9
     f.client_clip = 1.0
     f.microbatch_size = s["microbatch"]
+    f.client_group = s.get("client_group", 0)
     return c
 
 
@@ -203,6 +244,14 @@ def data_for(arm: str) -> dict:
             params, frozen = split_params(unflatten(flat), (r"layer3_2/.*", r"linear/.*"))
             model = _Suffix(resnet)
         out = (splits, model, params, frozen)
+    elif mode in ("full", "scratch_gn"):  # ResNet-20 on the same 3k images, 32x32x3
+        c = config_for(arm, 1.0, "example", "iid", 1.0)
+        c.data.train_subset, c.data.validation_fraction = SUBSET, 0.1
+        train, val, _, model, variables, phase = cli._prepare(c)
+        c.data.train_subset, c.data.validation_fraction = 0, 0.0
+        _, test, _ = build.load_data(c)
+        params, frozen = split_params(variables, phase.trainable)
+        out = ({"val": (_small(train), val), "test": (_small(train), test)}, model, params, frozen)
     else:  # the small CNN from scratch, on the same 10k subset's images
         c = config_for(arm, 1.0, "example", "iid", 1.0)
         c.data.train_subset, c.data.validation_fraction = SUBSET, 0.1
@@ -328,7 +377,14 @@ def write_report(state: dict, path_md: pathlib.Path) -> str:
                     lines.append(f"| {arm} | " + " | ".join(cells) + " |")
             lines.append("")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
-    colors = {"HT": "tab:blue", "HT-3k": "tab:cyan", "FT-3k": "tab:orange", "ST-3k": "tab:green"}
+    colors = {
+        "HT": "tab:blue",
+        "HT-3k": "tab:cyan",
+        "FT-3k": "tab:orange",
+        "ST-3k": "tab:green",
+        "FTfull-3k": "tab:red",
+        "STgn-3k": "tab:olive",
+    }
     for ax, level in zip(axes, ("example", "client"), strict=True):
         for arm in arms:
             for partition, style in (("iid", "-o"), ("dirichlet", "--s")):
@@ -363,8 +419,9 @@ def write_report(state: dict, path_md: pathlib.Path) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--only", default="HT,HT-10k,ST-10k,FT-10k")
+    p.add_argument("--only", default=",".join(SCALE))
     p.add_argument("--levels", default="example,client")
+    p.add_argument("--partitions", default="iid,dirichlet")
     p.add_argument("--out", default=str(OUT / "dpfl_pretraining.json"))
     args = p.parse_args(argv)
     t0 = time.time()
@@ -396,6 +453,8 @@ def main(argv=None) -> None:
                 save()
             lr = state["tuned"][tkey]["local_lr"]
             for partition in s["partitions"]:
+                if partition not in args.partitions.split(","):
+                    continue
                 epsilons = s["epsilons"]
                 if level == "client":
                     epsilons = s.get("client_epsilons", epsilons)
