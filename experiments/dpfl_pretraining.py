@@ -107,12 +107,13 @@ SCALE = {
         tune_eps=8.0,
         microbatch=0,
     ),
-    # every parameter of the pretrained ResNet-20 (frozen BN statistics), from its images
+    # every parameter of the pretrained ResNet-20 (frozen BN statistics), from its images. IID
+    # only: with K = 1 full-batch step the example-level Dirichlet run equals the IID one.
     "FTfull-3k": dict(
         data="subset",
         rounds=3,
         local_steps=1,
-        epsilons=(1.0, 4.0, 8.0),
+        epsilons=EPSILONS,
         partitions=("iid",),
         levels=("example",),
         grid=(0.25, 1.0),
@@ -125,7 +126,7 @@ SCALE = {
         data="subset",
         rounds=3,
         local_steps=1,
-        epsilons=(1.0, 8.0),
+        epsilons=EPSILONS,
         partitions=("iid",),
         levels=("example",),
         grid=(0.5, 2.0),
@@ -422,6 +423,7 @@ def main(argv=None) -> None:
     p.add_argument("--only", default=",".join(SCALE))
     p.add_argument("--levels", default="example,client")
     p.add_argument("--partitions", default="iid,dirichlet")
+    p.add_argument("--epsilons", default="", help="run only these of each arm's epsilons")
     p.add_argument("--out", default=str(OUT / "dpfl_pretraining.json"))
     args = p.parse_args(argv)
     t0 = time.time()
@@ -460,6 +462,8 @@ def main(argv=None) -> None:
                     epsilons = s.get("client_epsilons", epsilons)
                 elif partition == "dirichlet":
                     epsilons = s.get("dirichlet_epsilons", epsilons)
+                if args.epsilons:
+                    epsilons = [e for e in epsilons if e in map(float, args.epsilons.split(","))]
                 for eps in epsilons:
                     for seed in range(args.seeds):
                         if (arm, "test", eps, level, partition, seed) in done:
