@@ -59,6 +59,20 @@ SUBSET = 10_000  # prefix activations are cached for this fixed random subset (e
 SMALL = 3_000  # the small-scale comparison: a fixed random 3k of it, 30 examples per client
 VAL_SEED = 0
 
+# The whole-ResNet-20 arms (~5 min per run here). IID only: with K = 1 full-batch local step the
+# example-level Dirichlet run equals the IID one exactly.
+WHOLE_RESNET = dict(
+    data="subset",
+    rounds=3,
+    local_steps=1,
+    epsilons=EPSILONS,
+    partitions=("iid",),
+    levels=("example",),
+    tune_eps=8.0,
+    microbatch=0,
+    client_group=1,  # clients in sequence: batched convs are slow on CPU
+)
+
 # Each arm: data setting, fine-tuning mode, local steps K, rounds, epsilons, partitions, levels,
 # and the local learning-rate grid (tuned on the validation split at `tune_eps`, IID, seed 0,
 # per DP level). Local batches are the client's whole dataset (local DP-GD, q_local = 1).
@@ -107,33 +121,10 @@ SCALE = {
         tune_eps=8.0,
         microbatch=0,
     ),
-    # every parameter of the pretrained ResNet-20 (frozen BN statistics), from its images. IID
-    # only: with K = 1 full-batch step the example-level Dirichlet run equals the IID one.
-    "FTfull-3k": dict(
-        data="subset",
-        rounds=3,
-        local_steps=1,
-        epsilons=EPSILONS,
-        partitions=("iid",),
-        levels=("example",),
-        grid=(0.25, 1.0),
-        tune_eps=8.0,
-        microbatch=0,
-        client_group=1,  # clients in sequence: batched convs are slow on CPU
-    ),
+    # every parameter of the pretrained ResNet-20 (frozen BN statistics), from its images
+    "FTfull-3k": dict(WHOLE_RESNET, grid=(0.25, 1.0)),
     # ResNet-20 with GroupNorm from scratch
-    "STgn-3k": dict(
-        data="subset",
-        rounds=3,
-        local_steps=1,
-        epsilons=EPSILONS,
-        partitions=("iid",),
-        levels=("example",),
-        grid=(0.5, 2.0),
-        tune_eps=8.0,
-        microbatch=0,
-        client_group=1,  # clients in sequence: batched convs are slow on CPU
-    ),
+    "STgn-3k": dict(WHOLE_RESNET, grid=(0.5, 2.0)),
 }
 ARMS = {
     "HT": "head",
