@@ -417,6 +417,7 @@ def main(argv=None) -> None:
     p.add_argument("--epsilons", default="", help="run only these of each arm's epsilons")
     p.add_argument("--out", default=str(OUT / "dpfl_pretraining.json"))
     args = p.parse_args(argv)
+    only_eps = {float(e) for e in args.epsilons.split(",") if e}
     t0 = time.time()
     out = pathlib.Path(args.out)
     state = json.loads(out.read_text()) if out.exists() else {"rows": [], "tuned": {}}
@@ -448,14 +449,7 @@ def main(argv=None) -> None:
             for partition in s["partitions"]:
                 if partition not in args.partitions.split(","):
                     continue
-                epsilons = s["epsilons"]
-                if level == "client":
-                    epsilons = s.get("client_epsilons", epsilons)
-                elif partition == "dirichlet":
-                    epsilons = s.get("dirichlet_epsilons", epsilons)
-                if args.epsilons:
-                    epsilons = [e for e in epsilons if e in map(float, args.epsilons.split(","))]
-                for eps in epsilons:
+                for eps in (e for e in s["epsilons"] if not only_eps or e in only_eps):
                     for seed in range(args.seeds):
                         if (arm, "test", eps, level, partition, seed) in done:
                             continue
