@@ -8,7 +8,7 @@ more data)") train with DP-SGD on MNIST and Fashion-MNIST: the same layers with 
 Layout (NHWC inputs ``[N, 28, 28, 1]``, float32)::
 
     conv1   16 filters 8x8, stride 2, padding 3   -> [N, 14, 14, 16]
-    act, max-pool 2x2 stride 1                    -> [N, 13, 13, 16]
+    act, max-pool 2x2 stride 1                    -> [N, 13, 13, 16]  (`dpft.models.pool`)
     conv2   32 filters 4x4, stride 2, 'VALID'     -> [N, 5, 5, 32]
     act, max-pool 2x2 stride 1                    -> [N, 4, 4, 32]
     flatten, fc1 Dense 32, act                    -> [N, 32]        (`features`)
@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from dpft.models.conv import conv_impl
+from dpft.models.pool import max_pool
 
 Array = jax.Array
 
@@ -100,9 +101,9 @@ class SampleConvNet(nn.Module):
         act = get_activation(self.activation)
         x = jnp.asarray(x, self.dtype)
         x = act(self.conv1(x))
-        x = nn.max_pool(x, (2, 2), strides=(1, 1))
+        x = max_pool(x, (2, 2), strides=(1, 1))
         x = act(self.conv2(x))
-        x = nn.max_pool(x, (2, 2), strides=(1, 1))
+        x = max_pool(x, (2, 2), strides=(1, 1))
         x = x.reshape(x.shape[0], -1)
         return act(self.fc1(x))
 

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from dpft.models.conv import conv_impl
+from dpft.models.pool import max_pool
 from dpft.models.resnet import NORMS, make_norm
 
 Array = jax.Array
@@ -128,7 +129,7 @@ class ImageNetResNet(nn.Module):
         if self.stem == "imagenet":
             x = _conv(64, 7, 2, self.dtype, self.conv, "conv1")(x)
             x = nn.relu(make_norm(self.norm, self.groups, "bn1", self.dtype)(x))
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            x = max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         else:
             x = _conv(64, 3, 1, self.dtype, self.conv, "conv1")(x)
             x = nn.relu(make_norm(self.norm, self.groups, "bn1", self.dtype)(x))
