@@ -210,46 +210,45 @@ class _Interceptor:
 
 
 def _patches(x: jax.Array, call: _Call) -> jax.Array:
-    """Unfolded patches ``[m, rows, groups, prod(kernel_size) * C_in / groups]`` of ``x``.
+    """Unfolded patches ``[m, groups, prod(kernel_size) * C_in / groups, rows]`` of ``x``.
 
     ``x`` is ``[m, ..., C_in]``. For group ``j`` the columns match the flax kernel slice
     ``[*kernel_size, C_in / groups, j-th block of C_out]`` flattened over its first axes; rows run
-    over the per-example batch and the output pixels.
+    over the per-example batch and the output pixels. The channels are moved in front of the
+    spatial axes first, so that each of the ``prod(kernel_size)`` strided slices is a contiguous
+    block of the result (a concatenation along a major axis, not an interleave along the minor
+    one), and the result is already in the ``[d_in, rows]`` layout of the per-example matmuls.
     """
     n = len(call.kernel_size)
     m = x.shape[0]
     x = x.reshape((m, -1) + x.shape[x.ndim - n - 1 :])
+    x = jnp.moveaxis(x, -1, 2)  # [m, b, C, *spatial]
     if call.pad_mode == "constant":
-        cfg = [(0, 0, 0), (0, 0, 0)] + [(lo, hi, 0) for lo, hi in call.pads] + [(0, 0, 0)]
+        cfg = [(0, 0, 0)] * 3 + [(lo, hi, 0) for lo, hi in call.pads]
         x = jax.lax.pad(x, jnp.zeros((), x.dtype), cfg)
     else:
-        x = jnp.pad(x, [(0, 0), (0, 0), *call.pads, (0, 0)], mode=call.pad_mode)
+        x = jnp.pad(x, [(0, 0)] * 3 + list(call.pads), mode=call.pad_mode)
     out_sp = call.out_shape[len(call.out_shape) - n - 1 : -1]
     slices = []
     for offs in itertools.product(*(range(k) for k in call.kernel_size)):
-        start = [0, 0] + [o * d for o, d in zip(offs, call.dilation, strict=True)] + [0]
-        limit = (
-            [x.shape[0], x.shape[1]]
-            + [
-                s + (o - 1) * st + 1
-                for s, o, st in zip(start[2:-1], out_sp, call.strides, strict=True)
-            ]
-            + [x.shape[-1]]
-        )
-        slices.append(jax.lax.slice(x, start, limit, (1, 1, *call.strides, 1)))
-    p = jnp.stack(slices, axis=-2)  # [m, b, *out_sp, K, C]
-    k, c = p.shape[-2], p.shape[-1]
-    p = p.reshape(m, -1, k, call.groups, c // call.groups)
-    return p.transpose(0, 1, 3, 2, 4).reshape(m, -1, call.groups, k * (c // call.groups))
+        start = [0, 0, 0] + [o * d for o, d in zip(offs, call.dilation, strict=True)]
+        ends = zip(start[3:], out_sp, call.strides, strict=True)
+        limit = list(x.shape[:3]) + [s + (o - 1) * st + 1 for s, o, st in ends]
+        slices.append(jax.lax.slice(x, start, limit, (1, 1, 1, *call.strides)))
+    p = jnp.stack(slices, axis=2)  # [m, b, K, C, *out_sp]
+    b, k, c = p.shape[1], p.shape[2], p.shape[3]
+    p = p.reshape(m, b, k, call.groups, c // call.groups, -1)
+    p = p.transpose(0, 3, 2, 4, 1, 5)  # [m, groups, K, C / groups, b, pixels]
+    return p.reshape(m, call.groups, k * (c // call.groups), -1)
 
 
 def _rows(call: _Call, x: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(A [m, rows, groups, d_in], G [m, rows, groups, d_out]) in float32 for one call."""
+    """(A [m, groups, d_in, rows], G [m, rows, groups, d_out]) in float32 for one call."""
     m = g.shape[0]
     x = x.astype(call.out_dtype).astype(jnp.float32)  # the layer's computation dtype
     g = g.astype(jnp.float32).reshape(m, -1, call.groups, g.shape[-1] // call.groups)
     if call.kind == "dense":
-        return x.reshape(m, -1, 1, x.shape[-1]), g
+        return jnp.swapaxes(x.reshape(m, -1, x.shape[-1]), 1, 2)[:, None], g
     return _patches(x, call), g
 
 
@@ -377,16 +376,16 @@ class GhostNorms:
                 bias_g[c.bias] = bias_g[c.bias] + gb if c.bias in bias_g else gb
         kernel_terms = {}
         for i, parts in rows.items():
-            a = jnp.concatenate([p[0] for p in parts], axis=1)
+            a = jnp.concatenate([p[0] for p in parts], axis=3)
             g = jnp.concatenate([p[1] for p in parts], axis=1)
-            t, din, dout = a.shape[1], a.shape[3], g.shape[3]
+            t, din, dout = a.shape[3], a.shape[2], g.shape[3]
             if t * t * (din + dout) < t * din * dout:  # ghost
-                ga = jnp.einsum("ipgk,iqgk->igpq", a, a, precision=hi)
+                ga = jnp.einsum("igkp,igkq->igpq", a, a, precision=hi)
                 gg = jnp.einsum("ipgk,iqgk->igpq", g, g, precision=hi)
                 sq = jnp.sum(ga * gg, axis=(1, 2, 3))
                 kernel_terms[i] = ("ghost", a, g)
             else:  # direct
-                w = jnp.einsum("ipgk,ipgo->igko", a, g, precision=hi)
+                w = jnp.einsum("igkp,ipgo->igko", a, g, precision=hi)
                 sq = jnp.sum(jnp.square(w), axis=(1, 2, 3))
                 kernel_terms[i] = ("direct", w)
             group_sq = group_sq.at[:, groups[i]].add(sq)
@@ -408,7 +407,7 @@ class GhostNorms:
             fi = f[:, groups[i]]
             if term[0] == "ghost":
                 a, g = zero_dropped(term[1]), zero_dropped(term[2]) * fi[:, None, None, None]
-                s = jnp.einsum("ipgk,ipgo->gko", a, g)
+                s = jnp.einsum("igkp,ipgo->gko", a, g)
             else:
                 s = jnp.tensordot(fi, zero_dropped(term[1]), axes=1)
             out[i] = _kernel_grad(s, leaves[i].shape)
