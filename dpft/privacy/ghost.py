@@ -407,7 +407,7 @@ class GhostNorms:
             fi = f[:, groups[i]]
             if term[0] == "ghost":
                 a, g = zero_dropped(term[1]), zero_dropped(term[2]) * fi[:, None, None, None]
-                s = jnp.einsum("igkp,ipgo->gko", a, g)
+                s = jnp.swapaxes(jnp.einsum("ipgo,igkp->gok", g, a), 1, 2)
             else:
                 s = jnp.tensordot(fi, zero_dropped(term[1]), axes=1)
             out[i] = _kernel_grad(s, leaves[i].shape)
