@@ -14,14 +14,18 @@ and warm-up, so machine noise hits all of them alike:
   architectures rebuilt in PyTorch (`bench.peers_torch`). A peer that does not import is
   skipped with a one-line note.
 
-Every DP step clips at 1.0 and adds noise with multiplier 1.0. Reports median and spread
-(min-max) of repeats, ratios of every dpft DP row to dpft's non-private step and to each peer,
-achieved GFLOP/s of the JAX steps (XLA's cost analysis of the compiled step) against a
-measured matmul roof, and the issue's goals as a checklist. Writes bench/results.json (raw
+A timed sample is a burst of back-to-back calls of one step lasting at least ``--min-sample``
+seconds (0.1 by default; one call for slower steps), reported per call, so that a
+sub-millisecond step is timed as a training loop runs it rather than by the latency of one
+call after an idle pause. Every DP step clips at 1.0 and adds noise with multiplier 1.0.
+Reports median and spread (min-max) of
+repeats, ratios of every dpft DP row to dpft's non-private step and to each peer, achieved
+GFLOP/s of the JAX steps (XLA's cost analysis of the compiled step) against a measured matmul
+roof, and the issue's goals as a checklist. Writes bench/results.json (raw
 times, versions, CPU) and bench/results.md.
 
     python -m bench.run [--repeats 5] [--only mnist_cnn,linear_head] [--peers | --no-peers]
-                        [--clippers flat,per_layer,auto,global]
+                        [--clippers flat,per_layer,auto,global] [--min-sample 0.1]
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import dataclasses
 import gc
 import importlib
 import json
+import math
 import os
 import pathlib
 import platform
@@ -304,21 +309,34 @@ def _timed(fn):
 
 
 def time_steps(
-    steps: dict[str, Step], repeats: int, warmup: int = 2, settle: float = 0.0
+    steps: dict[str, Step],
+    repeats: int,
+    warmup: int = 2,
+    settle: float = 0.0,
+    min_sample: float = 0.0,
 ) -> dict[str, list[float]]:
     """Seconds per call of every step: ``warmup`` untimed rounds, then ``repeats`` timed rounds,
-    each round calling every step once in turn (round robin). Before each timed call the process
+    each round timing every step in turn (round robin). Before each timed sample the process
     sleeps ``settle`` seconds, so that the worker threads of the previous step (XLA's pool,
-    PyTorch's OpenMP team) are idle and do not compete with the next one for the cores."""
+    PyTorch's OpenMP team) are idle and do not compete with the next one for the cores.
+
+    A sample is a burst of back-to-back calls of one step lasting at least ``min_sample``
+    seconds (the count is fixed per step from its slowest warm-up call), divided by the count:
+    a step of a millisecond is then timed as a training loop runs it, not by one call that also
+    pays for waking the thread pool after the settle. Steps longer than ``min_sample`` are
+    timed one call per sample."""
+    slowest = {k: 0.0 for k in steps}
     for _ in range(warmup):
-        for s in steps.values():
-            s.run()
+        for k, s in steps.items():
+            slowest[k] = max(slowest[k], _timed(s.run))
+    calls = {k: max(1, math.ceil(min_sample / max(t, 1e-6))) for k, t in slowest.items()}
     times: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(repeats):
         for k, s in steps.items():
             if settle:
                 time.sleep(settle)
-            times[k].append(_timed(s.run))
+            n = calls[k]
+            times[k].append(_timed(lambda s=s, n=n: [s.run() for _ in range(n)]) / n)
     return times
 
 
@@ -418,7 +436,9 @@ def markdown(results: dict) -> str:
         + (f"; peers: {peer_versions}" if peer_versions else "; peers: none")
         + f". Matmul roof {results['matmul_roof_gflops']:.0f} GFLOP/s. "
         f"{results['repeats']} interleaved repeats per step after {results['warmup']} warm-up "
-        f"rounds, {results['settle_s']} s idle before each timed call, OMP_WAIT_POLICY="
+        f"rounds, {results['settle_s']} s idle before each timed sample, a sample being "
+        f"back-to-back calls of one step lasting >= {results.get('min_sample_s', 0)} s "
+        "(time per call = sample / calls), OMP_WAIT_POLICY="
         f"{results['omp_wait_policy']}; clip norm {CLIP_NORM}, noise multiplier "
         f"{NOISE_MULTIPLIER}. Load average at start / end: {results['loadavg_start']} / "
         f"{results['loadavg_end']} (shared cores make these numbers noisy).",
@@ -533,7 +553,13 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument(
-        "--settle", type=float, default=0.01, help="idle seconds before each timed call"
+        "--settle", type=float, default=0.01, help="idle seconds before each timed sample"
+    )
+    ap.add_argument(
+        "--min-sample",
+        type=float,
+        default=0.1,
+        help="seconds of back-to-back calls per timed sample (shorter steps are repeated)",
     )
     ap.add_argument("--only", default="", help="comma-separated workloads (default: all)")
     ap.add_argument(
@@ -578,6 +604,7 @@ def main(argv=None):
         "repeats": args.repeats,
         "warmup": args.warmup,
         "settle_s": args.settle,
+        "min_sample_s": args.min_sample,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "peers": {m: ok for m, ok in use.items()},
         "loadavg_start": loadavg_start,
@@ -595,7 +622,7 @@ def main(argv=None):
         if use["torch"]:
             steps.update(torch_steps(mname, kwargs, x, classes, wnotes, info))
         print(f"{wname}: timing {len(steps)} steps", flush=True)
-        times = time_steps(steps, args.repeats, args.warmup, args.settle)
+        times = time_steps(steps, args.repeats, args.warmup, args.settle, args.min_sample)
         rows = summarize(steps, times, roof)
         results["workloads"][wname] = {
             "model": mname,
