@@ -34,6 +34,7 @@ import numpy as np
 from dpft import models
 from dpft.federated import driver
 from dpft.federated import server as srv
+from dpft.host import tune_host_allocator
 from dpft.train.step import cross_entropy_loss, partition
 
 OUT = pathlib.Path(__file__).parent / "federated_results.json"
@@ -174,6 +175,7 @@ def main(argv=None) -> dict:
     p.add_argument("--groups", default="1,10", help="client_group values to time ('' for none)")
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args(argv)
+    tune_host_allocator()  # as `python -m dpft` does
     rows = []
     for name in args.models.split(","):
         for clients in (int(c) for c in args.clients.split(",")):

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpft import models, optim
+from dpft.host import tune_host_allocator
 from dpft.privacy import clipping
 from dpft.train.step import TrainState, cross_entropy_loss, make_train_step, partition
 
@@ -50,6 +51,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
+    tune_host_allocator()  # as `python -m dpft` does
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(64, 32, 32, 3)).astype(np.float32))
     y = jnp.asarray(np.arange(64) % 10, jnp.int32)

@@ -49,6 +49,7 @@ import numpy as np
 import optax
 
 from dpft import optim
+from dpft.host import tune_host_allocator
 from dpft.models import count_params, get_model, model_kwargs
 from dpft.privacy import clipping
 
@@ -438,7 +439,9 @@ def markdown(results: dict) -> str:
         f"{results['repeats']} interleaved repeats per step after {results['warmup']} warm-up "
         f"rounds, {results['settle_s']} s idle before each timed sample, a sample being "
         f"back-to-back calls of one step lasting >= {results.get('min_sample_s', 0)} s "
-        "(time per call = sample / calls), OMP_WAIT_POLICY="
+        "(time per call = sample / calls), host allocator "
+        f"{'tuned (dpft.host, all rows)' if results.get('malloc_tuned') else 'glibc defaults'}, "
+        "OMP_WAIT_POLICY="
         f"{results['omp_wait_policy']}; clip norm {CLIP_NORM}, noise multiplier "
         f"{NOISE_MULTIPLIER}. Load average at start / end: {results['loadavg_start']} / "
         f"{results['loadavg_end']} (shared cores make these numbers noisy).",
@@ -571,7 +574,14 @@ def main(argv=None):
         default=True,
         help="time PyTorch, Opacus and jax_privacy too when they import (default: on)",
     )
+    ap.add_argument(
+        "--tune-malloc",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="dpft.host.tune_host_allocator() for the whole process, peers included (default: on)",
+    )
     args = ap.parse_args(argv)
+    malloc_tuned = bool(args.tune_malloc) and tune_host_allocator()
     only = [w for w in args.only.split(",") if w]
     unknown = sorted(set(only) - set(workloads()))
     if unknown:
@@ -604,6 +614,7 @@ def main(argv=None):
         "repeats": args.repeats,
         "warmup": args.warmup,
         "settle_s": args.settle,
+        "malloc_tuned": malloc_tuned,
         "min_sample_s": args.min_sample,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "peers": {m: ok for m, ok in use.items()},
