@@ -115,6 +115,12 @@ CASES = {
         ValueError,
         ["config.dp.clip_norm", "> 0"],
     ),
+    "unknown_norm_strategy": (
+        {},
+        {"dp__norms": "fast"},
+        ValueError,
+        ["config.dp.norms", "vmap|ghost", "'fast'"],
+    ),
     "microbatch_larger_than_batch": (
         {},
         {"train__microbatch_size": 1000},

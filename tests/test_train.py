@@ -267,6 +267,39 @@ def test_host_chunked_steps_equal_one_array_steps(tmp_path):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
 
 
+@needs_data
+def test_ghost_norms_train_the_same_model_as_vmap_norms(tmp_path, monkeypatch):
+    """``config.dp.norms='ghost'`` reaches every step path (one array, host chunks) and gives the
+    run of the default per-example-gradient norms, up to float rounding."""
+    from dpft.privacy.ghost import GhostNorms
+
+    traced = []
+    original = GhostNorms.__call__
+
+    def counting(self, *args, **kwargs):
+        traced.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GhostNorms, "__call__", counting)
+    runs = {}
+    for norms in ("vmap", "ghost"):
+        for chunk in (0, 32):
+            c = tiny_config(norms=norms)
+            c.train.max_batch_size = 64
+            c.train.host_chunk_size = chunk
+            before = len(traced)
+            s = train_and_evaluate(c, tmp_path / f"{norms}{chunk}")
+            assert (len(traced) > before) == (norms == "ghost")
+            runs[norms, chunk] = (s["epsilon"], final_arrays(tmp_path / f"{norms}{chunk}")[0])
+    for chunk in (0, 32):
+        (eps_v, a), (eps_g, b) = runs["vmap", chunk], runs["ghost", chunk]
+        assert eps_v == eps_g
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"config\.dp\.norms must be vmap\|ghost"):
+        train_and_evaluate(tiny_config(norms="fast"), tmp_path / "bad")
+
+
 def test_choose_microbatch_from_compiled_memory():
     from dpft.train import accumulate
 

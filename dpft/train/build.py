@@ -132,6 +132,24 @@ def build_clipper(dp) -> clipping.Clipper:
     raise ValueError(f"config.dp.clipping must be flat|per_layer|auto|global, got {kind!r}")
 
 
+def build_norm_strategy(dp) -> clipping.NormStrategy | None:
+    """``config.dp.norms``: how per-example gradient norms are computed (None = the default).
+
+    ``'vmap'`` materialises per-example gradients (`clipping.VmapNorms`, any model); ``'ghost'``
+    uses ghost / mixed ghost norms and the book-keeping sum for flax Dense/Conv layers
+    (`dpft.privacy.ghost.GhostNorms`, exact per-example gradients for the other parameters),
+    the faster choice in ``make bench`` for every workload. Both give the same clipped sum.
+    """
+    kind = dp.get("norms", "vmap")
+    if kind == "vmap":
+        return None
+    if kind == "ghost":
+        from dpft.privacy.ghost import GhostNorms
+
+        return GhostNorms()
+    raise ValueError(f"config.dp.norms must be vmap|ghost, got {kind!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class PrivacyPlan:
     num_examples: int
@@ -161,6 +179,7 @@ def plan_privacy(config, num_examples: int, batch_multiple: int = 1) -> PrivacyP
     number of data-parallel devices); accounting uses the rounded cap.
     """
     dp, tr = config.dp, config.train
+    build_norm_strategy(dp)  # refuse an unknown config.dp.norms before any file is written
     if not dp.clip_norm > 0:
         raise ValueError(f"config.dp.clip_norm must be > 0 (inf: no clipping), got {dp.clip_norm}")
     if not dp.epsilon > 0:

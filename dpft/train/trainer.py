@@ -155,6 +155,7 @@ def _build_runtime(
         variables = unflatten(full)
     trainable, frozen = partition(variables, phase.trainable)
     clipper = build.build_clipper(config.dp)
+    norms = build.build_norm_strategy(config.dp)
     sensitivity = clipper.sensitivity(trainable) if config.dp.clip_norm < math.inf else math.inf
     root = jax.random.PRNGKey(config.seed) if root is None else root  # secret in secure mode
     key = jax.random.fold_in(root, 1)
@@ -174,16 +175,19 @@ def _build_runtime(
         rng_spec = jax.ShapeDtypeStruct((2,), jnp.uint32)
 
         def candidate(m):
-            return make_train_step(loss, clipper, tx, microbatch_size=m), (state, spec, rng_spec)
+            step = make_train_step(loss, clipper, tx, microbatch_size=m, norm_strategy=norms)
+            return step, (state, spec, rng_spec)
 
         mb, tried = accumulate.choose_microbatch(candidate, rows)
         log.info("microbatch %d chosen from compiled sizes %s", mb, tried)
     chunked = None
     if chunk:
         chunked = accumulate.jit_accumulating(
-            accumulate.make_accumulating_step(loss, clipper, tx, microbatch_size=mb)
+            accumulate.make_accumulating_step(
+                loss, clipper, tx, microbatch_size=mb, norm_strategy=norms
+            )
         )
-    step = make_train_step(loss, clipper, tx, microbatch_size=mb, mesh=mesh)
+    step = make_train_step(loss, clipper, tx, microbatch_size=mb, norm_strategy=norms, mesh=mesh)
     shardings = None
     if mesh is None:
         step_fn = jax.jit(step, donate_argnums=0)
