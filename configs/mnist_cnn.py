@@ -6,8 +6,9 @@
 Opacus publishes 94.63 +- 0.34% test accuracy for this setting. Expected here: about 94.2%
 (seeds 0-3: 94.19 +- 0.25%; Opacus 1.6 itself on the same data and machine, via
 experiments/opacus_mnist_reference.py: 94.43 +- 0.42%), epsilon 0.834 (PLD) / 0.922 (RDP) at
-delta = 1e-5 in summary.json (``epsilon``, ``epsilon_rdp``).
-Details: experiments/results/e2e_runs.md.
+delta = 1e-5 in summary.json (``epsilon``, ``epsilon_rdp``). With ``dp.norms = 'ghost'`` (set
+below since 2026-12-03; the seeds above used 'vmap') seed 0 gives 94.54% in 162 s on an idle
+2-core machine. Details: experiments/results/e2e_runs.md.
 """
 
 from dpft.config import base_config, make_smoke
@@ -22,6 +23,7 @@ def get_config(arg: str = ""):
     c.dp.noise_multiplier = 1.3
     c.dp.clip_norm = 1.5
     c.dp.delta = 1e-5
+    c.dp.norms = "ghost"  # the same clipped sums as "vmap", faster (make bench)
     c.train.batch_size = 240  # Poisson rate 240 / 60000 = 0.004
     c.train.epochs = 15.0
     c.train.microbatch_size = 128
