@@ -18,11 +18,10 @@ A timed sample is a burst of back-to-back calls of one step lasting at least ``-
 seconds (0.1 by default; one call for slower steps), reported per call, so that a
 sub-millisecond step is timed as a training loop runs it rather than by the latency of one
 call after an idle pause. Every DP step clips at 1.0 and adds noise with multiplier 1.0.
-Reports median and spread (min-max) of
-repeats, ratios of every dpft DP row to dpft's non-private step and to each peer, achieved
-GFLOP/s of the JAX steps (XLA's cost analysis of the compiled step) against a measured matmul
-roof, and the issue's goals as a checklist. Writes bench/results.json (raw
-times, versions, CPU) and bench/results.md.
+Reports median and spread (min-max) of repeats, ratios of every dpft DP row to dpft's
+non-private step and to each peer, achieved GFLOP/s of the JAX steps (XLA's cost analysis of
+the compiled step) against a measured matmul roof, and the issue's goals as a checklist.
+Writes bench/results.json (raw times, versions, CPU) and bench/results.md.
 
     python -m bench.run [--repeats 5] [--only mnist_cnn,linear_head] [--peers | --no-peers]
                         [--clippers flat,per_layer,auto,global] [--min-sample 0.1]
