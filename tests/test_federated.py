@@ -243,6 +243,62 @@ def test_vmap_over_clients_equals_loop_and_padding_contributes_nothing():
     assert float(metrics["debug/clients"]) == inputs.client_mask.sum()
 
 
+class SmallCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(4, (3, 3), strides=(2, 2))(x))
+        return nn.Dense(3)(nn.LayerNorm()(x.reshape(x.shape[0], -1)))
+
+
+def test_ghost_norms_in_clients_equal_vmap_norms(monkeypatch):
+    """``norm_strategy=GhostNorms()`` reaches every client's local DP-SGD steps (vmapped over
+    client slots) and gives the round of per-example-gradient norms, up to float rounding."""
+    from dpft.privacy.ghost import GhostNorms
+
+    traced = []
+    original = GhostNorms.__call__
+
+    def counting(self, *args, **kwargs):
+        traced.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GhostNorms, "__call__", counting)
+    rng = np.random.default_rng(0)
+    data = {
+        "image": rng.normal(size=(40, 6, 6, 2)).astype(np.float32),
+        "label": (np.arange(40) % 3).astype(np.int32),
+    }
+    model = SmallCNN()  # Conv + Dense (ghost norms) and LayerNorm (per-example gradients)
+    params, frozen = split_params(model.init(jax.random.PRNGKey(0), data["image"][:1]), (".*",))
+    clients = partition.iid(data["label"], 5, seed=0)
+    config = driver.FedConfig(
+        rounds=1,
+        client_rate=0.8,
+        max_clients=5,
+        local_steps=2,
+        local_rate=0.6,
+        local_batch=8,
+        local_lr=0.5,
+        dp="example",
+        noise_multiplier=0.7,
+        example_clip=0.05,  # small: most examples are clipped, so the norms matter
+        seed=1,
+    )
+    loss = cross_entropy_loss(model.apply)
+    plan = driver.make_plan(config, [len(c) for c in clients])
+    inputs = driver.round_inputs(config, plan, data, clients, 0)
+    tx = server.make_server_optimizer("sgd", 1.0)
+    st = server.ServerState(jnp.zeros([], jnp.int32), params, tx.init(params))
+    out = {}
+    for name, strategy in (("vmap", None), ("ghost", GhostNorms())):
+        before = len(traced)
+        round_fn = driver.make_round(loss, config, plan, tx, norm_strategy=strategy)
+        out[name] = round_fn(st, frozen, inputs)[0].params
+        assert (len(traced) > before) == (name == "ghost")
+    assert max(float(jnp.max(jnp.abs(out["vmap"][k] - params[k]))) for k in params) > 1e-3
+    close(out["ghost"], out["vmap"], atol=1e-5)
+
+
 # ------------------------------------------------------------------ resume, head tuning
 
 
@@ -409,6 +465,11 @@ def test_bad_federated_key_is_one_line_error(tmp_path):
             train_and_evaluate(c, tmp_path / key)
         assert "\n" not in str(e.value)
         assert not (tmp_path / key).exists()  # validated before the workdir is touched
+    c = fed_smoke()
+    c.dp.norms = "fast"
+    with pytest.raises(ValueError, match=r"config\.dp\.norms must be vmap\|ghost"):
+        train_and_evaluate(c, tmp_path / "norms")
+    assert not (tmp_path / "norms").exists()
     c = fed_smoke()
     c.unlock()
     c.federated.roundz = 3  # an unknown key in a config file (not only on the command line)

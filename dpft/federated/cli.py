@@ -110,6 +110,7 @@ def _check(config) -> None:
         raise ValueError(f"config.federated.alpha must be > 0, got {f.alpha!r}")
     if config.dp.get("secure_noise", False):
         raise ValueError("config.dp.secure_noise is not supported by federated runs yet")
+    build.build_norm_strategy(config.dp)  # an unknown config.dp.norms fails here, before any file
 
 
 def fed_config(config) -> FedConfig:

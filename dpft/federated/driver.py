@@ -123,6 +123,7 @@ def make_local_update(
     config: FedConfig,
     plan: FedPlan,
     clipper: clipping.Clipper | None = None,
+    norm_strategy: clipping.NormStrategy | None = None,
 ) -> Callable:
     """``local_update(params, frozen, batch, mask, inv_expected, key) -> (update, metrics)``.
 
@@ -132,6 +133,8 @@ def make_local_update(
     from ``fold_in(key, 1)``. ``clipper`` defaults to ``FlatClip(example_clip)`` at example
     level (no clipping otherwise); a custom one must define ``sensitivity(None)`` (a bound
     `PerLayerClip`, `FlatClip`, `AutoClip`, `GlobalClip`): the local noise is scaled by it.
+    ``norm_strategy`` computes the per-example norms and the clipped sum as in centralized
+    training (None: `clipping.VmapNorms`; `dpft.privacy.ghost.GhostNorms`: ghost norms).
 
     Privacy:
         With ``config.dp == 'example'`` every local step is DP-SGD: per-example gradients
@@ -146,7 +149,9 @@ def make_local_update(
         clipper = clipping.FlatClip(clip)
     sensitivity = float(clipper.sensitivity(None)) if config.dp == "example" else 1.0
     tx = _local_tx(config, plan, sensitivity)
-    step = make_train_step(loss_fn, clipper, tx, microbatch_size=config.microbatch_size)
+    step = make_train_step(
+        loss_fn, clipper, tx, microbatch_size=config.microbatch_size, norm_strategy=norm_strategy
+    )
     k = plan.local_steps
 
     def local_update(params, frozen, batch, mask, inv_expected, key):
@@ -185,6 +190,7 @@ def make_round(
     jit: bool = True,
     mesh: jax.sharding.Mesh | None = None,
     data_axis: str = "data",
+    norm_strategy: clipping.NormStrategy | None = None,
 ) -> Callable[[srv.ServerState, Any, RoundInputs], tuple[srv.ServerState, dict]]:
     """``round_fn(server_state, frozen, inputs) -> (server_state, metrics)``.
 
@@ -193,6 +199,7 @@ def make_round(
     multiple of its size, see ``make_plan(slot_multiple=...)``): each device runs its own
     clients (``shard_map`` of the vmap), parameters are replicated, and the aggregation and the
     server noise run once on the gathered updates, with the same keys as on one device.
+    ``clipper`` and ``norm_strategy`` go to `make_local_update`.
 
     Privacy:
         'client': each client's update is clipped to L2 norm ``client_clip`` (non-finite ones
@@ -202,7 +209,7 @@ def make_round(
         DP-SGD outputs and the server is post-processing. Returned ``debug/`` metrics are not
         private.
     """
-    local_update = make_local_update(loss_fn, config, plan, clipper)
+    local_update = make_local_update(loss_fn, config, plan, clipper, norm_strategy)
     z, s_clip = plan.noise_multiplier, config.client_clip
     std = noise_std(z, s_clip) if config.dp == "client" else 0.0
     expected = config.client_rate * plan.num_clients

@@ -175,6 +175,7 @@ def run(
             workdir=pdir,
             eval_fn=eval_fn,
             clipper=make_clipper(config, pfc, params),
+            norm_strategy=build.build_norm_strategy(config.dp),
             on_round=report,
             start_round=phase.start,
             ledger=ledger,

@@ -43,11 +43,14 @@ class RunResult:
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_round(loss_fn, config, plan, server_tx_args, clipper, mesh=None):
-    """One jitted round function per (loss, config without rounds, plan, clipper, mesh): a
-    resumed or extended run in the same process reuses its compilation."""
+def _compiled_round(loss_fn, config, plan, server_tx_args, clipper, mesh=None, norms=None):
+    """One jitted round function per (loss, config without rounds, plan, clipper, mesh, norm
+    strategy): a resumed or extended run in the same process reuses its compilation."""
     server_tx = srv.make_server_optimizer(*server_tx_args)
-    return server_tx, driver.make_round(loss_fn, config, plan, server_tx, clipper, mesh=mesh)
+    round_fn = driver.make_round(
+        loss_fn, config, plan, server_tx, clipper, mesh=mesh, norm_strategy=norms
+    )
+    return server_tx, round_fn
 
 
 def _identity(config: driver.FedConfig, plan: driver.FedPlan) -> dict:
@@ -87,6 +90,7 @@ def run(
     eval_every: int = 1,
     checkpoint_every: int = 1,
     clipper: clipping.Clipper | None = None,
+    norm_strategy: clipping.NormStrategy | None = None,
     mesh: jax.sharding.Mesh | None = None,
     log_every: int | None = None,
     on_round: Callable[[dict, srv.ServerState], None] | None = None,
@@ -107,6 +111,8 @@ def run(
         except ``rounds``, so a run may be extended).
       eval_fn: ``eval_fn(params, frozen) -> dict`` of floats, run every ``eval_every`` rounds
         and after the last round; merged into that round's history record.
+      clipper, norm_strategy: the clients' per-example clipping rule and how its norms and
+        clipped sums are computed (see `dpft.federated.driver.make_local_update`).
       mesh: a device mesh with a 'data' axis: client slots are sharded over it (the slots are
         rounded up to a multiple of its size; padding slots hold no client).
       log_every: epsilon is computed every ``log_every`` rounds (default ``eval_every``), at
@@ -137,10 +143,12 @@ def run(
     tx_args = (config.server_optimizer, config.server_lr, config.server_momentum)
     base = dataclasses.replace(config, rounds=0, seed=0)  # the seed is a round input
     try:
-        server_tx, round_fn = _compiled_round(loss_fn, base, plan, tx_args, clipper, mesh)
+        server_tx, round_fn = _compiled_round(
+            loss_fn, base, plan, tx_args, clipper, mesh, norm_strategy
+        )
     except TypeError:  # an unhashable clipper or loss: build without the cache
         server_tx, round_fn = _compiled_round.__wrapped__(
-            loss_fn, base, plan, tx_args, clipper, mesh
+            loss_fn, base, plan, tx_args, clipper, mesh, norm_strategy
         )
     log_every = log_every or eval_every
     params = jax.tree_util.tree_map(jnp.asarray, params)
