@@ -26,6 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.name = "sample_convnet"
     c.model.norm = ""  # resnets: frozen_bn | group_norm
     c.model.dtype = "float32"  # float32 | bfloat16 (activations; params, sums, noise in fp32)
+    c.model.conv = "auto"  # auto | xla | im2col: convolution implementation (dpft.models.conv)
     c.model.init = "default"  # default (flax) | torch (PyTorch's defaults, for PyTorch recipes)
     c.model.pretrained = ""  # e.g. resnet20: load CIFAR-10 weights from the data dir
     c.model.pretrained_path = ""

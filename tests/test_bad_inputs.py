@@ -121,6 +121,12 @@ CASES = {
         ValueError,
         ["config.dp.norms", "vmap|ghost", "'fast'"],
     ),
+    "unknown_conv": (
+        {},
+        {"model__conv": "fast"},
+        ValueError,
+        ["config.model.conv", "auto|xla|im2col", "'fast'"],
+    ),
     "microbatch_larger_than_batch": (
         {},
         {"train__microbatch_size": 1000},

@@ -13,6 +13,7 @@ from dpft import models
 from dpft.models import conv as conv_mod
 from dpft.models.cnn import SampleConvNet
 from dpft.models.conv import (
+    CONV_IMPLS,
     auto_conv_general_dilated,
     conv_impl,
     im2col_conv_general_dilated,
@@ -181,13 +182,28 @@ def test_conv_impl_names():
     assert models.get_model("sample_convnet", 10, conv="xla").conv == "xla"
 
 
+def test_config_model_conv_reaches_the_model():
+    from dpft.config import base_config
+    from dpft.train import build
+
+    image = np.zeros((28, 28, 1), np.float32)
+    for kind in CONV_IMPLS:
+        c = base_config()
+        c.model.conv = kind
+        model, _ = build.build_model(c, 10, image)
+        assert model.conv == kind
+    c = base_config()
+    c.model.name, c.model.conv = "linear", "xla"  # no convolutions: the key is ignored
+    assert not hasattr(build.build_model(c, 10, image)[0], "conv")
+
+
 def _prims(fn, *args) -> set[str]:
     return {e.primitive.name for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns}
 
 
 def test_auto_chooses_per_backend_and_shape(monkeypatch):
     kw = {"window_strides": (1, 1), "padding": ((1, 1), (1, 1)), "dimension_numbers": NHWC}
-    small = (_normal(1, 8, 8, 64), _normal(3, 3, 64, 64))  # ResNet stage 3: im2col
+    small = (_normal(1, 8, 8, 1), _normal(3, 3, 1, 16))  # one input channel: im2col
     large = (_normal(1, 32, 32, 16), _normal(3, 3, 16, 16))  # ResNet stage 1: XLA
     assert prefers_im2col(small[0].shape, small[1].shape, **kw)
     assert not prefers_im2col(large[0].shape, large[1].shape, **kw)
@@ -207,14 +223,14 @@ def test_auto_chooses_per_backend_and_shape(monkeypatch):
 def test_auto_choices_for_the_models():
     nhwc = {"dimension_numbers": NHWC}
     pad1 = ((1, 1), (1, 1))
-    # SampleConvNet: both layers.
+    # SampleConvNet: the single-channel first layer only.
     assert prefers_im2col((1, 28, 28, 1), (8, 8, 1, 16), (2, 2), ((3, 3), (3, 3)), **nhwc)
-    assert prefers_im2col((1, 13, 13, 16), (4, 4, 16, 32), (2, 2), "VALID", **nhwc)
-    # ResNet-20: stem, strided and 8x8 layers, not the stride-1 32x32 and 16x16 layers.
-    assert prefers_im2col((1, 32, 32, 3), (3, 3, 3, 16), (1, 1), pad1, **nhwc)
-    assert prefers_im2col((1, 32, 32, 16), (3, 3, 16, 32), (2, 2), pad1, **nhwc)
-    assert prefers_im2col((1, 16, 16, 32), (3, 3, 32, 64), (2, 2), pad1, **nhwc)
-    assert not prefers_im2col((1, 16, 16, 32), (3, 3, 32, 32), (1, 1), pad1, **nhwc)
+    assert not prefers_im2col((1, 13, 13, 16), (4, 4, 16, 32), (2, 2), "VALID", **nhwc)
+    # ResNet-20: no layer (the 3-channel stem included); ImageNet ResNets: the 1x1 shortcuts.
+    assert not prefers_im2col((1, 32, 32, 3), (3, 3, 3, 16), (1, 1), pad1, **nhwc)
+    assert not prefers_im2col((1, 32, 32, 16), (3, 3, 16, 32), (2, 2), pad1, **nhwc)
+    assert not prefers_im2col((1, 8, 8, 64), (3, 3, 64, 64), (1, 1), pad1, **nhwc)
+    assert prefers_im2col((1, 56, 56, 64), (1, 1, 64, 128), (2, 2), "VALID", **nhwc)
 
 
 # ----------------------------------------------------------------------------- models

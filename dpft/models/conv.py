@@ -192,11 +192,6 @@ def _transpose(x: Array, perm: Sequence[int]) -> Array:
     return x if perm == tuple(range(x.ndim)) else jnp.transpose(x, perm)
 
 
-#: 'auto' uses im2col for a convolution whose patch matrix holds at most
-#: ``AUTO_PATCH_ELEMENTS_PER_CHANNEL * max(Cout, 32)`` elements per example (see `prefers_im2col`).
-AUTO_PATCH_ELEMENTS_PER_CHANNEL = 1250
-
-
 def prefers_im2col(
     lhs_shape: Sequence[int],
     rhs_shape: Sequence[int],
@@ -208,18 +203,19 @@ def prefers_im2col(
 ) -> bool:
     """Whether 'auto' computes this (ungrouped) convolution with im2col on CPU.
 
-    im2col writes and reads a patch matrix ``prod(kernel_size)`` times the (output-sized) input
-    and then runs a dot at close to the matmul roof; XLA:CPU's convolution reads the input in
-    place but is slow, above all for kernel gradients (and, under `jax.vmap`, per-example kernel
-    gradients), strided convolutions and few input channels. The extra traffic of im2col costs
-    about the same per patch element whatever the width, while the useful work grows with
-    ``Cout``, so im2col is chosen for a 1x1 kernel (no duplication) and where the patch matrix
-    of one example has at most ``AUTO_PATCH_ELEMENTS_PER_CHANNEL * max(Cout, 32)`` elements
-    (40,000, 160 KB, up to 32 output channels). On a 2-core AVX2 EPYC this picks im2col for every
-    layer of `SampleConvNet`, for the stem, the strided and the 8x8 layers of ResNet-20, and XLA
-    for its stride-1 16x16 and 32x32 layers, whose 3x3 patch matrices of 16-32 channels are
-    memory bound. It depends only on per-example shapes, so the choice is the same for a batch
-    and under `jax.vmap`.
+    True for a 1x1 kernel (the patch matrix is the input itself: no duplication, a plain dot)
+    and for a single input channel, where XLA:CPU's convolution has no channel axis to
+    vectorize over while im2col's patch matrix has ``prod(kernel_size)`` columns (the first
+    layer of a grayscale CNN). Everywhere else XLA's convolution is kept: in whole models the
+    im2col patch matrices (``prod(kernel_size)`` copies of the input, concatenated on the
+    channel axis) cost more than XLA's slower arithmetic. Measured in whole steps on a 2-core
+    AVX-512 Xeon (ms; non-private / ghost DP / vmap DP): `SampleConvNet` batch 256 with im2col
+    for the first layer only 23.6 / 26.6 / 39.3, all XLA 25.5 / 31.0 / 50.5, both layers
+    im2col 36.1 / 45.8 / 53.3; ResNet-20 (frozen BN) batch 64 all XLA 326 / 363 / 550, im2col
+    for the 3-channel stem 347 / 380 / 560. (Timed one layer at a time, im2col wins for most
+    ResNet-20 layers, above all for per-example kernel gradients; inside the model it does
+    not.) It depends only on per-example shapes, so the choice is the same for a batch and
+    under `jax.vmap`.
     """
     geo = _geometry(
         lhs_shape,
@@ -230,10 +226,7 @@ def prefers_im2col(
         rhs_dilation,
         dimension_numbers,
     )
-    if math.prod(geo.ksize) == 1:
-        return True
-    patch = math.prod(geo.out_spatial) * math.prod(geo.ksize) * geo.cin
-    return patch <= AUTO_PATCH_ELEMENTS_PER_CHANNEL * max(geo.cout, 32)
+    return math.prod(geo.ksize) == 1 or geo.cin == 1
 
 
 def auto_conv_general_dilated(

@@ -12,6 +12,7 @@ import numpy as np
 
 from dpft import data as dpdata
 from dpft import models, optim
+from dpft.models.conv import CONV_IMPLS
 from dpft.paths import DataError
 from dpft.privacy import accounting, clipping, sampling
 
@@ -65,6 +66,11 @@ def build_model(config, num_classes: int, example_image: np.ndarray):
         raise ValueError(f"config.model.dtype must be float32|bfloat16, got {dtype!r}")
     if dtype != "float32":  # activations in bf16; parameters, clipped sums and noise stay fp32
         kwargs["dtype"] = jnp.bfloat16
+    conv = m.get("conv", "auto")
+    if conv not in CONV_IMPLS:
+        raise ValueError(f"config.model.conv must be {'|'.join(CONV_IMPLS)}, got {conv!r}")
+    if "conv" in models.model_kwargs(m.name):  # models without convolutions ignore it
+        kwargs["conv"] = conv
     fresh = models.get_model(m.name, num_classes, **kwargs)
     key = jax.random.PRNGKey(config.seed)
     x = jnp.asarray(example_image[None])
@@ -74,8 +80,7 @@ def build_model(config, num_classes: int, example_image: np.ndarray):
         from dpft.models import pretrained
 
         model, variables = pretrained.load(m.pretrained, path=m.pretrained_path or None)
-        if "dtype" in kwargs:
-            model = model.clone(dtype=kwargs["dtype"])
+        model = model.clone(**{k: kwargs[k] for k in ("dtype", "conv") if k in kwargs})
         with _shape_errors(f"{m.name} (pretrained {m.pretrained})", example_image.shape):
             jax.eval_shape(model.apply, variables, x)  # the weights fit these images
     fresh_vars = fresh.init(key, x)
