@@ -5,8 +5,9 @@ and warm-up, so machine noise hits all of them alike:
 
 - dpft's non-private jitted step (``non_private``) and dpft's DP steps, one row per clipping
   rule x norm strategy (``vmap`` = `VmapNorms`; ``ghost`` = `dpft.privacy.ghost.GhostNorms`
-  when that module imports) x convolution backend (a model's ``conv`` attribute, 'xla' or
-  'im2col', when the model has one): ``dp_<clip>_<norm>[_<conv>]``;
+  when that module imports) x convolution backend (a model's ``conv`` attribute, 'xla',
+  'auto' or 'im2col', when the model has one; 'auto' is skipped with a note where it traces to
+  the same program as 'xla'): ``dp_<clip>_<norm>[_<conv>]``;
 - peers, when importable (``--peers``, the default): jax_privacy 2.x's ``clipped_grad`` +
   Gaussian privatizer + SGD on dpft's own flax model and parameters (jitted); PyTorch's
   non-private step, and Opacus' DP step with per-example gradients from hooks
@@ -62,7 +63,7 @@ CLIPPERS = {
     "auto": clipping.AutoClip(),
     "global": clipping.GlobalClip(CLIP_NORM),
 }
-CONVS = ("xla", "im2col")  # values of a model's ``conv`` attribute, when it has one
+CONVS = ("xla", "auto", "im2col")  # values of a model's ``conv`` attribute, when it has one
 PEER_ROWS = ("jax_privacy", "torch_non_private", "opacus_hooks", "opacus_ghost")
 
 # The issue's goals, on the headline dpft DP step of each workload (see `headline`).
@@ -160,6 +161,14 @@ def _init_params(model, x):
     return params, rest
 
 
+def _same_program(a, b, params, rest, x) -> bool:
+    """Whether models ``a`` and ``b`` trace to the same forward program (jaxpr)."""
+    variables = {"params": params, **rest}
+    return str(jax.make_jaxpr(a.apply)(variables, x[:1])) == str(
+        jax.make_jaxpr(b.apply)(variables, x[:1])
+    )
+
+
 def jax_steps(
     name: str,
     kwargs: dict,
@@ -184,6 +193,9 @@ def jax_steps(
             continue
         params, rest = _init_params(model, x)
         info["dpft_params"] = count_params(params)
+        if conv == "auto" and _same_program(model, model.clone(conv="xla"), params, rest, x):
+            notes.append("conv=auto: the same program as conv=xla for this model, not timed twice")
+            continue
 
         def loss_one(p, example, key, model=model, rest=rest):
             logits = model.apply({"params": p, **rest}, example["x"][None])[0]
