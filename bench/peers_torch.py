@@ -1,6 +1,6 @@
 """PyTorch and Opacus peers for ``bench.run``: dpft's models rebuilt in PyTorch, and their steps.
 
-Importing this module needs torch (and opacus for the DP steps); ``bench.run`` imports it only
+Importing this module needs torch (and opacus for the DP steps); ``bench.steps`` imports it only
 when ``--peers`` is on and skips it with a one-line note otherwise.
 
 Each model has the same layers, shapes and parameter count as its flax twin in `dpft.models`
