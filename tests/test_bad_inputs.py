@@ -127,6 +127,12 @@ CASES = {
         ValueError,
         ["config.model.conv", "auto|xla|im2col", "'fast'"],
     ),
+    "microbatch_unroll_zero": (
+        {},
+        {"train__microbatch_unroll": 0},
+        ValueError,
+        ["config.train.microbatch_unroll", "int >= 1", "0"],
+    ),
     "microbatch_larger_than_batch": (
         {},
         {"train__microbatch_size": 1000},

@@ -192,6 +192,24 @@ def test_microbatched_equals_unmicrobatched(microbatch, name):
     assert got.norms.shape == (23,)
 
 
+@pytest.mark.parametrize("unroll", [2, True])
+def test_unrolled_microbatch_loop_equals_the_loop(unroll):
+    params, batch = mlp_setup()
+    mask = jnp.asarray(np.random.default_rng(1).random(23) < 0.8, jnp.float32)
+    key = jax.random.PRNGKey(5)
+    clipper = C.FlatClip(0.5)
+    loop = jax.jit(C.clipped_grad(mlp_loss, clipper, microbatch_size=4))
+    fast = jax.jit(C.clipped_grad(mlp_loss, clipper, microbatch_size=4, unroll=unroll))
+    ref, got = loop(params, batch, mask, key), fast(params, batch, mask, key)
+    for k in params:
+        np.testing.assert_allclose(got.grad_sum[k], ref.grad_sum[k], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got.norms, ref.norms, rtol=1e-6)
+    hlo = fast.lower(params, batch, mask, key).compile().as_text()
+    # The microbatch loop carries float sums (the PRNG's own loops carry only u32 words).
+    loops = [line for line in hlo.splitlines() if " while(" in line and "f32[" in line]
+    assert bool(loops) == (unroll is not True)  # True: straight-line code, no loop
+
+
 def test_no_clip_equals_sum_of_plain_gradients():
     params, batch = mlp_setup(b=9)
     key = jax.random.PRNGKey(0)

@@ -251,20 +251,34 @@ def test_noise_is_drawn_once_for_the_logical_batch(tmp_path):
 
 
 @needs_data
-def test_host_chunked_steps_equal_one_array_steps(tmp_path):
-    """A logical batch accumulated over host chunks is the same step (bounded memory path)."""
-    base = tiny_config()
-    base.train.max_batch_size = 96
-    chunked = tiny_config()
-    chunked.train.max_batch_size = 96
-    chunked.train.host_chunk_size = 32
-    s1 = train_and_evaluate(base, tmp_path / "one")
-    s2 = train_and_evaluate(chunked, tmp_path / "chunked")
-    a, meta_a = final_arrays(tmp_path / "one")
-    b, meta_b = final_arrays(tmp_path / "chunked")
-    assert meta_a["ledger"] == meta_b["ledger"] and s1["epsilon"] == s2["epsilon"]
-    for x, y in zip(a, b, strict=True):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+def test_host_chunked_steps_equal_one_array_steps(tmp_path, monkeypatch):
+    """A logical batch accumulated over host chunks is the same step (bounded memory path), and
+    so is the microbatch loop unrolled (``train.microbatch_unroll``) on either path."""
+    unrolls = []
+    scan = jax.lax.scan
+
+    def recording(*args, **kwargs):
+        unrolls.append(kwargs.get("unroll", 1))
+        return scan(*args, **kwargs)
+
+    monkeypatch.setattr(jax.lax, "scan", recording)
+    runs = {}
+    for name, chunk, unroll in (("one", 0, 1), ("chunked", 32, 1), ("unrolled", 0, 2)):
+        c = tiny_config()
+        c.train.max_batch_size = 96  # 6 microbatches of 16 (2 per host chunk)
+        c.train.host_chunk_size = chunk
+        c.train.microbatch_unroll = unroll
+        if name == "unrolled":
+            unrolls.clear()
+        s = train_and_evaluate(c, tmp_path / name)
+        runs[name] = (s["epsilon"], *final_arrays(tmp_path / name))
+    assert 2 in unrolls  # the configured unroll reached the microbatch loop
+    eps, a, meta_a = runs["one"]
+    for name in ("chunked", "unrolled"):
+        eps_b, b, meta_b = runs[name]
+        assert meta_a["ledger"] == meta_b["ledger"] and eps == eps_b
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
 
 
 @needs_data

@@ -385,6 +385,7 @@ def clipped_grad(
     microbatch_size: int | None = None,
     norm_strategy: NormStrategy | None = None,
     has_aux: bool = True,
+    unroll: int | bool = 1,
 ) -> Callable[[PyTree, PyTree, jax.Array, jax.Array], ClippedGrad]:
     """Builds ``fn(params, batch, mask, rng) -> ClippedGrad``: the SUM of clipped gradients.
 
@@ -397,6 +398,10 @@ def clipped_grad(
         multiple of it and the chunks are summed with ``lax.scan``. ``None`` = whole batch.
       norm_strategy: how per-example norms are computed (default `VmapNorms`).
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+      unroll: ``lax.scan``'s ``unroll`` for the loop over microbatches (``True``: straight-line
+        code, no loop). The sum is the same; XLA:CPU ran ResNet-20's convolutions 2-3x slower
+        inside a loop body than unrolled (4 microbatches of 64, ghost norms: 3.6 s in a loop,
+        1.3 s unrolled, 1.5 s as 4 separate calls), at the price of compiling every copy.
 
     The returned function takes a batch pytree with a static leading size B, a mask ``[B]``
     (1 = real example, 0 = padding), a PRNG key and optionally ``index_offset`` (default 0);
@@ -452,7 +457,7 @@ def clipped_grad(
             total, per_ex = body(zero, jax.tree_util.tree_map(lambda a: a[0], xs))
             per_ex = jax.tree_util.tree_map(lambda a: a[None], per_ex)
         else:
-            total, per_ex = jax.lax.scan(body, zero, xs)
+            total, per_ex = jax.lax.scan(body, zero, xs, unroll=unroll)
         norms, loss, aux, nonfinite, clipped = jax.tree_util.tree_map(
             lambda a: a.reshape((k * m,) + a.shape[2:])[:b], per_ex
         )

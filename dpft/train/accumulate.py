@@ -53,6 +53,7 @@ def make_accumulating_step(
     *,
     microbatch_size: int | None = None,
     norm_strategy: clipping.NormStrategy | None = None,
+    microbatch_unroll: int | bool = 1,
 ) -> AccumulatingStep:
     """The train step of `dpft.train.step.make_train_step`, split for host-side accumulation.
 
@@ -74,7 +75,9 @@ def make_accumulating_step(
     def accumulate(acc: Accumulator, state: TrainState, chunk: dict, rng, offset) -> Accumulator:
         mask = chunk["mask"]
         examples = {k: v for k, v in chunk.items() if k != "mask"}
-        grad_fn = clipped_grad_fn(loss_fn, state.frozen, clipper, microbatch_size, norm_strategy)
+        grad_fn = clipped_grad_fn(
+            loss_fn, state.frozen, clipper, microbatch_size, norm_strategy, microbatch_unroll
+        )
         out = grad_fn(state.params, examples, mask, rng, index_offset=offset)
         return Accumulator(
             jax.tree_util.tree_map(jnp.add, acc.grad_sum, out.grad_sum),

@@ -97,6 +97,7 @@ def make_train_step(
     norm_strategy: clipping.NormStrategy | None = None,
     mesh: jax.sharding.Mesh | None = None,
     data_axis: str = "data",
+    microbatch_unroll: int | bool = 1,
 ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
     """Builds the pure step. ``batch`` holds the example arrays and a float ``mask`` [B].
 
@@ -107,6 +108,7 @@ def make_train_step(
     keeps the key ``fold_in(rng, i)``), the partial sums are added across devices, and the DP
     chain then runs once on the replicated sum, so the noise is drawn once per logical batch
     with one key, not once per device. Parameters and optimizer state are replicated.
+    ``microbatch_unroll`` is the ``unroll`` of `clipping.clipped_grad`'s loop over microbatches.
 
     Privacy:
         The parameter update is ``tx`` applied to the SUM of clipped per-example gradients
@@ -118,7 +120,9 @@ def make_train_step(
     def step(state: TrainState, batch: dict, rng: jax.Array):
         mask = batch["mask"]
         examples = {k: v for k, v in batch.items() if k != "mask"}
-        grad_fn = clipped_grad_fn(loss_fn, state.frozen, clipper, microbatch_size, norm_strategy)
+        grad_fn = clipped_grad_fn(
+            loss_fn, state.frozen, clipper, microbatch_size, norm_strategy, microbatch_unroll
+        )
         if mesh is None:
             out = grad_fn(state.params, examples, mask, rng)
         else:
@@ -138,14 +142,20 @@ class BatchSums(NamedTuple):
     nonfinite: jax.Array
 
 
-def clipped_grad_fn(loss_fn, frozen, clipper, microbatch_size=None, norm_strategy=None):
+def clipped_grad_fn(
+    loss_fn, frozen, clipper, microbatch_size=None, norm_strategy=None, unroll: int | bool = 1
+):
     """`clipping.clipped_grad` of ``loss_fn`` with the frozen parameters closed over."""
 
     def per_example(params, example, key):
         return loss_fn(params, frozen, example, key)
 
     return clipping.clipped_grad(
-        per_example, clipper, microbatch_size=microbatch_size, norm_strategy=norm_strategy
+        per_example,
+        clipper,
+        microbatch_size=microbatch_size,
+        norm_strategy=norm_strategy,
+        unroll=unroll,
     )
 
 

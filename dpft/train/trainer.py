@@ -181,13 +181,12 @@ def _build_runtime(
         mb, tried = accumulate.choose_microbatch(candidate, rows)
         log.info("microbatch %d chosen from compiled sizes %s", mb, tried)
     chunked = None
+    kw = {"norm_strategy": norms, "microbatch_unroll": config.train.get("microbatch_unroll", 1)}
     if chunk:
         chunked = accumulate.jit_accumulating(
-            accumulate.make_accumulating_step(
-                loss, clipper, tx, microbatch_size=mb, norm_strategy=norms
-            )
+            accumulate.make_accumulating_step(loss, clipper, tx, microbatch_size=mb, **kw)
         )
-    step = make_train_step(loss, clipper, tx, microbatch_size=mb, norm_strategy=norms, mesh=mesh)
+    step = make_train_step(loss, clipper, tx, microbatch_size=mb, mesh=mesh, **kw)
     shardings = None
     if mesh is None:
         step_fn = jax.jit(step, donate_argnums=0)
@@ -252,6 +251,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
             "config.finetune.feature_cache=True is not supported in a multi-process run "
             "(every host would write the cache): set it False"
         )
+    unroll = config.train.get("microbatch_unroll", 1)
+    if not (isinstance(unroll, int) and unroll >= 1):
+        raise ValueError(f"config.train.microbatch_unroll must be an int >= 1, got {unroll!r}")
     mb = config.train.microbatch_size or None
     if mb is not None and mb < -1:
         raise ValueError(f"config.train.microbatch_size must be -1 (auto), 0 or > 0, got {mb}")
