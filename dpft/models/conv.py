@@ -214,7 +214,11 @@ def prefers_im2col(
     im2col 36.1 / 45.8 / 53.3; ResNet-20 (frozen BN) batch 64 all XLA 326 / 363 / 550, im2col
     for the 3-channel stem 347 / 380 / 560. (Timed one layer at a time, im2col wins for most
     ResNet-20 layers, above all for per-example kernel gradients; inside the model it does
-    not.) It depends only on per-example shapes, so the choice is the same for a batch and
+    not.) The best choice also depends on the norm strategy: ghost norms build their own
+    patches for the kernel gradients, and in ``make bench`` the MNIST CNN's ghost DP step was
+    faster all-XLA (29-30 ms) than with 'auto' (31-32 ms), while with per-example-gradient
+    norms all-im2col beat all-XLA on ResNet-20 (389 vs 466 ms); pick ``conv`` per run for
+    those. It depends only on per-example shapes, so the choice is the same for a batch and
     under `jax.vmap`.
     """
     geo = _geometry(
