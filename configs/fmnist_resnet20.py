@@ -49,12 +49,15 @@ def get_config(arg: str = ""):
             make_smoke(c)
         elif part == "full":
             c.finetune.mode = "full"
+            c.dp.norms = "ghost"  # convolutions trained: ghost norms are the fast path (bench)
         elif part == "last_block":
             c.finetune.mode = "partial"
             c.finetune.trainable = (r"layer3_2/.*", r"linear/.*")
+            c.dp.norms = "ghost"
         elif part == "lp_ft":
             c.finetune.mode = "lp_ft"
             c.finetune.trainable = (r"layer3_2/.*", r"linear/.*")
+            c.dp.norms = "ghost"
         else:
             raise ValueError(
                 f"unknown config argument {part!r} (expected smoke, last_block, lp_ft or full)"
