@@ -250,19 +250,12 @@ class SmallCNN(nn.Module):
         return nn.Dense(3)(nn.LayerNorm()(x.reshape(x.shape[0], -1)))
 
 
-def test_ghost_norms_in_clients_equal_vmap_norms(monkeypatch):
+def test_ghost_norms_in_clients_equal_vmap_norms(ghost_traces):
     """``norm_strategy=GhostNorms()`` reaches every client's local DP-SGD steps (vmapped over
     client slots) and gives the round of per-example-gradient norms, up to float rounding."""
     from dpft.privacy.ghost import GhostNorms
 
-    traced = []
-    original = GhostNorms.__call__
-
-    def counting(self, *args, **kwargs):
-        traced.append(1)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(GhostNorms, "__call__", counting)
+    traced = ghost_traces
     rng = np.random.default_rng(0)
     data = {
         "image": rng.normal(size=(40, 6, 6, 2)).astype(np.float32),

@@ -282,19 +282,10 @@ def test_host_chunked_steps_equal_one_array_steps(tmp_path, monkeypatch):
 
 
 @needs_data
-def test_ghost_norms_train_the_same_model_as_vmap_norms(tmp_path, monkeypatch):
+def test_ghost_norms_train_the_same_model_as_vmap_norms(tmp_path, ghost_traces):
     """``config.dp.norms='ghost'`` reaches every step path (one array, host chunks) and gives the
     run of the default per-example-gradient norms, up to float rounding."""
-    from dpft.privacy.ghost import GhostNorms
-
-    traced = []
-    original = GhostNorms.__call__
-
-    def counting(self, *args, **kwargs):
-        traced.append(1)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(GhostNorms, "__call__", counting)
+    traced = ghost_traces
     runs = {}
     for norms in ("vmap", "ghost"):
         for chunk in (0, 32):
