@@ -166,6 +166,7 @@ def _build_runtime(
     )
     state = TrainState(jnp.asarray(phase.start, jnp.int32), trainable, tx.init(trainable), frozen)
     loss = cross_entropy_loss(model.apply)
+    kw = {"norm_strategy": norms, "microbatch_unroll": config.train.get("microbatch_unroll", 1)}
     if mb == -1:  # the largest power of two whose compiled step fits half the free memory
         rows = chunk or plan.max_batch_size // (mesh.size if mesh is not None else 1)
         spec = {
@@ -175,13 +176,12 @@ def _build_runtime(
         rng_spec = jax.ShapeDtypeStruct((2,), jnp.uint32)
 
         def candidate(m):
-            step = make_train_step(loss, clipper, tx, microbatch_size=m, norm_strategy=norms)
+            step = make_train_step(loss, clipper, tx, microbatch_size=m, **kw)
             return step, (state, spec, rng_spec)
 
         mb, tried = accumulate.choose_microbatch(candidate, rows)
         log.info("microbatch %d chosen from compiled sizes %s", mb, tried)
     chunked = None
-    kw = {"norm_strategy": norms, "microbatch_unroll": config.train.get("microbatch_unroll", 1)}
     if chunk:
         chunked = accumulate.jit_accumulating(
             accumulate.make_accumulating_step(loss, clipper, tx, microbatch_size=mb, **kw)
