@@ -9,8 +9,9 @@ with L: only one chunk of examples and one microbatch of per-example gradients a
     python -m experiments.huge_batch --one resnet20 4096   # a single measurement (internal)
 
 Scaled down for 2 CPU cores: ResNet-20 (frozen BN, every parameter trainable, 32x32x3, ghost
-norms) runs about 150 examples/s here, so L goes to 2^14 for it (2^20 would take about two
-hours); the linear head on 64-d features runs the full 2^20. The examples are synthetic (a
+norms) runs about 130-200 examples/s here, so the default grid goes to 2^14 for it; its 2^20 row
+in the results came from one ``--one resnet20 1048576`` run (1.47 GB peak, over two hours on a
+busy machine). The linear head on 64-d features runs the full 2^20. The examples are synthetic (a
 fixed pool of 4096 inputs indexed modulo the pool), so the dataset's own memory is the same for
 every L.
 """
