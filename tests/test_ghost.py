@@ -191,3 +191,15 @@ def test_all_examples_dropped_gives_zero():
     assert int(out.num_nonfinite) == 1
     for v in out.grad_sum.values():
         np.testing.assert_array_equal(np.asarray(v), 0.0)
+
+
+def test_conv_kernel_grads_built_in_chunks(monkeypatch):
+    """Per-example conv gradients built one example at a time (lax.map) equal VmapNorms'."""
+    from dpft.privacy import unfold
+
+    monkeypatch.setattr(unfold, "CHUNK_ABOVE_BYTES", 0)  # chunk every direct convolution
+    per_example, params, batch = setup(Mixed(), (7, 7, 3), 5, 4)
+    mask = jnp.asarray([1, 1, 1, 0, 1], jnp.float32)
+    ghost = GhostNorms(conv_chunk_bytes=1)
+    (out,) = compare(per_example, [C.FlatClip(20.0)], params, batch, mask, None, ghost)
+    assert 0 < int(out.num_clipped) < 4

@@ -13,7 +13,8 @@ whichever is cheaper for the layer. A convolution is the same computation on unf
 (``T = H_out W_out``, ``d_in = k_h k_w C_in``; a grouped convolution group by group): the
 per-layer choice is the "mixed ghost clipping" of Bu et al. 2022, "Scalable and efficient
 training of large convolutional neural networks with differential privacy". The bias gradient
-is ``sum_t g_i[t]``.
+is ``sum_t g_i[t]``. The unfolding and the direct per-example kernel gradients of convolutions
+are in `dpft.privacy.unfold` (built a cache-sized chunk of examples at a time).
 
 The inputs ``a_i`` and the output gradients ``g_i`` are captured with
 ``flax.linen.intercept_methods``: every ``nn.Dense`` / ``nn.Conv`` call (subclasses included)
@@ -48,7 +49,7 @@ custom ``dot_general`` must compute the standard convolution / contraction.
 from __future__ import annotations
 
 import dataclasses
-import itertools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -57,6 +58,7 @@ import jax.numpy as jnp
 from flax.linen.linear import canonicalize_padding
 
 from dpft.privacy.clipping import MicrobatchResult, PerLayerClip, clip_factors, leaf_paths
+from dpft.privacy.unfold import conv_kernel_grads, patches
 
 __all__ = ["GhostNorms"]
 
@@ -209,39 +211,6 @@ class _Interceptor:
         )
 
 
-def _patches(x: jax.Array, call: _Call) -> jax.Array:
-    """Unfolded patches ``[m, groups, prod(kernel_size) * C_in / groups, rows]`` of ``x``.
-
-    ``x`` is ``[m, ..., C_in]``. For group ``j`` the columns match the flax kernel slice
-    ``[*kernel_size, C_in / groups, j-th block of C_out]`` flattened over its first axes; rows run
-    over the per-example batch and the output pixels. The channels are moved in front of the
-    spatial axes first, so that each of the ``prod(kernel_size)`` strided slices is a contiguous
-    block of the result (a concatenation along a major axis, not an interleave along the minor
-    one), and the result is already in the ``[d_in, rows]`` layout of the per-example matmuls.
-    """
-    n = len(call.kernel_size)
-    m = x.shape[0]
-    x = x.reshape((m, -1) + x.shape[x.ndim - n - 1 :])
-    x = jnp.moveaxis(x, -1, 2)  # [m, b, C, *spatial]
-    if call.pad_mode == "constant":
-        cfg = [(0, 0, 0)] * 3 + [(lo, hi, 0) for lo, hi in call.pads]
-        x = jax.lax.pad(x, jnp.zeros((), x.dtype), cfg)
-    else:
-        x = jnp.pad(x, [(0, 0)] * 3 + list(call.pads), mode=call.pad_mode)
-    out_sp = call.out_shape[len(call.out_shape) - n - 1 : -1]
-    slices = []
-    for offs in itertools.product(*(range(k) for k in call.kernel_size)):
-        start = [0, 0, 0] + [o * d for o, d in zip(offs, call.dilation, strict=True)]
-        ends = zip(start[3:], out_sp, call.strides, strict=True)
-        limit = list(x.shape[:3]) + [s + (o - 1) * st + 1 for s, o, st in ends]
-        slices.append(jax.lax.slice(x, start, limit, (1, 1, 1, *call.strides)))
-    p = jnp.stack(slices, axis=2)  # [m, b, K, C, *out_sp]
-    b, k, c = p.shape[1], p.shape[2], p.shape[3]
-    p = p.reshape(m, b, k, call.groups, c // call.groups, -1)
-    p = p.transpose(0, 3, 2, 4, 1, 5)  # [m, groups, K, C / groups, b, pixels]
-    return p.reshape(m, call.groups, k * (c // call.groups), -1)
-
-
 def _rows(call: _Call, x: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(A [m, groups, d_in, rows], G [m, rows, groups, d_out]) in float32 for one call."""
     m = g.shape[0]
@@ -249,7 +218,7 @@ def _rows(call: _Call, x: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array
     g = g.astype(jnp.float32).reshape(m, -1, call.groups, g.shape[-1] // call.groups)
     if call.kind == "dense":
         return jnp.swapaxes(x.reshape(m, -1, x.shape[-1]), 1, 2)[:, None], g
-    return _patches(x, call), g
+    return patches(x, call), g
 
 
 def _kernel_grad(w: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -276,6 +245,10 @@ class GhostNorms:
         gradients.
       precision: matmul precision of the norm computations (default HIGHEST, so that the norms
         that set the clipping factors are not computed in reduced precision on accelerators).
+      conv_chunk_bytes: convolutions whose per-example kernel gradients are formed directly
+        build their unfolded inputs this many bytes' worth of examples at a time, when all of
+        them together would exceed `dpft.privacy.unfold.CHUNK_ABOVE_BYTES` (a cache-sized
+        block is several times faster on CPU; see `dpft.privacy.unfold`).
 
     Privacy:
         Same contract as `dpft.privacy.clipping.VmapNorms`: the factors come from
@@ -290,6 +263,14 @@ class GhostNorms:
 
     allow_fallback: bool = True
     precision: Any = jax.lax.Precision.HIGHEST
+    conv_chunk_bytes: int = 8 << 20
+
+    def _direct(self, call: _Call, x: jax.Array, g: jax.Array) -> jax.Array:
+        """Per-example kernel gradients [m, groups, d_in, d_out] of one call (float32)."""
+        if call.kind == "conv":
+            return conv_kernel_grads(call, x, g, self.precision, self.conv_chunk_bytes)
+        a, gr = _rows(call, x, g)
+        return jnp.einsum("igkp,ipgo->igko", a, gr, precision=self.precision)
 
     def _plan(self, loss_fn, params, examples, keys):
         ex0 = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), examples)
@@ -365,27 +346,30 @@ class GhostNorms:
         hi = self.precision
 
         # Per-example squared norms, leaf by leaf.
-        rows: dict[int, list[tuple[jax.Array, jax.Array]]] = {}
+        parts: dict[int, list[tuple[_Call, jax.Array, jax.Array]]] = {}
         bias_g: dict[int, jax.Array] = {}
         for c, x, g in zip(calls, inputs, g_out, strict=True):
-            a, gr = _rows(c, x, g)
             if c.kernel is not None:
-                rows.setdefault(c.kernel, []).append((a, gr))
+                parts.setdefault(c.kernel, []).append((c, x, g))
             if c.bias is not None:
-                gb = jnp.sum(gr, axis=1).reshape(m, -1)
+                gb = jnp.sum(g.astype(jnp.float32).reshape(m, -1, g.shape[-1]), axis=1)
                 bias_g[c.bias] = bias_g[c.bias] + gb if c.bias in bias_g else gb
         kernel_terms = {}
-        for i, parts in rows.items():
-            a = jnp.concatenate([p[0] for p in parts], axis=3)
-            g = jnp.concatenate([p[1] for p in parts], axis=1)
-            t, din, dout = a.shape[3], a.shape[2], g.shape[3]
+        for i, calls_i in parts.items():
+            c0 = calls_i[0][0]
+            t = sum(math.prod(c.out_shape[:-1]) for c, _, _ in calls_i)
+            dout = c0.out_shape[-1] // c0.groups
+            din = math.prod(leaves[i].shape[:-1])  # (*kernel_size, C_in / groups) or C_in
             if t * t * (din + dout) < t * din * dout:  # ghost
+                rows_i = [_rows(c, x, g) for c, x, g in calls_i]
+                a = jnp.concatenate([r[0] for r in rows_i], axis=3)
+                g = jnp.concatenate([r[1] for r in rows_i], axis=1)
                 ga = jnp.einsum("igkp,igkq->igpq", a, a, precision=hi)
                 gg = jnp.einsum("ipgk,iqgk->igpq", g, g, precision=hi)
                 sq = jnp.sum(ga * gg, axis=(1, 2, 3))
                 kernel_terms[i] = ("ghost", a, g)
             else:  # direct
-                w = jnp.einsum("igkp,ipgo->igko", a, g, precision=hi)
+                w = sum(self._direct(c, x, g) for c, x, g in calls_i)
                 sq = jnp.sum(jnp.square(w), axis=(1, 2, 3))
                 kernel_terms[i] = ("direct", w)
             group_sq = group_sq.at[:, groups[i]].add(sq)
