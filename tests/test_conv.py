@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -310,3 +312,83 @@ def test_wide_resnet_im2col_matches_xla():
     got = jax.jit(WideResNet(depth=10, width=1, conv="im2col").apply)(variables, x)
     expected = jax.jit(WideResNet(depth=10, width=1, conv="xla").apply)(variables, x)
     _close(got, expected, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- chunked kernel grad
+
+CHUNKED_CASES = [
+    # (input shape, kernel shape, conv kwargs): layouts, strides, dilations, groups
+    ((8, 10, 10, 4), (3, 3, 4, 6), {"window_strides": (1, 1), "padding": "SAME"}),
+    ((6, 9, 9, 4), (3, 3, 4, 8), {"window_strides": (2, 2), "padding": ((1, 0), (2, 1))}),
+    ((8, 12, 12, 4), (3, 3, 2, 6), {"window_strides": (1, 1), "padding": "VALID", "fgc": 2}),
+    ((4, 11, 11, 3), (3, 3, 3, 5), {"window_strides": (1, 1), "padding": "SAME", "rd": (2, 2)}),
+    ((6, 4, 9, 9), (5, 4, 3, 3), {"window_strides": (1, 2), "padding": "SAME", "nchw": True}),
+    ((7, 16, 3), (5, 3, 4), {"window_strides": (2,), "padding": "SAME", "one_d": True}),
+]
+
+
+def _chunked_kw(kw):
+    kw = dict(kw)
+    out = {"window_strides": kw.pop("window_strides"), "padding": kw.pop("padding")}
+    out["feature_group_count"] = kw.pop("fgc", 1)
+    out["rhs_dilation"] = kw.pop("rd", None)
+    if kw.pop("nchw", False):
+        out["dimension_numbers"] = ("NCHW", "OIHW", "NCHW")
+    elif kw.pop("one_d", False):
+        out["dimension_numbers"] = ("NWC", "WIO", "NWC")
+    else:
+        out["dimension_numbers"] = NHWC
+    return out
+
+
+@pytest.mark.parametrize("case", range(len(CHUNKED_CASES)))
+def test_chunked_kernel_gradient_matches_lax(case):
+    """Forward, input gradient and batch-chunked kernel gradient equal XLA's, chunks or not."""
+    xs, ws, kw = CHUNKED_CASES[case]
+    x, w = _normal(*xs), _normal(*ws)
+    kw = _chunked_kw(kw)
+    per_example = 4 * x.size // x.shape[0]  # the batch axis is first in every layout here
+    # Two examples per chunk (odd batches: one), and one chunk (the plain convolution).
+    for chunk_bytes, chunked in ((2 * per_example, True), (10 * x.nbytes, False)):
+
+        def conv(x, w, chunk_bytes=chunk_bytes):
+            return conv_mod.chunked_conv_general_dilated(x, w, chunk_bytes=chunk_bytes, **kw)
+
+        assert ("custom_vjp_call" in _prims(conv, x, w)) == chunked
+        got = jax.jit(lambda x, w, conv=conv: _conv_and_vjp(conv, x, w))(x, w)
+        ref = jax.jit(lambda x, w: _conv_and_vjp(lax.conv_general_dilated, x, w, **kw))(x, w)
+        _close(got, ref)
+
+
+def test_chunked_conv_under_vmap_and_in_resnet20(monkeypatch):
+    """Vmapped (chunks inside each vmapped group) and in ResNet-20 with 'auto' on CPU."""
+    x = _normal(3, 4, 6, 6, 3)  # 3 groups (vmapped) of 4 images (chunks of 2)
+    w = _normal(3, 3, 3, 5)
+    kw = {"window_strides": (1, 1), "padding": "SAME", "dimension_numbers": NHWC}
+    chunked = functools.partial(
+        conv_mod.chunked_conv_general_dilated, chunk_bytes=2 * 6 * 6 * 3 * 4
+    )
+
+    def per_group(conv):
+        loss = lambda w, xi: jnp.sum(jnp.sin(conv(xi, w, **kw)))  # noqa: E731
+        assert ("custom_vjp_call" in _prims(loss, w, x[0])) == (conv is chunked)
+        return jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0)))(w, x)
+
+    _close(per_group(chunked), per_group(lax.conv_general_dilated))
+
+    # Chunks of 2 images of 16x16x16 (the first stage); the other stages too (smaller images).
+    monkeypatch.setattr(conv_mod, "KERNEL_GRAD_CHUNK_BYTES", 2 * 16 * 16 * 16 * 4)
+    xb, yb = _normal(4, 16, 16, 3), jnp.array([0, 3, 5, 9])
+    variables = _variables(CifarResNet(20), xb)
+
+    def grads(kind):
+        model = CifarResNet(20, conv=kind)
+
+        def loss(p):
+            logits = model.apply({**variables, "params": p}, xb)
+            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), yb[:, None], 1))
+
+        assert ("custom_vjp_call" in _prims(loss, variables["params"])) == (kind == "auto")
+        return jax.jit(jax.grad(loss))(variables["params"])
+
+    _close(grads("auto"), grads("xla"), rtol=1e-4)

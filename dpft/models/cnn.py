@@ -59,9 +59,10 @@ class SampleConvNet(nn.Module):
       num_classes: width of the output layer ``linear``.
       activation: a name from `ACTIVATIONS` ('relu' in Opacus, 'tanh' for Tramer & Boneh).
       dtype: computation dtype (parameters are always float32).
-      conv: convolution implementation, see `dpft.models.conv.conv_impl`: 'auto' (im2col
-        patches + matmul on CPU for the layer shapes where it is faster, XLA's convolution
-        otherwise and on GPU/TPU), 'xla' or 'im2col'. The same parameters and function.
+      conv: convolution implementation, see `dpft.models.conv.conv_impl`: 'auto' (on CPU
+        im2col patches + matmul for the layer shapes where it is faster, XLA's convolution with
+        a batch-chunked kernel gradient otherwise; XLA's on GPU/TPU), 'xla' or 'im2col'. The
+        same parameters and function.
 
     ``model.apply(variables, x)`` returns logits ``[N, num_classes]``;
     ``model.apply(variables, x, method=model.features)`` the 32-d activations before ``linear``.

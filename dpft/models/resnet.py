@@ -24,9 +24,10 @@ image classification through scale"): pre-activation blocks, GroupNorm with 16 g
 weight-standardized convolutions.
 
 Every model has a ``conv`` attribute choosing the convolution implementation (see
-`dpft.models.conv.conv_impl`): 'auto' (the default: im2col patches + matmul on the CPU backend,
-where XLA's convolutions and above all their per-example gradients are slow, XLA's convolution on
-GPU/TPU), 'xla' or 'im2col'. It changes neither the parameters nor the function computed.
+`dpft.models.conv.conv_impl`): 'auto' (the default: on the CPU backend im2col patches + matmul
+for 1x1 kernels and single-channel inputs and XLA's convolution with a batch-chunked kernel
+gradient elsewhere; XLA's convolution on GPU/TPU), 'xla' or 'im2col'. It changes neither the
+parameters nor the function computed.
 
 Every model has a ``features`` method (pooled features before the head) and a head named
 ``linear``: ``model.apply(v, x)`` -> logits, ``model.apply(v, x, method=model.features)``.
