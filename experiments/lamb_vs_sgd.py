@@ -29,7 +29,8 @@ import numpy as np
 
 from dpft.linear.gd import clipped_grad_sum
 from dpft.privacy import sampling
-from experiments.lp_ft import DELTA, OUT, _optimizer, _sigma, mean_std
+from experiments.lp_ft import _optimizer, _sigma
+from experiments.lp_ft_report import DELTA, OUT, mean_std
 
 BATCHES = (1000, 4000, 16000, 60000)
 FULL_N = 60000
