@@ -23,6 +23,8 @@ GOAL_DP_OVER_NON_PRIVATE = 1.3
 def summarize(steps: dict[str, Step], times: dict[str, list[float]], roof: float) -> dict:
     """Per-row statistics and ratios (all ratios of medians)."""
     med = {k: float(np.median(ts)) for k, ts in times.items()}
+    plain = [k for k, s in steps.items() if s.framework == "dpft" and not s.private]
+    fastest_plain = min(plain, key=med.__getitem__) if plain else None
     rows = {}
     for k, s in steps.items():
         ts = times[k]
@@ -54,6 +56,8 @@ def summarize(steps: dict[str, Step], times: dict[str, list[float]], roof: float
             own = None
         if s.private and own in med:
             r["ratios"]["non_private"] = m / med[own]
+        if s.private and s.framework == "dpft" and fastest_plain:
+            r["ratios"]["fastest_non_private"] = m / med[fastest_plain]
         if s.framework == "dpft" and s.private:
             for peer in PEER_ROWS:
                 if peer in med:
@@ -83,9 +87,11 @@ def goals(results: dict) -> list[tuple[bool | None, str]]:
         ms = w["rows"][h]["median_ms"]
         out.append((ms <= limit, f"{wname} DP step <= {limit:g} ms: {ms:.2f} ms ({h})"))
     for wname, w in ws.items():
+        # Against dpft's fastest non-private step (of any convolution), not only the headline
+        # row's own: the DP step costs what it costs over the best plain step a user could run.
         h = w["headline"]
-        ratio = h and w["rows"][h]["ratios"].get("non_private")
-        text = f"{wname} DP / non-private <= {GOAL_DP_OVER_NON_PRIVATE}"
+        ratio = h and w["rows"][h]["ratios"].get("fastest_non_private")
+        text = f"{wname} DP / fastest non-private <= {GOAL_DP_OVER_NON_PRIVATE}"
         if ratio is None:
             out.append((None, f"{text}: not measured"))
         else:
@@ -127,8 +133,10 @@ def markdown(results: dict) -> str:
         "",
         "Rows `dp_<clip>_<norm>[_<conv>]` are dpft's DP steps; `non_private` is dpft's plain "
         "step. *DP / non-private* compares a DP step with its own framework's non-private step "
-        "(Opacus with PyTorch, jax_privacy with dpft's); the other ratio columns compare a dpft "
-        "DP row with each peer (< 1: dpft is faster). GFLOP/s and % roof: JAX steps only.",
+        "(Opacus with PyTorch, jax_privacy with dpft's; a dpft row with the non-private step of "
+        "its convolution), *DP / fastest* a dpft DP step with dpft's fastest non-private step "
+        "(the ratio goal uses it); the other ratio columns compare a dpft DP row with each peer "
+        "(< 1: dpft is faster). GFLOP/s and % roof: JAX steps only.",
         "",
         "## Goals",
         "",
@@ -146,8 +154,9 @@ def markdown(results: dict) -> str:
             f"`{w['headline']}`.",
             "",
             "| step | median ms | min-max ms | GFLOP/s | % roof | DP / non-private "
-            "| DP / Opacus hooks | DP / Opacus ghost | DP / jax_privacy | DP / PyTorch |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| DP / fastest | DP / Opacus hooks | DP / Opacus ghost | DP / jax_privacy "
+            "| DP / PyTorch |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for k, r in w["rows"].items():
             rt = r["ratios"]
@@ -155,7 +164,8 @@ def markdown(results: dict) -> str:
             lines.append(
                 f"| {k} | {r['median_ms']:.2f} | {r['min_ms']:.2f}-{r['max_ms']:.2f} "
                 f"| {_fmt(r['gflops'], '.1f')} | {_fmt(roof and 100 * roof, '.1f')} "
-                f"| {_fmt(rt.get('non_private'))} | {_fmt(rt.get('opacus_hooks'))} "
+                f"| {_fmt(rt.get('non_private'))} | {_fmt(rt.get('fastest_non_private'))} "
+                f"| {_fmt(rt.get('opacus_hooks'))} "
                 f"| {_fmt(rt.get('opacus_ghost'))} | {_fmt(rt.get('jax_privacy'))} "
                 f"| {_fmt(rt.get('torch_non_private'))} |"
             )
