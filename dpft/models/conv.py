@@ -302,10 +302,10 @@ def prefers_im2col(
     ResNet-20 layers, above all for per-example kernel gradients; inside the model it does
     not.) The best choice also depends on the norm strategy: ghost norms build their own
     patches for the kernel gradients, and in ``make bench`` the MNIST CNN's ghost DP step was
-    faster all-XLA (29-30 ms) than with 'auto' (31-32 ms), while with per-example-gradient
-    norms all-im2col beat all-XLA on ResNet-20 (389 vs 466 ms); pick ``conv`` per run for
-    those. It depends only on per-example shapes, so the choice is the same for a batch and
-    under `jax.vmap`.
+    faster all-XLA (24.1 ms) than with 'auto' (25.6 ms), while with per-example-gradient norms
+    all-im2col beat all-XLA on ResNet-20 (396 vs 456 ms); pick ``conv`` per run for those. It
+    depends only on per-example shapes, so the choice is the same for a batch and under
+    `jax.vmap`.
     """
     geo = _geometry(
         lhs_shape,
