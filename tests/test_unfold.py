@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,7 +83,7 @@ def _case(name, m):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_per_example_kernel_grads(name, monkeypatch):
-    m = 5  # odd: chunks of 2 pad the batch with one zero example
+    m = 7  # prime: chunks of 1, or of 4 with one zero example padded
     call, x, g, w, expected = _case(name, m)
     assert unfold._unfolded_bytes(call, m, True) < unfold.CHUNK_ABOVE_BYTES
 
@@ -91,13 +93,14 @@ def test_per_example_kernel_grads(name, monkeypatch):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * float(jnp.max(expected)))
 
     check()  # all examples at once
-    # chunks of 2 examples (3 chunks, the last one padded)
     monkeypatch.setattr(unfold, "CHUNK_ABOVE_BYTES", 0)
     wide = all(s == 1 for s in call.strides)
     per = unfold._unfolded_bytes(call, 1, wide)
-    check(chunk_bytes=2 * per)
-    jaxpr = jax.make_jaxpr(lambda x, g: unfold.conv_kernel_grads(call, x, g, chunk_bytes=2 * per))
-    assert "scan" in str(jaxpr(x, g))  # lax.map over the chunks
+    for size, chunks in ((1, 7), (4, 2)):  # 7 chunks of 1; 2 of 4, the last one padded
+        check(chunk_bytes=size * per)
+        fn = functools.partial(unfold.conv_kernel_grads, call, chunk_bytes=size * per)
+        jaxpr = str(jax.make_jaxpr(fn)(x, g))
+        assert f"length={chunks}" in jaxpr  # lax.map (a scan) over the chunks
 
 
 def test_wide_rows_outside_the_image_get_zero_gradient():

@@ -149,8 +149,9 @@ def conv_kernel_grads(
     gradients w.r.t. its outputs; ``d_in`` runs over (kernel offset, input channel of the
     group) like `patches`. Stride-1 convolutions unfold
     with `_wide_patches`, others with `patches`. When the unfolded matrix of all ``m`` examples
-    exceeds `CHUNK_ABOVE_BYTES`, it is built and multiplied ``chunk_bytes`` at a time (examples
-    padded with zero inputs and gradients up to a whole number of chunks, then dropped).
+    exceeds `CHUNK_ABOVE_BYTES`, it is built and multiplied about ``chunk_bytes`` at a time: in
+    chunks of a divisor of ``m`` between half the target and the target, else in balanced
+    chunks, padded with zero inputs and gradients up to a whole number (then dropped).
     """
     wide = all(s == 1 for s in call.strides)
     x = x.astype(call.out_dtype).astype(jnp.float32)
@@ -168,9 +169,12 @@ def conv_kernel_grads(
     total = _unfolded_bytes(call, m, wide)
     if total <= CHUNK_ABOVE_BYTES or m == 1:
         return grads(x, g)
-    per = max(1, min(m, chunk_bytes * m // total))
+    want = max(1, min(m, chunk_bytes * m // total))
+    per = max(d for d in range(1, want + 1) if m % d == 0)
+    if 2 * per < want:  # no divisor of m near the target: balanced chunks, the last one padded
+        chunks = -(-m // want)
+        per = -(-m // chunks)
     chunks = -(-m // per)
-    per = -(-m // chunks)  # balanced chunks
     extra = chunks * per - m
     if extra:
         x = jnp.concatenate([x, jnp.zeros((extra, *x.shape[1:]), x.dtype)])
