@@ -1,6 +1,7 @@
 """The trainer: end to end on real MNIST, resume == uninterrupted, no retrace, budget stop."""
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -251,9 +252,10 @@ def test_noise_is_drawn_once_for_the_logical_batch(tmp_path):
 
 
 @needs_data
-def test_host_chunked_steps_equal_one_array_steps(tmp_path, monkeypatch):
+def test_host_chunked_steps_equal_one_array_steps(tmp_path, monkeypatch, caplog):
     """A logical batch accumulated over host chunks is the same step (bounded memory path), and
-    so is the microbatch loop unrolled (``train.microbatch_unroll``) on either path."""
+    so is the microbatch loop unrolled (``train.microbatch_unroll``) on either path. An unroll
+    that leaves a loop on CPU is warned about."""
     unrolls = []
     scan = jax.lax.scan
 
@@ -270,7 +272,13 @@ def test_host_chunked_steps_equal_one_array_steps(tmp_path, monkeypatch):
         c.train.microbatch_unroll = unroll
         if name == "unrolled":
             unrolls.clear()
-        s = train_and_evaluate(c, tmp_path / name)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="dpft"):
+            s = train_and_evaluate(c, tmp_path / name)
+        warned = [r.getMessage() for r in caplog.records if "microbatch_unroll" in r.getMessage()]
+        assert warned == ([] if unroll == 1 else [warned[0]])
+        if unroll > 1:
+            assert "leaves 6 microbatches per step in a loop" in warned[0]
         runs[name] = (s["epsilon"], *final_arrays(tmp_path / name))
     assert 2 in unrolls  # the configured unroll reached the microbatch loop
     eps, a, meta_a = runs["one"]
