@@ -392,3 +392,12 @@ def test_chunked_conv_under_vmap_and_in_resnet20(monkeypatch):
         return jax.jit(jax.grad(loss))(variables["params"])
 
     _close(grads("auto"), grads("xla"), rtol=1e-4)
+
+
+def test_kernel_gradient_chunks_are_bounded():
+    """Cache-sized chunks, but not more than about MAX_KERNEL_GRAD_CHUNKS (compile time)."""
+    per_example = 32 * 32 * 16 * 4  # ResNet-20's first stage: 64 KB per image
+    assert conv_mod._chunk_size(64, per_example, 256 << 10) == 4  # 16 chunks
+    assert conv_mod._chunk_size(1024, per_example, 256 << 10) == 16  # 64 chunks, not 256
+    assert conv_mod._chunk_size(61, per_example, 256 << 10) == 61  # prime: no chunks
+    assert conv_mod._chunk_size(8, per_example, 10 * per_example) == 8  # under the target
