@@ -257,13 +257,14 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     mb = config.train.microbatch_size or None
     if mb is not None and mb < -1:
         raise ValueError(f"config.train.microbatch_size must be -1 (auto), 0 or > 0, got {mb}")
-    if mb is not None and mb > (chunk or plan.max_batch_size // n_dev):
+    rows = chunk or plan.max_batch_size // n_dev  # padded rows per step call and device
+    if mb is not None and mb > rows:
         raise ValueError(
             f"config.train.microbatch_size={mb} is larger than the padded batch per device "
             f"{plan.max_batch_size // n_dev}"
         )
     if mb is not None and mb > 0 and jax.default_backend() == "cpu":
-        per_step = -(-(chunk or plan.max_batch_size // n_dev) // mb)  # microbatches per step
+        per_step = -(-rows // mb)  # microbatches per step call
         if 1 < unroll < per_step:
             log.warning(
                 "config.train.microbatch_unroll=%d leaves %d microbatches per step in a loop, "
