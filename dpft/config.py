@@ -59,7 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.max_batch_size = 0  # static cap; 0 = overflow probability <= 1e-12 per step
     c.train.microbatch_size = 0  # 0 = the whole padded batch at once; -1 = fit half the memory
     c.train.host_chunk_size = 0  # > 0: gather and accumulate the logical batch in host chunks
-    c.train.microbatch_unroll = 1  # >= microbatches per step: no loop (faster CPU ResNets)
+    c.train.microbatch_unroll = 0  # 0: on CPU up to 8 microbatches per step unrolled; else K
     c.train.epochs = 1.0
     c.train.steps = 0  # > 0 overrides epochs
     c.train.optimizer = "sgd"  # sgd | adam | adamw | lamb

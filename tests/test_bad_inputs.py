@@ -127,11 +127,11 @@ CASES = {
         ValueError,
         ["config.model.conv", "auto|xla|im2col", "'fast'"],
     ),
-    "microbatch_unroll_zero": (
+    "microbatch_unroll_negative": (
         {},
-        {"train__microbatch_unroll": 0},
+        {"train__microbatch_unroll": -1},
         ValueError,
-        ["config.train.microbatch_unroll", "int >= 1", "0"],
+        ["config.train.microbatch_unroll", "int >= 0 (0: automatic)", "-1"],
     ),
     "microbatch_larger_than_batch": (
         {},

@@ -13,8 +13,8 @@ import pytest
 from dpft import paths
 from dpft.config import base_config
 from dpft.privacy import clipping, sampling
+from dpft.train import accumulate, train_and_evaluate
 from dpft.train import step as step_lib
-from dpft.train import train_and_evaluate
 from dpft.train.checkpoint import Checkpointer
 
 try:
@@ -254,8 +254,9 @@ def test_noise_is_drawn_once_for_the_logical_batch(tmp_path):
 @needs_data
 def test_host_chunked_steps_equal_one_array_steps(tmp_path, monkeypatch, caplog):
     """A logical batch accumulated over host chunks is the same step (bounded memory path), and
-    so is the microbatch loop unrolled (``train.microbatch_unroll``) on either path. An unroll
-    that leaves a loop on CPU is warned about."""
+    so is the microbatch loop unrolled (``train.microbatch_unroll``), by hand or automatically
+    (0, the default: on CPU all 6 microbatches of a step). An unroll that leaves a loop on CPU
+    is warned about."""
     unrolls = []
     scan = jax.lax.scan
 
@@ -265,28 +266,71 @@ def test_host_chunked_steps_equal_one_array_steps(tmp_path, monkeypatch, caplog)
 
     monkeypatch.setattr(jax.lax, "scan", recording)
     runs = {}
-    for name, chunk, unroll in (("one", 0, 1), ("chunked", 32, 1), ("unrolled", 0, 2)):
+    cases = (("one", 0, 1, 1), ("chunked", 32, 1, 1), ("unrolled", 0, 2, 2), ("auto", 0, 0, 6))
+    for name, chunk, unroll, expected in cases:
         c = tiny_config()
         c.train.max_batch_size = 96  # 6 microbatches of 16 (2 per host chunk)
         c.train.host_chunk_size = chunk
         c.train.microbatch_unroll = unroll
-        if name == "unrolled":
-            unrolls.clear()
+        unrolls.clear()
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="dpft"):
             s = train_and_evaluate(c, tmp_path / name)
         warned = [r.getMessage() for r in caplog.records if "microbatch_unroll" in r.getMessage()]
-        assert warned == ([] if unroll == 1 else [warned[0]])
-        if unroll > 1:
+        assert warned == ([] if unroll != 2 else [warned[0]])
+        if unroll == 2:
             assert "leaves 6 microbatches per step in a loop" in warned[0]
+        assert expected in unrolls  # the resolved unroll reached the microbatch loop
         runs[name] = (s["epsilon"], *final_arrays(tmp_path / name))
-    assert 2 in unrolls  # the configured unroll reached the microbatch loop
     eps, a, meta_a = runs["one"]
-    for name in ("chunked", "unrolled"):
+    for name in ("chunked", "unrolled", "auto"):
         eps_b, b, meta_b = runs[name]
         assert meta_a["ledger"] == meta_b["ledger"] and eps == eps_b
         for x, y in zip(a, b, strict=True):
             np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_automatic_microbatch_unroll():
+    """``train.microbatch_unroll=0`` unrolls every microbatch of a step call on CPU up to
+    `AUTO_UNROLL_MAX` of them, keeps the loop beyond that and on accelerators, and an explicit
+    value is kept."""
+    resolve, top = accumulate.microbatch_unroll, accumulate.AUTO_UNROLL_MAX
+    assert resolve(0, 96, 16, "cpu") == 6
+    assert resolve(0, 100, 16, "cpu") == 7  # the last microbatch is partly padding
+    assert resolve(0, 32, 16, "cpu") == 2  # a host chunk of 32 rows
+    assert resolve(0, 16 * top, 16, "cpu") == top
+    assert resolve(0, 16 * top + 1, 16, "cpu") == 1
+    assert resolve(0, 96, 16, "gpu") == resolve(0, 96, 16, "tpu") == 1
+    assert resolve(0, 96, None, "cpu") == resolve(0, 96, 96, "cpu") == 1  # no loop
+    assert resolve(3, 96, 16, "cpu") == resolve(3, 96, 16, "gpu") == 3
+
+
+def test_unrolled_microbatches_keep_the_memory_of_one():
+    """XLA:CPU's default schedule keeps every unrolled microbatch's temporaries alive (about
+    4x the loop's memory for 4 microbatches); with `accumulate.compiler_options` the unrolled
+    step needs about the memory of the loop, so unrolling keeps microbatching's memory bound."""
+    import flax.linen as nn
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(10)(nn.relu(nn.Dense(512)(x)))
+
+    model = MLP()
+    batch = {"x": jnp.ones((128, 256)), "y": jnp.zeros(128, jnp.int32)}
+    params = model.init(jax.random.PRNGKey(0), batch["x"][:1])["params"]
+
+    def loss(p, ex, key):
+        return -jax.nn.log_softmax(model.apply({"params": p}, ex["x"]))[ex["y"]], ()
+
+    def step_bytes(unroll, backend):
+        g = clipping.clipped_grad(loss, clipping.FlatClip(1.0), microbatch_size=32, unroll=unroll)
+        fn = lambda p, b: g(p, b, jnp.ones(128), jax.random.PRNGKey(0)).grad_sum  # noqa: E731
+        options = accumulate.compiler_options(unroll, backend)
+        return accumulate.compiled_bytes(fn, params, batch, options=options)
+
+    assert accumulate.compiler_options(1, "cpu") == accumulate.compiler_options(4, "gpu") == {}
+    assert step_bytes(4, "cpu") <= 1.25 * step_bytes(1, "cpu")
 
 
 @needs_data

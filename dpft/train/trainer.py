@@ -166,9 +166,10 @@ def _build_runtime(
     )
     state = TrainState(jnp.asarray(phase.start, jnp.int32), trainable, tx.init(trainable), frozen)
     loss = cross_entropy_loss(model.apply)
-    kw = {"norm_strategy": norms, "microbatch_unroll": config.train.get("microbatch_unroll", 1)}
+    unroll = config.train.get("microbatch_unroll", 0)
+    rows = chunk or plan.max_batch_size // (mesh.size if mesh is not None else 1)
+    backend = jax.default_backend()
     if mb == -1:  # the largest power of two whose compiled step fits half the free memory
-        rows = chunk or plan.max_batch_size // (mesh.size if mesh is not None else 1)
         spec = {
             k: jax.ShapeDtypeStruct((rows, *v.shape[1:]), v.dtype) for k, v in train_arrays.items()
         }
@@ -176,25 +177,37 @@ def _build_runtime(
         rng_spec = jax.ShapeDtypeStruct((2,), jnp.uint32)
 
         def candidate(m):
-            step = make_train_step(loss, clipper, tx, microbatch_size=m, **kw)
-            return step, (state, spec, rng_spec)
+            u = accumulate.microbatch_unroll(unroll, rows, m, backend)
+            step = make_train_step(
+                loss, clipper, tx, microbatch_size=m, norm_strategy=norms, microbatch_unroll=u
+            )
+            return step, (state, spec, rng_spec), accumulate.compiler_options(u, backend)
 
         mb, tried = accumulate.choose_microbatch(candidate, rows)
         log.info("microbatch %d chosen from compiled sizes %s", mb, tried)
+    kw = {
+        "norm_strategy": norms,
+        "microbatch_unroll": accumulate.microbatch_unroll(unroll, rows, mb, backend),
+    }
+    if not unroll and kw["microbatch_unroll"] > 1:
+        log.info(
+            "train.microbatch_unroll=0: %d microbatches per step unrolled", kw["microbatch_unroll"]
+        )
+    options = accumulate.compiler_options(kw["microbatch_unroll"], backend) or None
     chunked = None
     if chunk:
         chunked = accumulate.jit_accumulating(
-            accumulate.make_accumulating_step(loss, clipper, tx, microbatch_size=mb, **kw)
+            accumulate.make_accumulating_step(loss, clipper, tx, microbatch_size=mb, **kw), options
         )
     step = make_train_step(loss, clipper, tx, microbatch_size=mb, mesh=mesh, **kw)
     shardings = None
     if mesh is None:
-        step_fn = jax.jit(step, donate_argnums=0)
+        step_fn = jax.jit(step, donate_argnums=0, compiler_options=options)
     else:  # params and optimizer state replicated over the mesh, or sharded (FSDP)
         fsdp = bool(config.parallel.get("fsdp", False))
         shardings = state_shardings(mesh, state, fsdp)
         out = (shardings, NamedSharding(mesh, P()))
-        step_fn = jax.jit(step, donate_argnums=0, out_shardings=out)
+        step_fn = jax.jit(step, donate_argnums=0, out_shardings=out, compiler_options=options)
     state = _place(state, shardings)
     eval_fn = jax.jit(make_eval_step(model.apply))
     return _Runtime(phase, state, step_fn, eval_fn, train_arrays, eval_arrays, chunked, shardings)
@@ -251,29 +264,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
             "config.finetune.feature_cache=True is not supported in a multi-process run "
             "(every host would write the cache): set it False"
         )
-    unroll = config.train.get("microbatch_unroll", 1)
-    if not (isinstance(unroll, int) and unroll >= 1):
-        raise ValueError(f"config.train.microbatch_unroll must be an int >= 1, got {unroll!r}")
-    mb = config.train.microbatch_size or None
-    if mb is not None and mb < -1:
-        raise ValueError(f"config.train.microbatch_size must be -1 (auto), 0 or > 0, got {mb}")
-    rows = chunk or plan.max_batch_size // n_dev  # padded rows per step call and device
-    if mb is not None and mb > rows:
-        raise ValueError(
-            f"config.train.microbatch_size={mb} is larger than the padded batch per device "
-            f"{plan.max_batch_size // n_dev}"
-        )
-    if mb is not None and mb > 0 and jax.default_backend() == "cpu":
-        per_step = -(-rows // mb)  # microbatches per step call
-        if 1 < unroll < per_step:
-            log.warning(
-                "config.train.microbatch_unroll=%d leaves %d microbatches per step in a loop, "
-                "which XLA:CPU runs several times slower than straight-line code (a ResNet-20 "
-                "run took 2.5x as long): set it to %d",
-                unroll,
-                per_step,
-                per_step,
-            )
+    per_device = plan.max_batch_size // n_dev
+    accumulate.check_microbatching(config.train, chunk or per_device, per_device)  # rows per call
     model, variables = build.build_model(config, num_classes, train_arrays["image"][0])
     full = flatten(variables)
     secure = bool(config.dp.get("secure_noise", False))
