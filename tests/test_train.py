@@ -132,9 +132,13 @@ def test_other_config_in_workdir_is_refused(tmp_path):
     train_and_evaluate(tiny_config(), tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())
     other = tiny_config(clip_norm=2.0)
-    with pytest.raises(ValueError, match="different config"):
+    with pytest.raises(ValueError, match="different config") as info:
         train_and_evaluate(other, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+    # the message names what differs and how to resume the run that is there
+    msg = str(info.value)
+    assert "\n" not in msg and "dp.clip_norm: 1.0 there, 2.0 now" in msg, msg
+    assert "to resume it pass --config.dp.clip_norm=1.0" in msg, msg
 
 
 def test_step_is_traced_once_for_every_poisson_batch():

@@ -45,7 +45,7 @@ def claim_workdir(workdir: pathlib.Path, text: str) -> bool:
         if old != text:
             raise ConfigMismatchError(
                 f"{path} holds a different config (fingerprint {config_fingerprint(old)} vs "
-                f"{config_fingerprint(text)}): use a new --workdir"
+                f"{config_fingerprint(text)}{_differences(old, text)}): use a new --workdir"
             )
     distributed.barrier("dpft-claim-workdir")
     if not exists and distributed.is_primary():
@@ -55,6 +55,38 @@ def claim_workdir(workdir: pathlib.Path, text: str) -> bool:
         tmp.replace(path)
     distributed.barrier("dpft-claimed-workdir")
     return exists
+
+
+def _flat(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _differences(old: str, new: str, shown: int = 5) -> str:
+    """``'; KEY: OLD there, NEW now, ...; to resume pass --config.KEY=OLD'`` (up to ``shown``
+    keys), or '' when ``old`` is not a JSON object."""
+    try:
+        a, b = _flat(json.loads(old)), _flat(json.loads(new))
+    except (ValueError, AttributeError):
+        return ""
+    missing = object()
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k, missing) != b.get(k, missing))
+    if not keys:
+        return ""
+    parts = [
+        f"{k}: {json.dumps(a[k]) if k in a else 'absent'} there, "
+        f"{json.dumps(b[k]) if k in b else 'absent'} now"
+        for k in keys[:shown]
+    ]
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    passable = [k for k in keys[:shown] if k in a and k in b]
+    hint = " ".join(f"--config.{k}={json.dumps(a[k])}" for k in passable)
+    return "; " + ", ".join(parts) + more + (f"; to resume it pass {hint}" if hint else "")
 
 
 def checkpoint_meta(ckpt: Checkpointer, step: int) -> dict:
