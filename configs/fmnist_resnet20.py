@@ -11,7 +11,7 @@ are computed once, cached in WORKDIR/features, and the DP-SGD steps train the he
 the whole training set, well within 15 minutes on 2 CPU cores. `:lp_ft` spends half the steps
 (of one budget) on that head, then tunes the last block + head; `:last_block` and `:full` tune
 deeper layers from the start, which is slow on XLA:CPU (per-example convolution gradients), so
-those variants fit a CPU budget only on a subset. They use ghost norms and learning rate 2.0
+those variants fit a CPU budget only on a subset. They use learning rate 2.0
 for the last block (`:last_block`; `:lp_ft` after its head phase at 16) and 0.5 for every layer
 (`:full`); at the head's 16 they diverged. On a subset:
 
@@ -75,7 +75,6 @@ def get_config(arg: str = ""):
                 f"unknown config argument {part!r} (expected smoke, last_block, lp_ft or full)"
             )
     if c.finetune.mode in ("full", "partial", "lp_ft"):
-        c.dp.norms = "ghost"  # convolutions trained: ghost norms are the fast path (bench)
         # Tuning convolutions: the head's rate of 16 diverges (loss 3e8 after two steps). The
         # last block: 2.0, the FT rate chosen on the validation split by experiments/lp_ft
         # (grid 0.5, 2; SGD with momentum 0.9, cosine). Every layer: 0.5 (2.0 diverged after 5

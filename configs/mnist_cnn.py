@@ -7,9 +7,9 @@ Opacus publishes 94.63 +- 0.34% test accuracy for this setting. Expected here: a
 (seeds 0-3: 94.19 +- 0.25%; Opacus 1.6 itself on the same data and machine, via
 experiments/opacus_mnist_reference.py: 94.43 +- 0.42%), epsilon 0.834 (PLD) / 0.922 (RDP) at
 delta = 1e-5 in summary.json (``epsilon``, ``epsilon_rdp``). With ``dp.norms = 'ghost'`` (set
-below since 2026-12-03; the seeds above used 'vmap') seed 0 gives 94.54% in 162 s on an idle
-2-core machine, and with ``model.conv = 'xla'`` (also set below) 94.57%. Details:
-experiments/results/e2e_runs.md.
+here on 2026-12-03, the default since 2026-12-04; the seeds above used 'vmap') seed 0 gives
+94.54% in 162 s on an idle 2-core machine, and with ``model.conv = 'xla'`` (set below) 94.57%.
+Details: experiments/results/e2e_runs.md.
 """
 
 from dpft.config import base_config, make_smoke
@@ -24,9 +24,9 @@ def get_config(arg: str = ""):
     c.dp.noise_multiplier = 1.3
     c.dp.clip_norm = 1.5
     c.dp.delta = 1e-5
-    c.dp.norms = "ghost"  # the same clipped sums as "vmap", faster (make bench)
-    # Ghost norms build their own patches for the kernel gradients: XLA's convolution for the
-    # forward pass is then fastest (make bench: 29-30 ms per DP step vs 31-32 with auto).
+    # Ghost norms (the default dp.norms) build their own patches for the kernel gradients:
+    # XLA's convolution for the forward pass is then fastest (make bench: 29-30 ms per DP
+    # step vs 31-32 with auto).
     c.model.conv = "xla"
     c.train.batch_size = 240  # Poisson rate 240 / 60000 = 0.004
     c.train.epochs = 15.0

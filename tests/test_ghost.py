@@ -1,5 +1,7 @@
 """GhostNorms gives the same per-example norms and clipped sums as VmapNorms."""
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -158,6 +160,45 @@ def test_resnet20(norm):
     clipper = C.AutoClip() if norm == "group_norm" else C.PerLayerClip(0.05, group_fn=by_module)
     (out,) = compare(per_example, [clipper], params, batch, jnp.ones(2))
     assert int(out.num_clipped) == 2
+
+
+# Every model family of the registry, i.e. every model `python -m dpft` builds (its default
+# `dp.norms` is 'ghost'), in the configurations not covered above: ghost norms must give the
+# same norms and clipped sums as per-example gradients. Small inputs keep the compiles short.
+@pytest.mark.parametrize(
+    "name,shape,kwargs",
+    [
+        ("tramer_boneh_cnn", (28, 28, 1), {}),
+        ("sample_convnet", (28, 28, 1), {"conv": "im2col"}),
+        ("wrn16_4", (8, 8, 3), {"groups": 4}),
+        ("resnet18", (32, 32, 3), {"norm": "frozen_bn"}),  # 7x7/2 stem, max-pool
+        pytest.param(  # bottleneck blocks, GroupNorm; no config uses them (25 s of compile)
+            "resnet50",
+            (32, 32, 3),
+            {"stem": "cifar", "groups": 8},
+            marks=pytest.mark.skipif(
+                not os.environ.get("DPFT_SLOW_TESTS"), reason="set DPFT_SLOW_TESTS=1"
+            ),
+        ),
+    ],
+)
+def test_every_model_family(name, shape, kwargs):
+    per_example, params, batch = setup(get_model(name, 5, **kwargs), shape, 2, 5, spread=False)
+    compare(per_example, [C.FlatClip(1e-3)], params, batch, jnp.ones(2))
+
+
+def test_bf16_activations():
+    """With bfloat16 activations both strategies see the same rounded tensors; the norms and
+    sums are accumulated in float32 by both, so they agree to bfloat16 precision."""
+    model = get_model("sample_convnet", 10, dtype=jnp.bfloat16)
+    per_example, params, batch = setup(model, (28, 28, 1), 4, 10)
+    fns = [
+        C.clipped_grad(per_example, C.FlatClip(10.0), norm_strategy=s)
+        for s in (GhostNorms(), C.VmapNorms())
+    ]
+    fn = jax.jit(lambda *a: [f(*a) for f in fns], compiler_options=FAST_COMPILE)
+    ghost, vmap = fn(params, batch, jnp.ones(4), jax.random.PRNGKey(3))
+    assert_same(ghost, vmap, rtol=2e-2)
 
 
 def test_frozen_layers_and_trainable_subset():
