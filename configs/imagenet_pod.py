@@ -21,11 +21,17 @@ full-resolution ImageNet has images of every size (and would need ~190 GB per ho
 every host holds 15.7 GB of uint8 images, 63 GB as float32 model inputs (a v4 host has ~400 GB).
 
 Model: `dpft.models.ImageNetResNet` ResNet-18 (torchvision layout, 11.7M parameters, GroupNorm
-with 32 groups so per-example gradients are well defined), trained from a fresh initialisation:
-dpft has no ImageNet-pretrained weights to fine-tune (to fine-tune, restrict
-``finetune.trainable``; a public-data checkpoint loader is still missing). DP-SGD with momentum,
+with 32 groups so per-example gradients are well defined), trained from a fresh initialisation.
+DP-SGD with momentum,
 expected batch 16,384 (q = 0.0128), 20 epochs (1,564 steps), (epsilon 8, delta 1e-6), flat
 clipping at 1, microbatches of 64 per device (16,384 / 16 devices = 1,024 rows per device).
+
+``:finetune`` fine-tunes pretrained weights instead, as Kurakin et al. 2022 fine-tune a
+Places365-pretrained ResNet on ImageNet: ResNet-18 in torchvision's layout with frozen BatchNorm
+statistics (`dpft.models.pretrained`), every parameter trained, a zero-initialised head, 10
+epochs at learning rate 1 (untuned). dpft ships no such weights: write a torchvision-layout
+state dict as safetensors (README "Launching on a TPU pod"), copy it to every host and pass
+``--config.model.pretrained_path=FILE``; without it the run stops with a one-line error.
 
 Expected result: NOT RUN on a pod; only `:smoke` was run (on CPU), so no accuracy or wall
 time is claimed. For scale: De et al. 2022 report 32.4% top-1 at epsilon 8 for an NF-ResNet-50
@@ -84,6 +90,15 @@ def get_config(arg: str = ""):
             c.train.checkpoint_every = 2
             c.dp.delta = 1e-3
             c.eval_batch_size = 32
+        elif part == "finetune":  # pretrained torchvision-layout weights from pretrained_path
+            c.model.norm = "frozen_bn"
+            c.model.pretrained = c.model.name
+            c.finetune.mode = "full"
+            c.finetune.head_init = "zero"  # a fresh head for ImageNet's 1,000 classes
+            c.train.epochs = 10.0
+            c.train.learning_rate = 1.0
         else:
-            raise ValueError(f"unknown config argument {part!r} (expected smoke)")
+            raise ValueError(f"unknown config argument {part!r} (expected smoke or finetune)")
+    if c.model.pretrained and c.model.name == "sample_convnet":
+        raise ValueError("config arguments smoke and finetune do not combine (no CNN weights)")
     return c

@@ -12,8 +12,9 @@ so DP-SGD's per-example gradients are well defined) or ``'frozen_bn'`` (BatchNor
 mode, for pretrained weights). ``stem='cifar'`` replaces the stem by one 3x3 stride-1
 convolution without max-pool, for small (32x32, 64x64) images.
 
-No pretrained ImageNet weights ship with dpft; `dpft.models.pretrained` loads only the CIFAR-10
-ResNets.
+No pretrained ImageNet weights ship with dpft; `dpft.models.pretrained.load` reads torchvision's
+(or any state dict in its layout, e.g. Places365 weights) from a safetensors file you give
+(``config.model.pretrained=resnet18`` and ``config.model.pretrained_path=FILE``).
 """
 
 from __future__ import annotations

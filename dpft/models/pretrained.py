@@ -1,9 +1,19 @@
-"""CIFAR-10-pretrained ResNet-20/32/44/56 from the data directory, as flax variables.
+"""Pretrained ResNets from PyTorch state dicts (safetensors files), as flax variables.
 
-The weights (Idelbayev's pytorch_resnet_cifar10, BSD 2-Clause) are safetensors files with
-PyTorch names and layouts under ``pretrained/resnet-cifar10/{name}.safetensors`` in the data
-directory (``$DPFT_DATA_DIR``, see `dpft.paths`). `load` converts them for `CifarResNet` with
-``norm='frozen_bn'``::
+Two families (`load`):
+
+* CIFAR-10-pretrained ResNet-20/32/44/56 (`NAMES`) from the data directory: the weights
+  (Idelbayev's pytorch_resnet_cifar10, BSD 2-Clause) are safetensors files with PyTorch names
+  and layouts under ``pretrained/resnet-cifar10/{name}.safetensors`` (``$DPFT_DATA_DIR``, see
+  `dpft.paths`), loaded into `CifarResNet`.
+* ResNet-18/34/50 in torchvision's layout (`TORCHVISION_NAMES`), e.g. ImageNet or Places365
+  weights, from a file you give (``path``; ``config.model.pretrained_path``), loaded into
+  `dpft.models.imagenet_resnet.ImageNetResNet`; the head's width is read from ``fc.weight``.
+  dpft ships no such weights; torchvision's are written as safetensors by
+  ``safetensors.torch.save_file(torchvision.models.resnet18(weights="DEFAULT").state_dict(),
+  "resnet18.safetensors")``.
+
+Both are converted for ``norm='frozen_bn'``::
 
     conv weight [out, in, kh, kw]   -> params  .../kernel [kh, kw, in, out]
     linear.weight [out, in]         -> params  linear/kernel [in, out]; linear.bias -> linear/bias
@@ -11,6 +21,8 @@ directory (``$DPFT_DATA_DIR``, see `dpft.paths`). `load` converts them for `Cifa
     bn running_mean, running_var    -> batch_stats .../mean, .../var
     bn num_batches_tracked          -> ignored
     layer{s}.{i}.<name>             -> layer{s}_{i}/<name>
+    torchvision only: fc.*          -> linear/*;
+                      layer{s}.{i}.downsample.0 / .1 -> layer{s}_{i}/downsample_conv / _bn
 
 The expected tensors and shapes are derived from the flax model itself, so every tensor the model
 needs must be in the file with the right shape, and the file must hold nothing else. Problems
@@ -34,11 +46,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpft.models.imagenet_resnet import LAYOUTS, ImageNetResNet
 from dpft.models.resnet import BLOCKS_PER_STAGE, CifarResNet
 from dpft.paths import DataError, data_file
 
-#: Names `load` accepts: resnet20, resnet32, resnet44, resnet56.
+#: CIFAR-10 ResNets in the data directory: resnet20, resnet32, resnet44, resnet56.
 NAMES: tuple[str, ...] = tuple(f"resnet{d}" for d in sorted(BLOCKS_PER_STAGE))
+#: ResNets in torchvision's layout, loaded from a file given to `load` (``path``).
+TORCHVISION_NAMES: tuple[str, ...] = tuple(f"resnet{d}" for d in sorted(LAYOUTS))
 #: Folder of the weights inside the data directory.
 SUBDIR = "pretrained/resnet-cifar10"
 #: Number of classes of the pretrained heads (CIFAR-10).
@@ -50,11 +65,19 @@ HEAD_INITS = ("keep", "zero", "random")
 
 _IGNORED_SUFFIXES = (".num_batches_tracked",)
 _BLOCK = re.compile(r"^(layer\d+)_(\d+)$")
+# torchvision's module names where they differ from dpft's
+_TORCHVISION_MODULES = {
+    "downsample_conv": ("downsample", "0"),
+    "downsample_bn": ("downsample", "1"),
+    "linear": ("fc",),
+}
 
 
 def _check_name(name: str) -> int:
-    if name not in NAMES:
-        raise ValueError(f"pretrained model must be one of {list(NAMES)}, got {name!r}")
+    if name not in NAMES + TORCHVISION_NAMES:
+        raise ValueError(
+            f"pretrained model must be one of {list(NAMES + TORCHVISION_NAMES)}, got {name!r}"
+        )
     return int(name.removeprefix("resnet"))
 
 
@@ -66,10 +89,17 @@ def weights_path(name: str, path: str | os.PathLike | None = None) -> pathlib.Pa
     """The safetensors file of ``name``.
 
     ``path`` may be the file itself or a directory holding ``{name}.safetensors``; without it
-    the file is ``pretrained/resnet-cifar10/{name}.safetensors`` in the data directory.
+    the file is ``pretrained/resnet-cifar10/{name}.safetensors`` in the data directory (CIFAR
+    ResNets only: a `TORCHVISION_NAMES` model needs ``path``).
     Raises `DataError` (one line) if the file does not exist.
     """
     _check_name(name)
+    if (path is None or str(path) == "") and name not in NAMES:
+        raise DataError(
+            f"no pretrained {name} weights in the data directory: give the file "
+            f"(config.model.pretrained_path), a safetensors file of torchvision's {name} "
+            "state dict"
+        )
     if path is None or str(path) == "":
         return data_file(f"{SUBDIR}/{name}.safetensors")
     p = pathlib.Path(path).expanduser()
@@ -99,13 +129,18 @@ def read_safetensors(file: str | os.PathLike) -> dict[str, np.ndarray]:
         ) from None
 
 
-def _torch_name(flax_path: tuple[str, ...]) -> str:
+def _torch_name(flax_path: tuple[str, ...], torchvision: bool = False) -> str:
     """('layer1_0', 'conv1', 'kernel') -> 'layer1.0.conv1.weight' (kind-specific leaf names)."""
     *modules, leaf = flax_path
     parts: list[str] = []
     for m in modules:
         match = _BLOCK.match(m)
-        parts.extend(match.groups() if match else (m,))
+        if match:
+            parts.extend(match.groups())
+        elif torchvision and m in _TORCHVISION_MODULES:
+            parts.extend(_TORCHVISION_MODULES[m])
+        else:
+            parts.append(m)
     torch_leaf = {
         "kernel": "weight",
         "scale": "weight",
@@ -134,23 +169,27 @@ def _to_flax(array: np.ndarray) -> np.ndarray:
 
 
 def convert_state_dict(
-    tensors: Mapping[str, np.ndarray], model: CifarResNet, file: str | os.PathLike = "<memory>"
+    tensors: Mapping[str, np.ndarray],
+    model: CifarResNet | ImageNetResNet,
+    file: str | os.PathLike = "<memory>",
 ) -> dict[str, Any]:
     """Flax variables ``{'params', 'batch_stats'}`` of ``model`` from a PyTorch state dict.
 
-    ``tensors`` maps PyTorch names to numpy arrays; ``file`` is only used in error messages.
+    ``tensors`` maps PyTorch names to numpy arrays (torchvision's names for an
+    `ImageNetResNet`); ``file`` is only used in error messages.
     Raises `DataError` (one line naming ``file``) on a missing or unexpected tensor, a wrong
     shape, a non-float dtype or non-finite values.
     """
     if model.norm != "frozen_bn":
         raise ValueError(f"pretrained weights need norm='frozen_bn', got {model.norm!r}")
+    torchvision = isinstance(model, ImageNetResNet)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
     flat_shapes = {path: leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(shapes)}
     variables: dict[str, Any] = {}
     used: set[str] = set()
     for key_path, shape in flat_shapes.items():
         collection, *flax_path = (k.key for k in key_path)
-        name = _torch_name(tuple(flax_path))
+        name = _torch_name(tuple(flax_path), torchvision)
         want = _torch_shape(tuple(shape))
         if name not in tensors:
             raise DataError(
@@ -199,19 +238,23 @@ def convert_state_dict(
     return variables
 
 
-def load(name: str, path: str | os.PathLike | None = None) -> tuple[CifarResNet, dict[str, Any]]:
-    """``(model, variables)`` of a CIFAR-10-pretrained ResNet with frozen BatchNorm.
+def load(
+    name: str, path: str | os.PathLike | None = None
+) -> tuple[CifarResNet | ImageNetResNet, dict[str, Any]]:
+    """``(model, variables)`` of a pretrained ResNet with frozen BatchNorm.
 
     Args:
-      name: 'resnet20', 'resnet32', 'resnet44' or 'resnet56'.
+      name: 'resnet20', 'resnet32', 'resnet44' or 'resnet56' (CIFAR-10 weights, `NAMES`), or
+        'resnet18', 'resnet34' or 'resnet50' (torchvision's layout, `TORCHVISION_NAMES`).
       path: the safetensors file, or a directory holding ``{name}.safetensors``; default the
-        data directory's ``pretrained/resnet-cifar10/``.
+        data directory's ``pretrained/resnet-cifar10/`` (required for torchvision names).
 
     Returns:
-      ``CifarResNet(depth, 10, norm='frozen_bn')`` and ``{'params': ..., 'batch_stats': ...}``
-      (float32 jax arrays). ``model.apply(variables, x)`` gives logits and
-      ``model.apply(variables, x, method=model.features)`` the 64-d pooled features for
-      normalized NHWC inputs (see `MEAN`, `STD`).
+      ``CifarResNet(depth, 10, norm='frozen_bn')`` (or ``ImageNetResNet(depth, K,
+      norm='frozen_bn')`` with the K classes of the file's ``fc``) and ``{'params': ...,
+      'batch_stats': ...}`` (float32 jax arrays). ``model.apply(variables, x)`` gives logits
+      and ``model.apply(variables, x, method=model.features)`` the pooled features for
+      normalized NHWC inputs (see `MEAN`, `STD`; torchvision's ImageNet weights use the same).
 
     Raises:
       ValueError: unknown ``name``.
@@ -219,8 +262,14 @@ def load(name: str, path: str | os.PathLike | None = None) -> tuple[CifarResNet,
     """
     depth = _check_name(name)
     file = weights_path(name, path)
-    model = CifarResNet(depth=depth, num_classes=NUM_CLASSES, norm="frozen_bn")
-    return model, convert_state_dict(read_safetensors(file), model, file)
+    tensors = read_safetensors(file)
+    if name in NAMES:
+        model = CifarResNet(depth=depth, num_classes=NUM_CLASSES, norm="frozen_bn")
+    else:
+        head = tensors.get("fc.weight")
+        classes = int(head.shape[0]) if head is not None and head.ndim == 2 else 1000
+        model = ImageNetResNet(depth=depth, num_classes=classes, norm="frozen_bn")
+    return model, convert_state_dict(tensors, model, file)
 
 
 def replace_head(
@@ -264,10 +313,10 @@ def load_head_reinit(
     head_init: str = "zero",
     seed: int = 0,
     path: str | os.PathLike | None = None,
-) -> tuple[CifarResNet, dict[str, Any]]:
+) -> tuple[CifarResNet | ImageNetResNet, dict[str, Any]]:
     """`load` with the head replaced by a fresh ``num_classes``-way ``linear`` (`replace_head`).
 
-    The returned model is ``CifarResNet(depth, num_classes, norm='frozen_bn')``.
+    The returned model is ``load``'s with ``num_classes`` outputs.
     """
     model, variables = load(name, path)
     variables = replace_head(variables, num_classes, head_init, seed)

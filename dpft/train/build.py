@@ -76,6 +76,12 @@ def build_model(config, num_classes: int, example_image: np.ndarray):
     x = jnp.asarray(example_image[None])
     with _shape_errors(m.name, example_image.shape):
         jax.eval_shape(fresh.init, key, x)  # shapes only: cheap, before any real work
+    if m.pretrained and (m.pretrained != m.name or m.norm not in ("", "frozen_bn")):
+        raise ValueError(
+            f"config.model.pretrained={m.pretrained!r} loads that model with frozen BatchNorm: "
+            f"expected config.model.name={m.pretrained!r} and config.model.norm='frozen_bn', "
+            f"got {m.name!r} and {m.norm!r}"
+        )
     if m.pretrained:
         from dpft.models import pretrained
 
