@@ -25,6 +25,8 @@ with 32 groups so per-example gradients are well defined), trained from a fresh 
 DP-SGD with momentum,
 expected batch 16,384 (q = 0.0128), 20 epochs (1,564 steps), (epsilon 8, delta 1e-6), flat
 clipping at 1, microbatches of 64 per device (16,384 / 16 devices = 1,024 rows per device).
+Per-example norms: the default ``dp.norms='ghost'``, the faster choice on CPU (``make bench``);
+which of ghost and ``vmap`` is faster on TPU has not been measured (both give the same sums).
 
 ``:finetune`` fine-tunes pretrained weights instead, as Kurakin et al. 2022 fine-tune a
 Places365-pretrained ResNet on ImageNet: ResNet-18 in torchvision's layout with frozen BatchNorm
