@@ -151,6 +151,9 @@ def test_pod_finetune_config_loads_the_given_weights(tmp_path):
         variables["params"]["layer4_1"]["conv2"]["kernel"],
         loaded["params"]["layer4_1"]["conv2"]["kernel"],
     )
+    c.model.norm = ""  # unset: the pretrained model's frozen BatchNorm, not ResNet-18's GroupNorm
+    model, variables = build_model(c, 1000, image)
+    assert model.norm == "frozen_bn" and "batch_stats" in variables
     for key, value in (("name", "resnet34"), ("norm", "group_norm")):
         bad = c.copy_and_resolve_references()
         bad.model[key] = value

@@ -61,6 +61,8 @@ def build_model(config, num_classes: int, example_image: np.ndarray):
 
     m = config.model
     kwargs = {"norm": m.norm} if m.norm else {}
+    if m.pretrained and not m.norm:  # pretrained weights come with frozen BatchNorm statistics
+        kwargs["norm"] = "frozen_bn"
     dtype = m.get("dtype", "float32")
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"config.model.dtype must be float32|bfloat16, got {dtype!r}")
