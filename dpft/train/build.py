@@ -60,9 +60,14 @@ def build_model(config, num_classes: int, example_image: np.ndarray):
     from dpft.models.init import reinit
 
     m = config.model
-    kwargs = {"norm": m.norm} if m.norm else {}
-    if m.pretrained and not m.norm:  # pretrained weights come with frozen BatchNorm statistics
-        kwargs["norm"] = "frozen_bn"
+    if m.pretrained and (m.pretrained != m.name or m.norm not in ("", "frozen_bn")):
+        raise ValueError(
+            f"config.model.pretrained={m.pretrained!r} loads that model with frozen BatchNorm: "
+            f"expected config.model.name={m.pretrained!r} and config.model.norm='frozen_bn', "
+            f"got {m.name!r} and {m.norm!r}"
+        )
+    norm = "frozen_bn" if m.pretrained else m.norm  # pretrained: frozen BatchNorm statistics
+    kwargs = {"norm": norm} if norm else {}
     dtype = m.get("dtype", "float32")
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"config.model.dtype must be float32|bfloat16, got {dtype!r}")
@@ -78,12 +83,6 @@ def build_model(config, num_classes: int, example_image: np.ndarray):
     x = jnp.asarray(example_image[None])
     with _shape_errors(m.name, example_image.shape):
         jax.eval_shape(fresh.init, key, x)  # shapes only: cheap, before any real work
-    if m.pretrained and (m.pretrained != m.name or m.norm not in ("", "frozen_bn")):
-        raise ValueError(
-            f"config.model.pretrained={m.pretrained!r} loads that model with frozen BatchNorm: "
-            f"expected config.model.name={m.pretrained!r} and config.model.norm='frozen_bn', "
-            f"got {m.name!r} and {m.norm!r}"
-        )
     if m.pretrained:
         from dpft.models import pretrained
 
