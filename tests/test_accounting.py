@@ -8,6 +8,7 @@ import sys
 import dp_accounting as dpa
 import pytest
 from dp_accounting import pld, rdp
+from scipy import stats
 
 from dpft.privacy import accounting as A
 
@@ -95,15 +96,80 @@ def test_truncated_poisson_accounting():
         A.compute_epsilon(tight, 1e-5, "rdp")
 
 
-def test_shuffle_is_accounted_without_replacement_replace_one():
-    entry = A.GaussianSteps(
-        1.0, 0.01, 100, sampling="shuffle", dataset_size=10000, max_batch_size=100
-    )
+def test_shuffle_is_accounted_without_replacement_replace_one_at_half_sigma():
+    # Replace-one swaps one clipped gradient for another: sensitivity 2C for noise std sigma C,
+    # so dp-accounting must see the multiplier sigma / 2 (the setting quoted in the audit).
+    n, b, steps, delta = 60000, 256, 2340, 1e-5
+    entry = A.GaussianSteps(1.0, b / n, steps, sampling="shuffle", dataset_size=n, max_batch_size=b)
     acc = rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
-    acc.compose(dpa.SampledWithoutReplacementDpEvent(10000, 100, dpa.GaussianDpEvent(1.0)), 100)
-    assert A.compute_epsilon(entry, 1e-5) == pytest.approx(acc.get_epsilon(1e-5))
+    acc.compose(dpa.SampledWithoutReplacementDpEvent(n, b, dpa.GaussianDpEvent(0.5)), steps)
+    expected = acc.get_epsilon(delta)
+    assert A.compute_epsilon(entry, delta) == pytest.approx(expected)
+    assert A.compute_epsilon(entry, delta, "rdp") == pytest.approx(expected)
+    assert expected > 14  # with sigma itself it would be about 2.2
     with pytest.raises(ValueError, match="cannot compose"):
         A.compute_epsilon([entry, A.GaussianSteps(1.0, 0.01, 1)], 1e-5)
+
+
+def test_shuffle_calibration_accounts_half_sigma():
+    n, b, steps, delta = 10000, 100, 300, 1e-5
+    kw = {"sampling": "shuffle", "dataset_size": n, "max_batch_size": b}
+    sigma = A.calibrate_noise_multiplier(2.0, delta, b / n, steps, "rdp", **kw)
+
+    def eps(s):
+        acc = rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
+        acc.compose(dpa.SampledWithoutReplacementDpEvent(n, b, dpa.GaussianDpEvent(s / 2)), steps)
+        return acc.get_epsilon(delta)
+
+    assert eps(sigma) <= 2.0 < eps(sigma / 1.01)
+
+
+def _overflow(entry, n):
+    """eta on n examples, from scipy directly (not from the code under test)."""
+    return entry.count * stats.binom.sf(entry.max_batch_size, n, entry.sampling_rate)
+
+
+def _charge_holds(entry, delta, eps):
+    """delta_M(eps) + eta + e^eps eta' <= delta for the untruncated PLD of ``entry``."""
+    acc = pld.PLDAccountant()
+    gauss = dpa.GaussianDpEvent(entry.noise_multiplier)
+    acc.compose(dpa.PoissonSampledDpEvent(entry.sampling_rate, gauss), entry.count)
+    eta, eta_n = _overflow(entry, entry.dataset_size), _overflow(entry, entry.dataset_size + 1)
+    charge = eta + math.exp(eps) * eta_n
+    return acc.get_delta(eps) + charge <= delta, charge
+
+
+def test_truncation_charge_includes_the_e_eps_term_fmnist_cnn():
+    # configs/fmnist_cnn.py: N 60000, batch 2048, 40 epochs (1172 steps), epsilon 3, delta 1e-5,
+    # the cap of 1e-12 overflow per step: the charge is about 0.24% of delta (charged branch).
+    n, q, steps, delta = 60000, 2048 / 60000, 1172, 1e-5
+    entry = A.GaussianSteps(1.8086, q, steps, dataset_size=n, max_batch_size=2368)
+    eps = A.compute_epsilon(entry, delta)
+    ok, charge = _charge_holds(entry, delta, eps)
+    assert ok, "epsilon must satisfy delta_M(eps) + eta + e^eps eta' <= delta"
+    assert 0.002 * delta < charge <= 0.01 * delta
+    rdp_eps = A.compute_epsilon(entry, delta, "rdp")
+    assert rdp_eps >= eps and math.isfinite(rdp_eps)
+
+
+def test_truncation_beyond_the_charge_is_accounted_exactly_imagenet_pod():
+    # configs/imagenet_pod.py: N 1,281,167, batch 16384, 1564 steps, epsilon 8, delta 1e-6.
+    # With a cap of 1e-12 overflow per step, e^8 eta' is about 4.7e-6 > delta: exact PLD.
+    n, q, steps, delta, sigma = 1281167, 16384 / 1281167, 1564, 1e-6, 0.7058
+    entry = A.GaussianSteps(sigma, q, steps, dataset_size=n, max_batch_size=17286)
+    assert math.exp(8) * _overflow(entry, n + 1) > delta
+    acc = pld.PLDAccountant()
+    acc.compose(dpa.TruncatedSubsampledGaussianDpEvent(n, q, 17286, sigma), steps)
+    assert A.compute_epsilon(entry, delta) == pytest.approx(acc.get_epsilon(delta), rel=1e-9)
+    # The cap sized by overflow_probability_for keeps the charge within 1% of delta.
+    from dpft.privacy import sampling
+
+    cap = sampling.poisson_batch_cap(n, q, A.overflow_probability_for(8.0, delta, steps))
+    sized = A.GaussianSteps(sigma, q, steps, dataset_size=n, max_batch_size=cap)
+    eps = A.compute_epsilon(sized, delta)
+    ok, charge = _charge_holds(sized, delta, eps)
+    assert ok and charge <= 0.01 * delta
+    assert (1 + math.exp(8)) * _overflow(sized, n + 1) <= 0.01 * delta * (1 + 1e-9)
 
 
 def test_ledger_merges_serialises_and_composes():

@@ -1,4 +1,8 @@
-"""Privacy accounting on the host with dp-accounting: epsilon, calibration, ledger, budget.
+"""Privacy accounting on the host with dp-accounting: epsilon and calibration.
+
+The ledger and budget of a run are in `dpft.privacy.ledger` (also reachable from here as
+``accounting.PrivacyLedger``, ``accounting.PrivacyBudget``, ``accounting.BudgetExceededError``),
+the command line in `dpft.privacy.accounting_cli`.
 
 Everything here is numpy/python and runs outside jit. PLD (privacy loss distributions,
 pessimistic discretisation) is the default accountant; RDP is the cross-check. Both give upper
@@ -6,13 +10,28 @@ bounds on epsilon, so neither under-reports.
 
 Neighbouring relations: Poisson-sampled and full-batch steps are accounted under add/remove-one;
 shuffled fixed-size batches (sampling without replacement) under replace-one, with RDP only.
+Under replace-one the clipped sum has L2 sensitivity 2C (one example's clipped gradient is
+swapped for another's), while the noise std is ``sigma * C``: the event recorded for a shuffle
+step is ``GaussianDpEvent(sigma / 2)``, dp-accounting's multiplier being relative to the
+sensitivity.
 
 Truncated Poisson batches (static shapes): a step whose Poisson draw exceeds the cap keeps a
-random subset. If the total overflow probability over the ledger is at most 1% of delta, the
-steps are accounted as untruncated Poisson and the overflow probability is charged to delta
-(epsilon is computed at ``delta - overflow``, which is sound because the truncated and untruncated
-mechanisms are within that total-variation distance). Otherwise PLD accounts the truncation
-exactly with ``TruncatedSubsampledGaussianDpEvent``; RDP refuses.
+random subset. Let ``M'`` be the truncated mechanism and ``M`` the untruncated one, ``eta`` the
+probability that any step of the ledger truncates on the N examples of the run and ``eta'`` the
+same on N + 1 examples (a neighbour; ``eta' >= eta``). ``M'`` and ``M`` are within total
+variation ``eta`` (``eta'`` on the neighbour), so if ``M`` is (eps, delta_M)-DP, for every set S
+
+    P[M'(D) in S] <= P[M(D) in S] + eta <= e^eps (P[M'(D') in S] + eta') + delta_M + eta,
+
+and ``M'`` is (eps, delta_M + eta + e^eps eta')-DP (the other direction gives
+``eta' + e^eps eta``, no larger). When that charge ``eta + e^eps eta'`` is at most 1% of delta,
+the steps are accounted as untruncated Poisson and epsilon is the smallest eps with
+``delta_M(eps) + eta + e^eps eta' <= delta`` (`_charged_epsilon`). Otherwise PLD accounts the
+truncation exactly with ``TruncatedSubsampledGaussianDpEvent``. RDP, which has no exact event,
+keeps the charge whenever ``eta' <= 1%`` of delta (sound for any charge below delta; epsilon is
+inf beyond) and refuses a cap that binds more often.
+`overflow_probability_for` gives the per-step overflow probability that keeps the charge within
+1% of delta, for sizing the cap.
 
 Command line::
 
@@ -23,7 +42,6 @@ Command line::
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import logging
@@ -37,23 +55,18 @@ from scipy import stats
 
 __all__ = [
     "ACCOUNTANTS",
-    "BudgetExceededError",
     "GaussianSteps",
-    "PrivacyBudget",
-    "PrivacyLedger",
     "calibrate_noise_multiplier",
     "calibrate_steps",
+    "check_delta",
     "compute_epsilon",
     "dp_event",
+    "overflow_probability_for",
 ]
 
 ACCOUNTANTS = ("pld", "rdp")
 SAMPLINGS = ("poisson", "shuffle", "full")
 _OVERFLOW_SHARE_OF_DELTA = 0.01
-
-
-class BudgetExceededError(RuntimeError):
-    """Raised when a step would take epsilon past the run's target."""
 
 
 def _check_accountant(accountant: str) -> None:
@@ -64,6 +77,21 @@ def _check_accountant(accountant: str) -> None:
 def _check_delta(delta: float) -> None:
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+
+
+def check_delta(delta: float, num_examples: int, name: str = "config.dp.delta") -> float:
+    """``delta`` as a float if it lies in (0, 1/N); else a one-line ValueError naming ``name``.
+
+    Privacy:
+        A delta of 1/N or more admits mechanisms that publish one of the N examples in the clear
+        with probability delta per example (under add/remove-one neighbouring), so every driver
+        refuses it with this one check.
+    """
+    if int(num_examples) != num_examples or num_examples < 1:
+        raise ValueError(f"num_examples must be a positive int, got {num_examples!r}")
+    if not 0 < delta < 1.0 / num_examples:
+        raise ValueError(f"{name} must be in (0, 1/N = {1.0 / num_examples:.3g}), got {delta}")
+    return float(delta)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,22 +138,36 @@ class GaussianSteps:
             return dpa.NeighboringRelation.REPLACE_ONE
         return dpa.NeighboringRelation.ADD_OR_REMOVE_ONE
 
-    def overflow(self) -> float:
-        """Probability that any of these steps truncated its Poisson batch (union bound)."""
+    def overflow(self, extra_examples: int = 0) -> float:
+        """Probability that any of these steps truncated its Poisson batch (union bound).
+
+        ``extra_examples=1`` gives it on a neighbouring dataset of N + 1 examples.
+        """
         if self.sampling != "poisson" or self.max_batch_size is None or self.count == 0:
             return 0.0
         if self.dataset_size is None:
             raise ValueError("a capped Poisson entry needs dataset_size to bound truncation")
-        p = float(stats.binom.sf(self.max_batch_size, self.dataset_size, self.sampling_rate))
+        n = self.dataset_size + extra_examples
+        p = float(stats.binom.sf(self.max_batch_size, n, self.sampling_rate))
         return min(1.0, self.count * p)
 
     def event(self, exact_truncation: bool = False) -> dpa.DpEvent:
+        """The dp-accounting event of these steps.
+
+        Privacy:
+            The noise std is ``noise_multiplier * C`` for a clipped sum of per-example bound C.
+            Poisson and full-batch steps: sensitivity C under add/remove-one, so the event's
+            multiplier is ``noise_multiplier``. Shuffle steps: sensitivity 2C under
+            replace-one, so the event is ``GaussianDpEvent(noise_multiplier / 2)``.
+        """
         gauss = dpa.GaussianDpEvent(self.noise_multiplier)
         if self.sampling == "full" or self.sampling_rate == 1:
             one = gauss
-        elif self.sampling == "shuffle":
+        elif self.sampling == "shuffle":  # replace-one: sensitivity 2C for noise std sigma C
             one = dpa.SampledWithoutReplacementDpEvent(
-                self.dataset_size, self.max_batch_size, gauss
+                self.dataset_size,
+                self.max_batch_size,
+                dpa.GaussianDpEvent(self.noise_multiplier / 2),
             )
         elif exact_truncation and self.max_batch_size is not None:
             one = dpa.TruncatedSubsampledGaussianDpEvent(
@@ -175,8 +217,9 @@ def compute_epsilon(
 
     Privacy:
         Sound for the mechanisms described by the entries: Poisson and full-batch entries under
-        add/remove-one neighbouring, shuffle entries under replace-one. Truncated Poisson
-        batches are covered as described in the module docstring.
+        add/remove-one neighbouring, shuffle entries under replace-one (sensitivity 2C, see
+        `GaussianSteps.event`). Truncated Poisson batches are charged ``eta + e^eps eta'``
+        or accounted exactly, as described in the module docstring.
     """
     _check_accountant(accountant)
     _check_delta(delta)
@@ -191,17 +234,69 @@ def compute_epsilon(
     relation = relations.pop()
     if relation == dpa.NeighboringRelation.REPLACE_ONE and accountant == "pld":
         accountant = "rdp"  # dp-accounting's PLD has no sampling-without-replacement event
-    overflow = sum(e.overflow() for e in entries)
-    exact = overflow > _OVERFLOW_SHARE_OF_DELTA * delta
-    if exact and accountant == "rdp":
+    eta = sum(e.overflow() for e in entries)
+    eta_neighbour = sum(e.overflow(extra_examples=1) for e in entries)
+    if eta_neighbour == 0:
+        acc = _accountant(accountant, relation)
+        acc.compose(dp_event(entries))
+        with _quiet_absl():  # RDP drops orders it cannot evaluate: still an upper bound
+            return float(acc.get_epsilon(delta))
+    share = _OVERFLOW_SHARE_OF_DELTA * delta
+    if eta_neighbour <= share:
+        acc = _accountant(accountant, relation)
+        acc.compose(dp_event(entries))
+        with _quiet_absl():
+            eps = _charged_epsilon(acc, delta, eta, eta_neighbour)
+        # Any charge below delta is sound (RDP has no exact event: it keeps it, possibly inf);
+        # PLD accounts the truncation exactly when the charge would exceed 1% of delta.
+        if accountant == "rdp" or eta + math.exp(min(eps, 700.0)) * eta_neighbour <= share:
+            return eps
+    if accountant == "rdp":
         raise ValueError(
-            f"the Poisson batch cap truncates too often (overflow probability {overflow:.3g} "
-            f"> 1% of delta): raise max_batch_size or use the pld accountant"
+            f"the Poisson batch cap truncates too often (overflow probability {eta_neighbour:.3g}"
+            f" > 1% of delta): raise max_batch_size or use the pld accountant"
         )
-    acc = _accountant(accountant, relation)
-    acc.compose(dp_event(entries, exact_truncation=exact))
-    with _quiet_absl():  # RDP drops orders it cannot evaluate: still an upper bound
-        return float(acc.get_epsilon(delta if exact else delta - overflow))
+    acc = _accountant("pld", relation)
+    acc.compose(dp_event(entries, exact_truncation=True))
+    return float(acc.get_epsilon(delta))
+
+
+def _charged_epsilon(
+    acc: dpa.PrivacyAccountant, delta: float, eta: float, eta_neighbour: float
+) -> float:
+    """Smallest eps (to 1e-6 relative) with ``acc``'s delta(eps) + eta + e^eps eta' <= delta.
+
+    ``g(e) = acc.get_epsilon(delta - eta - e^e eta')`` is increasing in ``e``; a value ``t``
+    with ``g(t) <= t`` is sound, since delta(t) <= delta(g(t)) <= delta - eta - e^t eta'
+    (delta(eps) is non-increasing). The iteration ``t <- g(t)`` from below reaches such a
+    value in a few steps when ``e^eps eta'`` is small; ``inf`` if the charge exceeds delta.
+    """
+    eps = 0.0
+    for _ in range(100):
+        trial = eps * (1 + 1e-6) + 1e-12
+        rest = delta - eta - math.exp(min(trial, 700.0)) * eta_neighbour
+        if rest <= 0:
+            return math.inf
+        nxt = float(acc.get_epsilon(rest))
+        if nxt <= trial:
+            return trial
+        eps = nxt
+    return math.inf
+
+
+def overflow_probability_for(target_epsilon: float, delta: float, steps: int) -> float:
+    """Per-step overflow probability whose truncation charge is at most 1% of ``delta``.
+
+    With per-step probability p on N + 1 examples (at least that on N) over ``steps`` steps, the
+    charge ``eta + e^eps eta'`` is at most ``(1 + e^eps) steps p``; this returns the p that
+    makes it ``0.01 delta`` at ``eps = target_epsilon`` (for an infinite target, at eps = 0:
+    such a run has no finite epsilon to protect).
+    """
+    _check_delta(delta)
+    if not (isinstance(steps, int) and steps > 0):
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    e = 0.0 if math.isinf(target_epsilon) else float(target_epsilon)
+    return _OVERFLOW_SHARE_OF_DELTA * delta / ((1.0 + math.exp(min(e, 700.0))) * steps)
 
 
 def calibrate_noise_multiplier(
@@ -305,159 +400,22 @@ def calibrate_steps(
     return lo
 
 
-class PrivacyLedger:
-    """Every DP step spent, as run-length-encoded `GaussianSteps` entries; JSON-serialisable."""
-
-    def __init__(self, entries: Sequence[GaussianSteps] = ()):
-        self.entries: list[GaussianSteps] = list(entries)
-
-    def record(self, entry: GaussianSteps, count: int | None = None) -> None:
-        count = entry.count if count is None else count
-        if self.entries and self.entries[-1].same_mechanism(entry):
-            last = self.entries[-1]
-            self.entries[-1] = last.with_count(last.count + count)
-        else:
-            self.entries.append(entry.with_count(count))
-
-    @property
-    def steps(self) -> int:
-        return sum(e.count for e in self.entries)
-
-    def epsilon(self, delta: float, accountant: str = "pld") -> float:
-        return compute_epsilon(self.entries, delta, accountant)
-
-    def to_dict(self) -> dict:
-        return {"entries": [e.to_dict() for e in self.entries]}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> PrivacyLedger:
-        return cls([GaussianSteps(**e) for e in d["entries"]])
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, PrivacyLedger) and self.entries == other.entries
+_LEDGER_NAMES = ("BudgetExceededError", "PrivacyBudget", "PrivacyLedger")
 
 
-class PrivacyBudget:
-    """A target (epsilon, delta) and the ledger spent against it; refuses steps past the target.
+def __getattr__(name):  # the ledger and budget live in dpft.privacy.ledger (imported lazily)
+    if name in _LEDGER_NAMES:
+        from dpft.privacy import ledger
 
-    ``spend(entry)`` records one step before it runs, or raises `BudgetExceededError` if that
-    step would exceed the target. The number of further steps allowed is computed once per run
-    of identical steps (a binary search with the accountant), not at every step.
-    """
+        return getattr(ledger, name)
+    if name == "main":
+        from dpft.privacy.accounting_cli import main
 
-    def __init__(
-        self,
-        target_epsilon: float,
-        delta: float,
-        accountant: str = "pld",
-        ledger: PrivacyLedger | None = None,
-    ):
-        if not target_epsilon > 0:
-            raise ValueError(f"epsilon must be > 0, got {target_epsilon!r}")
-        _check_delta(delta)
-        _check_accountant(accountant)
-        self.target_epsilon = float(target_epsilon)
-        self.delta = float(delta)
-        self.accountant = accountant
-        self.ledger = ledger or PrivacyLedger()
-        self._cache: dict = {}
-
-    def _split(self, entry: GaussianSteps) -> tuple[list[GaussianSteps], int]:
-        ents = self.ledger.entries
-        if ents and ents[-1].same_mechanism(entry):
-            return ents[:-1], ents[-1].count
-        return list(ents), 0
-
-    def remaining(self, entry: GaussianSteps) -> int:
-        """How many more steps of ``entry``'s mechanism fit in the budget (no target: 2**62)."""
-        if math.isinf(self.target_epsilon):
-            return 1 << 62
-        prefix, done = self._split(entry)
-        key = (tuple(prefix), entry.with_count(0))
-        if key not in self._cache:
-            self._cache[key] = calibrate_steps(
-                entry.noise_multiplier,
-                self.target_epsilon,
-                self.delta,
-                entry.sampling_rate,
-                self.accountant,
-                prefix=prefix,
-                sampling=entry.sampling,
-                dataset_size=entry.dataset_size,
-                max_batch_size=entry.max_batch_size,
-            )
-        return max(0, self._cache[key] - done)
-
-    def spend(self, entry: GaussianSteps) -> None:
-        if self.remaining(entry) < 1:
-            raise BudgetExceededError(
-                f"one more step would exceed the target epsilon {self.target_epsilon} at delta "
-                f"{self.delta} (spent {self.ledger.steps} steps)"
-            )
-        self.ledger.record(entry, 1)
-
-    def epsilon(self) -> float:
-        return self.ledger.epsilon(self.delta, self.accountant)
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m dpft.privacy.accounting",
-        description="Epsilon of Poisson-subsampled Gaussian DP-SGD, or the noise for a target.",
-    )
-    sub = p.add_subparsers(dest="command", required=True)
-    for name, helptext in (("epsilon", "print epsilon"), ("sigma", "print noise multiplier")):
-        s = sub.add_parser(name, help=helptext)
-        s.add_argument("--sampling-rate", type=float, required=True, help="Poisson rate q")
-        s.add_argument("--steps", type=int, required=True)
-        s.add_argument("--delta", type=float, required=True)
-        s.add_argument("--accountant", choices=ACCOUNTANTS, default="pld")
-        if name == "epsilon":
-            s.add_argument("--noise-multiplier", type=float, required=True)
-        else:
-            s.add_argument("--epsilon", type=float, required=True)
-    return p
-
-
-def _validate(args) -> None:
-    if not 0 < args.sampling_rate <= 1:
-        raise ValueError(f"--sampling-rate must be in (0, 1], got {args.sampling_rate}")
-    if args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    if not 0 < args.delta < 1:
-        raise ValueError(f"--delta must be in (0, 1), got {args.delta}")
-    if args.command == "epsilon" and not args.noise_multiplier >= 0:
-        raise ValueError(f"--noise-multiplier must be >= 0, got {args.noise_multiplier}")
-    if args.command == "sigma" and not args.epsilon > 0:
-        raise ValueError(f"--epsilon must be > 0, got {args.epsilon}")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        _validate(args)
-        if args.command == "epsilon":
-            entry = GaussianSteps(args.noise_multiplier, args.sampling_rate, args.steps)
-            eps = compute_epsilon(entry, args.delta, args.accountant)
-            if math.isinf(eps):
-                print("inf  (noise multiplier 0: no privacy)")
-            else:
-                print(f"{eps:.6g}")
-        else:
-            sigma = calibrate_noise_multiplier(
-                args.epsilon, args.delta, args.sampling_rate, args.steps, args.accountant
-            )
-            print(f"{sigma:.6g}")
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return main
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":
+    from dpft.privacy.accounting_cli import main
+
     sys.exit(main())

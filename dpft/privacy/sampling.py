@@ -151,6 +151,11 @@ class ShuffleSampler(_StepSampler):
     neighbouring, RDP only). That is the usual convention, but it is not a proof for shuffled
     batches: Chua et al. (2024, "How private are DP-SGD implementations?") show that shuffling
     can leak more than that accounting says. Prefer `PoissonSampler` for reported results.
+
+    Privacy:
+        Under replace-one neighbouring the clipped sum has L2 sensitivity 2C, so a step with
+        noise std ``sigma * C`` is accounted as ``GaussianDpEvent(sigma / 2)``
+        (`dpft.privacy.accounting.GaussianSteps` with ``sampling='shuffle'``).
     """
 
     num_examples: int

@@ -190,8 +190,11 @@ class PrivacyPlan:
 def plan_privacy(config, num_examples: int, batch_multiple: int = 1) -> PrivacyPlan:
     """Sampling rate, steps and noise multiplier (calibrated to the target when not given).
 
-    The padded batch (the Poisson cap) is rounded up to a multiple of ``batch_multiple`` (the
-    number of data-parallel devices); accounting uses the rounded cap.
+    The padded batch (the Poisson cap, unless ``config.train.max_batch_size`` sets it) is the
+    smallest whose truncation charge ``eta + e^eps eta'`` is at most 1% of delta
+    (`accounting.overflow_probability_for`; never above 1e-12 per step), rounded up to a
+    multiple of ``batch_multiple`` (the number of data-parallel devices); accounting uses the
+    rounded cap.
     """
     dp, tr = config.dp, config.train
     build_norm_strategy(dp)  # refuse an unknown config.dp.norms before any file is written
@@ -199,10 +202,7 @@ def plan_privacy(config, num_examples: int, batch_multiple: int = 1) -> PrivacyP
         raise ValueError(f"config.dp.clip_norm must be > 0 (inf: no clipping), got {dp.clip_norm}")
     if not dp.epsilon > 0:
         raise ValueError(f"config.dp.epsilon must be > 0, got {dp.epsilon}")
-    if not 0 < dp.delta < 1.0 / num_examples:
-        raise ValueError(
-            f"config.dp.delta must be in (0, 1/N = {1.0 / num_examples:.3g}), got {dp.delta}"
-        )
+    accounting.check_delta(dp.delta, num_examples)
     if not 0 < tr.batch_size <= num_examples:
         raise ValueError(
             f"config.train.batch_size must be in [1, {num_examples}], got {tr.batch_size}"
@@ -211,7 +211,10 @@ def plan_privacy(config, num_examples: int, batch_multiple: int = 1) -> PrivacyP
     steps = tr.steps or math.ceil(tr.epochs * num_examples / tr.batch_size)
     if steps <= 0:
         raise ValueError("config.train.steps or config.train.epochs must be > 0")
-    cap = tr.max_batch_size or sampling.poisson_batch_cap(num_examples, q)
+    if not tr.max_batch_size:  # a cap whose truncation charge is <= 1% of delta
+        p = accounting.overflow_probability_for(dp.epsilon, dp.delta, steps)
+        p = min(p, sampling.DEFAULT_OVERFLOW_PROBABILITY)
+    cap = tr.max_batch_size or sampling.poisson_batch_cap(num_examples, q, p)
     cap = -(-cap // batch_multiple) * batch_multiple
     entry_kw = {"dataset_size": num_examples, "max_batch_size": cap}
     if dp.noise_multiplier >= 0:
