@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dpft.privacy import clipping as C
+from dpft.privacy import keys as keys_lib
 
 # A linear "loss" whose per-example gradient w.r.t. params is exactly the example's vectors:
 # this lets a test feed any gradient it likes (huge, NaN, Inf, zero) straight into the clipper.
@@ -218,7 +219,7 @@ def test_no_clip_equals_sum_of_plain_gradients():
     )
 
     def total(p):
-        keys = [jax.random.fold_in(key, i) for i in range(9)]
+        keys = [keys_lib.derive(key, "example", i) for i in range(9)]
         return sum(
             mlp_loss(p, jax.tree_util.tree_map(lambda a, i=i: a[i], batch), keys[i])[0]
             for i in range(9)

@@ -72,6 +72,9 @@ def test_end_to_end_outputs(tmp_path):
         assert key in summary
     assert summary["steps"] == 6 and summary["delta"] == 1e-4
     assert 0 < summary["epsilon"] < summary["epsilon_rdp"] * 1.05
+    # throughput outside debug/ comes from the public expected batch size, not realised sizes
+    public = summary["steps"] * summary["expected_batch_size"] / summary["train_seconds"]
+    assert summary["examples_per_second"] == pytest.approx(public, rel=1e-9)
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["test_accuracy"] == summary["test_accuracy"]
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -30,7 +30,13 @@ from typing import Any, NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 
+from dpft.privacy import keys as keys_lib
+
 PyTree = Any
+# Contractions that form a released sum (clipped per-example terms weighted by their factors)
+# run at full float32 precision: at the default precision of TPUs (bf16 passes) a rounded
+# per-example term can exceed its clip bound.
+HIGHEST = jax.lax.Precision.HIGHEST
 LossFn = Callable[[PyTree, PyTree, jax.Array], tuple[jax.Array, Any]]
 
 __all__ = [
@@ -352,7 +358,7 @@ class VmapNorms:
         for leaf, gi in zip(leaves, groups, strict=True):
             # Zero the rows that are dropped before the weighted sum: 0 * NaN would be NaN.
             safe = jnp.where(keep.reshape((m,) + (1,) * (leaf.ndim - 1)), leaf, 0)
-            out.append(jnp.tensordot(f[:, gi], safe.astype(jnp.float32), axes=1))
+            out.append(jnp.tensordot(f[:, gi], safe.astype(jnp.float32), axes=1, precision=HIGHEST))
         grad_sum = jax.tree_util.tree_unflatten(treedef, out)
         return MicrobatchResult(grad_sum, norms, loss, aux, nonfinite, clipped)
 
@@ -405,15 +411,17 @@ def clipped_grad(
 
     The returned function takes a batch pytree with a static leading size B, a mask ``[B]``
     (1 = real example, 0 = padding), a PRNG key and optionally ``index_offset`` (default 0);
-    example ``i`` gets the key ``fold_in(rng, index_offset + i)``, so results do not depend on
-    the microbatch size, nor on how a logical batch is split over devices or host chunks (pass
-    each shard's position in the logical batch as its offset).
+    example ``i`` gets the key ``keys.derive(rng, "example", index_offset + i)``, so results do
+    not depend on the microbatch size, nor on how a logical batch is split over devices or host
+    chunks (pass each shard's position in the logical batch as its offset).
 
     Privacy:
         ``grad_sum`` has L2 sensitivity ``clipper.sensitivity(params)`` under add/remove-one
         neighbouring (twice that under replace-one): a padding row (mask 0) contributes exactly
         zero, and an example whose gradient is not finite contributes exactly zero (it is
-        counted in ``num_nonfinite``). All other outputs are NOT private.
+        counted in ``num_nonfinite``). The weighted sums are contracted at
+        ``Precision.HIGHEST``, so reduced default matmul precision (TPU) cannot push a
+        per-example term past its bound. All other outputs are NOT private.
     """
     strategy = norm_strategy or VmapNorms()
     if microbatch_size is not None and (
@@ -436,7 +444,7 @@ def clipped_grad(
         k = -(-b // m)
         pad = k * m - b
         idx = jnp.arange(k * m, dtype=jnp.uint32) + jnp.asarray(index_offset, jnp.uint32)
-        keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(idx)
+        keys = jax.vmap(lambda i: keys_lib.derive(rng, "example", i))(idx)
 
         def padded(x):
             x = jnp.asarray(x)

@@ -57,7 +57,13 @@ import jax
 import jax.numpy as jnp
 from flax.linen.linear import canonicalize_padding
 
-from dpft.privacy.clipping import MicrobatchResult, PerLayerClip, clip_factors, leaf_paths
+from dpft.privacy.clipping import (
+    HIGHEST,
+    MicrobatchResult,
+    PerLayerClip,
+    clip_factors,
+    leaf_paths,
+)
 from dpft.privacy.unfold import conv_kernel_grads, patches
 
 __all__ = ["GhostNorms"]
@@ -391,12 +397,12 @@ class GhostNorms:
             fi = f[:, groups[i]]
             if term[0] == "ghost":
                 a, g = zero_dropped(term[1]), zero_dropped(term[2]) * fi[:, None, None, None]
-                s = jnp.swapaxes(jnp.einsum("ipgo,igkp->gok", g, a), 1, 2)
+                s = jnp.swapaxes(jnp.einsum("ipgo,igkp->gok", g, a, precision=HIGHEST), 1, 2)
             else:
-                s = jnp.tensordot(fi, zero_dropped(term[1]), axes=1)
+                s = jnp.tensordot(fi, zero_dropped(term[1]), axes=1, precision=HIGHEST)
             out[i] = _kernel_grad(s, leaves[i].shape)
         for i, gl in per_example.items():
-            out[i] = jnp.tensordot(f[:, groups[i]], zero_dropped(gl), axes=1)
+            out[i] = jnp.tensordot(f[:, groups[i]], zero_dropped(gl), axes=1, precision=HIGHEST)
             out[i] = out[i].reshape(leaves[i].shape)
         grad_sum = jax.tree_util.tree_unflatten(treedef, [o.astype(jnp.float32) for o in out])
         return MicrobatchResult(grad_sum, norms, loss, aux, nonfinite, clipped)

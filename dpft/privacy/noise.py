@@ -14,11 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dpft.privacy import keys
+
 __all__ = [
     "PrivatizerState",
     "gaussian_noise",
     "gaussian_privatizer",
     "noise_std",
+    "step_key",
 ]
 
 
@@ -47,20 +50,31 @@ def noise_std(noise_multiplier: float, l2_sensitivity: float) -> float:
 def gaussian_noise(key: jax.Array, tree: Any, std: float) -> Any:
     """Independent N(0, std^2) float32 noise shaped like ``tree``: one key per leaf.
 
+    Leaf j draws from ``keys.derive(key, "leaf", j)``.
+
     Privacy:
         Added to a query of L2 sensitivity S (under add/remove-one or replace-one
         neighbouring), this is the Gaussian mechanism with noise multiplier ``std / S`` under that
         relation. Every coordinate of every leaf gets an independent draw: leaves get distinct
-        keys split from ``key``, so no two coordinates share one. ``key`` must be fresh per
-        release.
+        keys of the "leaf" purpose under ``key``, so no two coordinates share one. ``key`` must
+        be fresh per release.
     """
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    keys = jax.random.split(key, len(leaves))
     noise = [
-        std * jax.random.normal(k, jnp.shape(x), jnp.float32)
-        for k, x in zip(keys, leaves, strict=True)
+        std * jax.random.normal(keys.derive(key, "leaf", j), jnp.shape(x), jnp.float32)
+        for j, x in enumerate(leaves)
     ]
     return jax.tree_util.tree_unflatten(treedef, noise)
+
+
+def step_key(key: jax.Array, step) -> jax.Array:
+    """The privatizer's key of logical batch ``step``: ``keys.derive(key, "step", step)``.
+
+    Privacy:
+        One key per step in the "step" domain of the privatizer's key, so the noise of
+        distinct steps is independent and never shares a key with another purpose.
+    """
+    return keys.derive(key, "step", step)
 
 
 class PrivatizerState(NamedTuple):
@@ -76,7 +90,8 @@ def gaussian_privatizer(
     """Adds N(0, (noise_multiplier * l2_sensitivity)^2) noise to each update, once per call.
 
     ``update`` must be called once per LOGICAL batch with the sum of clipped per-example
-    gradients. The noise for step ``t`` uses ``fold_in(key, t)``, split once per leaf, so it is
+    gradients. The noise for step ``t`` uses ``keys.derive(key, "step", t)``, then one key of
+    the "leaf" purpose per leaf (`gaussian_noise`), so it is
     independent across steps, leaves and elements, and is the same on every device of a
     data-parallel run (the step's noise is drawn once for the logical batch, never per device).
     The result is float32 whatever the update dtype (mixed precision keeps the noise exact).
@@ -103,8 +118,7 @@ def gaussian_privatizer(
 
     def update_fn(updates, state, params=None):
         del params
-        step_key = jax.random.fold_in(state.key, state.count)
-        noise = gaussian_noise(step_key, updates, std)
+        noise = gaussian_noise(step_key(state.key, state.count), updates, std)
         noisy = jax.tree_util.tree_map(lambda u, n: u.astype(jnp.float32) + n, updates, noise)
         return noisy, PrivatizerState(key=state.key, count=state.count + 1)
 

@@ -7,8 +7,9 @@ pure functions, each jitted once:
 
 * ``accumulate(acc, state, chunk, rng, offset) -> acc``: adds the SUM of clipped per-example
   gradients of one chunk (itself split in microbatches by ``lax.scan``) to ``acc`` (float32).
-  Example ``offset + i`` of the logical batch gets the key ``fold_in(rng, offset + i)``, exactly
-  as in the one-array step, so the result does not depend on the chunking.
+  Example ``offset + i`` of the logical batch gets the key
+  ``derive(rng, "example", offset + i)``, exactly as in the one-array step, so the result does
+  not depend on the chunking.
 * ``finish(state, acc) -> (state, metrics)``: the DP chain (noise ONCE for the logical batch,
   division by the expected batch size, base optimizer) on the accumulated sum.
 

@@ -105,8 +105,8 @@ def make_train_step(
 
     With a ``mesh``, the batch is split over its ``data_axis`` (B must be a multiple of that
     axis' size): each device clips and sums its own examples (example ``i`` of the logical batch
-    keeps the key ``fold_in(rng, i)``), the partial sums are added across devices, and the DP
-    chain then runs once on the replicated sum, so the noise is drawn once per logical batch
+    keeps the key ``derive(rng, "example", i)``), the partial sums are added across devices, and
+    the DP chain then runs once on the replicated sum, so the noise is drawn once per logical batch
     with one key, not once per device. Parameters and optimizer state are replicated.
     ``microbatch_unroll`` is the ``unroll`` of `clipping.clipped_grad`'s loop over microbatches.
 

@@ -33,7 +33,6 @@ import logging
 import math
 import os
 import pathlib
-import secrets
 import signal
 import threading
 import time
@@ -48,7 +47,7 @@ from jax.sharding import PartitionSpec as P
 from dpft import data as dpdata
 from dpft import models
 from dpft.metrics import CalibrationAccumulator, reliability_diagram
-from dpft.privacy import accounting, sampling
+from dpft.privacy import keys, ledger, sampling
 from dpft.train import accumulate, build, distributed, report
 from dpft.train import features as features_lib
 from dpft.train.checkpoint import Checkpointer, config_fingerprint
@@ -94,11 +93,14 @@ def _test_kill_while_writing(step: int, directory: pathlib.Path) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _root_key(seed: int, secure: bool) -> jax.Array:
-    """``PRNGKey(seed)``; in secure mode all 64 bits of the secret (PRNGKey keeps 32 of them)."""
-    if not secure:
-        return jax.random.PRNGKey(seed)
-    return jnp.asarray([seed >> 32, seed & 0xFFFFFFFF], jnp.uint32)
+def noise_key(root: jax.Array, phase: int) -> jax.Array:
+    """The privatizer's key of phase ``phase`` (its step keys are `noise.step_key` of it)."""
+    return keys.derive(root, "noise", phase)
+
+
+def examples_key(root: jax.Array, step) -> jax.Array:
+    """The key handed to the per-example losses of step ``step`` (dropout, augmentation)."""
+    return keys.derive(root, "examples", step)
 
 
 def evaluate(eval_fn, params, frozen, arrays: dict, batch_size: int, *, details=False):
@@ -157,10 +159,8 @@ def _build_runtime(
     clipper = build.build_clipper(config.dp)
     norms = build.build_norm_strategy(config.dp)
     sensitivity = clipper.sensitivity(trainable) if config.dp.clip_norm < math.inf else math.inf
-    root = jax.random.PRNGKey(config.seed) if root is None else root  # secret in secure mode
-    key = jax.random.fold_in(root, 1)
-    if index > 0:  # single-phase runs keep the key they always had
-        key = jax.random.fold_in(key, index)
+    root = keys.root_key(config.seed) if root is None else root  # secret in secure mode
+    key = noise_key(root, index)
     tx = build.build_optimizer(
         config, plan, sensitivity, key, steps=phase.steps, learning_rate=phase.learning_rate
     )
@@ -283,14 +283,15 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     seed = config.seed
     if secure:  # sampling and noise from OS entropy; resuming takes it from the checkpoint
         if latest is None:  # process 0's secret on every process
-            seed = distributed.broadcast_seed(secrets.randbits(64))
+            seed = distributed.broadcast_seed(keys.run_seed(config.seed, True))
         else:
             seed = int(saved.get("secure_seed", -1))
         if seed < 0:
             raise other
+        seed = keys.run_seed(config.seed, True, seed)
     sampler = sampling.PoissonSampler(n, plan.sampling_rate, seed, plan.max_batch_size)
-    root = _root_key(seed, secure)
-    budget = accounting.PrivacyBudget(plan.target_epsilon, plan.delta, plan.accountant)
+    root = keys.root_key(seed)
+    budget = ledger.PrivacyBudget(plan.target_epsilon, plan.delta, plan.accountant)
     data = (train_arrays, eval_arrays)
 
     def runtime(i: int) -> _Runtime:
@@ -309,13 +310,12 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         if meta.get("phase", 0) != current:
             raise other
         rt.state = _place(state, rt.shardings)
-        budget.ledger = accounting.PrivacyLedger.from_dict(meta["ledger"])
+        budget.ledger = ledger.PrivacyLedger.from_dict(meta["ledger"])
         sampler.load_state_dict(meta["sampler"])
         start = int(meta["step"])
         log.info("resuming %s from step %d (phase %s)", workdir, start, rt.phase.name)
 
     writer = report.metrics_writer(workdir, start, config.tensorboard, primary)
-    step_key = jax.random.fold_in(root, 2)
     entry = plan.entry()
 
     def checkpoint(step: int) -> None:
@@ -349,7 +349,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     calibration = None  # bins of the latest eval, for the reliability diagram
     stop_reason = "steps"
     t_train = time.time()
-    examples_seen = 0
+    steps_run = 0
     if secure and latest is None:  # persist the secret before anything is computed from it
         checkpoint(0)
     bar = report.progress_bar(plan.steps, start, config.name or "dpft", disable=not primary)
@@ -373,11 +373,11 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
                         break
                     try:
                         budget.spend(entry)  # recorded BEFORE the step runs
-                    except accounting.BudgetExceededError as e:
+                    except ledger.BudgetExceededError as e:
                         log.warning("stopping before step %d: %s", step_idx, e)
                         stop_reason = "budget"
                         break
-                    rng = jax.random.fold_in(step_key, step_idx)
+                    rng = examples_key(root, step_idx)
                     if multi:  # each process gathers the rows of its own devices
                         batch = distributed.gather_global(mesh, rt.train_arrays, batch, mask)
                         rng = distributed.replicated(mesh, rng)
@@ -394,7 +394,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
                     _test_kill("step", step_idx + 1)  # the step is (being) computed
                     step = step_idx + 1
                     sampler.step = step
-                    examples_seen += int(mask.sum())
+                    steps_run += 1
                     bar.update(1)
                     is_last = step == plan.steps
                     phase_end = step == rt.phase.end
@@ -413,7 +413,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
                         _test_kill("metrics", step)
                         bar.set_postfix(
                             eps=f"{epsilon:.3f}",
-                            loss=f"{record['debug/train_loss']:.3f}",
+                            debug_loss=f"{record['debug/train_loss']:.3f}",
                             acc=f"{last_eval.get('test_accuracy', float('nan')):.3f}",
                         )
                     if step % config.train.checkpoint_every == 0 or is_last or phase_end:
@@ -454,7 +454,10 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         "num_train_examples": n,
         "wall_seconds": time.time() - t_start,
         "train_seconds": train_seconds,
-        "examples_per_second": examples_seen / train_seconds if train_seconds > 0 else 0.0,
+        # from the public expected batch size: the realised sizes are private
+        "examples_per_second": (
+            steps_run * plan.expected_batch_size / train_seconds if train_seconds > 0 else 0.0
+        ),
     }
     summary = {k: report._jsonable(v) if isinstance(v, float) else v for k, v in summary.items()}
     writer.close()

@@ -1,0 +1,167 @@
+"""Keys of every DP run: the root seed (reproducible or secret) and purpose-separated derivation.
+
+Two things decide whether the noise and the sampling of a run can be predicted:
+
+* **the root seed.** `run_seed` returns ``config.seed`` in reproducible mode and, in secure
+  mode, a secret of 64 bits drawn from the operating system's CSPRNG (`draw_secret`) on a fresh
+  run or the secret saved by the interrupted run on resume. `root_key` turns a seed of up to
+  64 bits into a raw ``uint32[2]`` threefry key with both words filled (``PRNGKey(seed)`` keeps
+  only the low 32 bits of a larger seed). For seeds below 2**32 the key equals
+  ``PRNGKey(seed)``, so reproducible runs keep their keys. `SecretFile` persists a secret for
+  drivers without a checkpoint of their own.
+* **derivation.** `derive(key, purpose, *indices)` folds a 32-bit tag of the purpose name into
+  the key before any index, so the keys of different purposes (noise, steps, leaves, phases,
+  clients, augmentation, releases, ...) come from disjoint input domains of the threefry PRF:
+  ``derive(k, "phase", 1)`` and ``derive(k, "step", 1)`` are different keys, whereas plain
+  ``fold_in(k, 1)`` chains make a phase key equal to a step key. `PURPOSES` lists the purposes
+  the drivers use (no other purpose is accepted); their tags are distinct (checked at import).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import secrets
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "PURPOSES",
+    "SecretFile",
+    "derive",
+    "draw_secret",
+    "purpose_tag",
+    "root_key",
+    "run_seed",
+]
+
+SECRET_BITS = 64
+
+# Every purpose a dpft driver derives keys for. A purpose names one stream of keys; the indices
+# after it (step, leaf, phase, client, ...) are folded in after the tag.
+PURPOSES = (
+    "noise",  # the privatizer's root key (one per phase)
+    "phase",  # phase i of a multi-phase run
+    "step",  # the privatizer's key of logical batch t
+    "leaf",  # leaf j of a step's noise
+    "examples",  # the per-step key handed to the per-example loss (dropout, augmentation)
+    "example",  # example i of a step
+    "augment",  # view k of an example (augmentation multiplicity)
+    "init",  # model initialisation (public)
+    "client",  # client c of a round (federated local training)
+    "round",  # round r of a federated run
+    "server",  # server-side aggregate noise
+    "release",  # release j of a feature method
+    "chunk",  # chunk i of a large noise array
+    "audit",  # audit runs
+)
+
+
+def purpose_tag(purpose: str) -> int:
+    """A stable 32-bit tag of a purpose name (the first 4 bytes of its SHA-256)."""
+    if not isinstance(purpose, str) or not purpose:
+        raise ValueError(f"a key purpose must be a non-empty str, got {purpose!r}")
+    return int.from_bytes(hashlib.sha256(purpose.encode()).digest()[:4], "big")
+
+
+_TAGS = {p: purpose_tag(p) for p in PURPOSES}
+if len(set(_TAGS.values())) != len(PURPOSES):  # pragma: no cover - a collision is a bug here
+    raise AssertionError("two key purposes share a tag")
+
+
+def derive(key: jax.Array, purpose: str, *indices) -> jax.Array:
+    """The key of ``purpose`` (and then of each index in turn) under ``key``.
+
+    Works on raw ``uint32[2]`` keys and on typed keys alike, inside or outside jit (indices may
+    be traced integers).
+
+    Privacy:
+        Keys of distinct purposes come from distinct first inputs to the threefry PRF, so no two
+        purposes share a key and the noise of two mechanisms derived from one root is
+        independent (as far as threefry is a PRF; see docs/randomness.md). Noise must be drawn
+        from keys derived here, never from an index folded directly into a root.
+    """
+    if purpose not in _TAGS:
+        raise ValueError(f"unknown key purpose {purpose!r}: expected one of {PURPOSES}")
+    key = jax.random.fold_in(key, _TAGS[purpose])
+    for i in indices:
+        key = jax.random.fold_in(key, i)
+    return key
+
+
+def draw_secret() -> int:
+    """A fresh secret of 64 bits from the OS CSPRNG (``secrets``, i.e. ``os.urandom``)."""
+    return secrets.randbits(SECRET_BITS)
+
+
+def root_key(seed: int) -> jax.Array:
+    """The raw ``uint32[2]`` key ``[seed >> 32, seed & 0xFFFFFFFF]`` of a seed in [0, 2**64).
+
+    Equals ``jax.random.PRNGKey(seed)`` for seeds below 2**32; a 64-bit secret fills both words.
+    """
+    seed = int(seed)
+    if not 0 <= seed < 1 << SECRET_BITS:
+        raise ValueError(f"a seed must be an int in [0, 2**64), got {seed}")
+    return jnp.asarray([seed >> 32, seed & 0xFFFFFFFF], jnp.uint32)
+
+
+def run_seed(seed: int, secure: bool, saved: int | None = None) -> int:
+    """The root seed of a run: ``seed`` when not secure, else ``saved`` or a fresh secret.
+
+    Privacy:
+        In secure mode the seed is unpredictable (64 bits of OS randomness) and independent of
+        the config, so the noise and the sampling cannot be regenerated by anyone who knows it. The caller must
+        persist a fresh secret (checkpoint or `SecretFile`) BEFORE anything computed from it is
+        released, and pass it back as ``saved`` on resume: a fresh secret on resume would draw
+        a second, unaccounted release of the same steps.
+    """
+    if not secure:
+        return int(seed)
+    if saved is not None:
+        saved = int(saved)
+        if not 0 <= saved < 1 << SECRET_BITS:
+            raise ValueError(f"the saved secret must be an int in [0, 2**64), got {saved}")
+        return saved
+    return draw_secret()
+
+
+class SecretFile:
+    """A run's secret in one JSON file (mode 0600), written atomically before it is used.
+
+    For drivers whose state has no checkpoint to carry it. The file is as sensitive as the
+    training data: with it the noise can be regenerated.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = pathlib.Path(path)
+
+    def load(self) -> int | None:
+        if not self.path.exists():
+            return None
+        try:
+            return int(json.loads(self.path.read_text())["secure_seed"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{self.path}: expected {{'secure_seed': int}}, got {e}") from None
+
+    def save(self, seed: int) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"secure_seed": int(seed)}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self.path)
+
+    def seed(self, seed: int, secure: bool) -> int:
+        """`run_seed` with this file as the saved secret; a fresh secret is saved first."""
+        if not secure:
+            return int(seed)
+        saved = self.load()
+        out = run_seed(seed, True, saved)
+        if saved is None:
+            self.save(out)
+        return out
