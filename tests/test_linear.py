@@ -1,4 +1,5 @@
-"""dpft.linear: accounting, exactness without noise, sensitivity, noise independence, utility."""
+"""dpft.linear and its DP core (dpft.privacy.releases, rows): accounting, exactness without noise,
+sensitivity, noise independence, utility."""
 
 import math
 import os
@@ -16,11 +17,10 @@ import pytest  # noqa: E402
 from dp_accounting import pld  # noqa: E402
 
 from dpft import linear as L  # noqa: E402
-from dpft.linear import accounting as A  # noqa: E402
-from dpft.linear import common as C  # noqa: E402
-from dpft.linear import gd as GD  # noqa: E402
 from dpft.linear import newton as NT  # noqa: E402
 from dpft.linear import ridge as LS  # noqa: E402
+from dpft.privacy import releases as A  # noqa: E402
+from dpft.privacy import rows as R  # noqa: E402
 
 DELTA = 1e-5
 INF = math.inf
@@ -139,7 +139,7 @@ def test_closed_form_clipped_sum_matches_materialised_per_example_gradients():
     norms = np.linalg.norm(G.reshape(len(X), -1), axis=1)
     clip = float(np.median(norms))
     ref = np.einsum("ndk,n->dk", G, np.minimum(1, clip / norms))
-    got = GD.clipped_grad_sum(jnp.asarray(WB, jnp.float32), C.augment(jnp.asarray(X)), y, clip)
+    got = R.clipped_head_grad_sum(jnp.asarray(WB, jnp.float32), R.augment(jnp.asarray(X)), y, clip)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
@@ -217,17 +217,17 @@ def test_released_sums_change_by_at_most_their_sensitivity():
     X, y, k = adversarial()
     c = 2.5
     wb = jnp.asarray(np.random.default_rng(0).normal(size=(X.shape[1] + 1, k)), jnp.float32)
-    aug = lambda X: C.augment(C.clip_rows(jnp.asarray(X), c))
+    aug = lambda X: R.augment(R.clip_rows(jnp.asarray(X), c))
     cases = [  # (released sum, stated sensitivity)
-        (lambda X, y: LS.gram_sum(jnp.asarray(X), c), c**2),
-        (lambda X, y: LS.xty_sum(X, LS.target_matrix(y, k, "onehot"), c), c),
-        (lambda X, y: LS.xty_sum(X, LS.target_matrix(y, k, "pm1"), c), c * math.sqrt(k)),
-        (lambda X, y: GD.clipped_grad_sum(wb, C.augment(jnp.asarray(X)), y, 0.7), 0.7),
-        (lambda X, y: GD.clipped_grad_sum(wb, aug(X), y, math.sqrt(2 * (c**2 + 1))),
+        (lambda X, y: R.gram_sum(jnp.asarray(X), c), c**2),
+        (lambda X, y: R.xty_sum(X, LS.target_matrix(y, k, "onehot"), c), c),
+        (lambda X, y: R.xty_sum(X, LS.target_matrix(y, k, "pm1"), c), c * math.sqrt(k)),
+        (lambda X, y: R.clipped_head_grad_sum(wb, R.augment(jnp.asarray(X)), y, 0.7), 0.7),
+        (lambda X, y: R.clipped_head_grad_sum(wb, aug(X), y, math.sqrt(2 * (c**2 + 1))),
          math.sqrt(2 * (c**2 + 1))),  # dp_newton's default: the clip never binds
-        (lambda X, y: NT.curvature_sum(wb, aug(X), True), (c**2 + 1) / 2),
-        (lambda X, y: NT.curvature_sum(wb, aug(X), False), (c**2 + 1) / 2),
-        (lambda X, y: LS.gram_sum(aug(X), INF), c**2 + 1),  # dp_fc's covariance
+        (lambda X, y: R.curvature_sum(wb, jnp.asarray(X), c, True), (c**2 + 1) / 2),
+        (lambda X, y: R.curvature_sum(wb, jnp.asarray(X), c, False), (c**2 + 1) / 2),
+        (lambda X, y: R.gram_sum(jnp.asarray(X), c, True), c**2 + 1),  # dp_fc's covariance
     ]  # fmt: skip
     rows = [0, 1, 2, *range(30, len(X))]  # three ordinary rows and all adversarial ones
     for fn, bound in cases:
@@ -259,7 +259,7 @@ def test_xty_noise_is_independent_across_classes():
     d, k, n = NOISE_SHAPE
     std = 2.5
     X, Y = np.zeros((n, d), np.float32), np.eye(k, dtype=np.float32)[np.arange(n) % k]
-    assert_iid_columns(LS.private_xty(X, Y, 1.0, std, jax.random.key(1)), std)
+    assert_iid_columns(R.noisy_xty_sum(X, Y, 1.0, std, jax.random.key(1)), std)
 
 
 def test_dp_least_squares_releases_independent_calibrated_noise():
@@ -293,7 +293,7 @@ def test_dp_gd_noise_is_independent_across_classes_and_steps(steps):
 
 def test_symmetric_gram_noise():
     d, std = 600, 0.7
-    E = np.asarray(C.symmetric_gaussian(jax.random.key(4), d, std), np.float64)
+    E = np.asarray(R.symmetric_gaussian(jax.random.key(4), d, std), np.float64)
     np.testing.assert_array_equal(E, E.T)
     upper = E[np.triu_indices(d)]
     z = (np.sum((upper / std) ** 2) - upper.size) / math.sqrt(2 * upper.size)
@@ -335,7 +335,7 @@ def test_smoke_wide_features():
         key=jax.random.key(6),
     )  # fmt: skip
     assert params.weights.shape == (d, k) and np.all(np.isfinite(params.weights))
-    G = LS.private_gram(X, 1.0, 0.1, jax.random.key(7))
+    G = R.noisy_gram_sum(X, 1.0, 0.1, jax.random.key(7))
     assert G.shape == (d, d) and bool(jnp.all(G == G.T))
 
 

@@ -1,8 +1,10 @@
 """Feature-based DP methods for a linear head on frozen features X [N, d], labels y [N] in [0, K).
 
 Every method is a fixed composition of Gaussian mechanisms on full-batch sums, calibrated to a
-target (epsilon, delta) under add/remove-one neighbouring with dp-accounting's PLD accountant
-(`dpft.linear.accounting`):
+target (epsilon, delta) under add/remove-one neighbouring with dp-accounting's PLD accountant.
+The mechanisms live in the DP core: the clipped sums and their noise in `dpft.privacy.rows`, the
+accounting in `dpft.privacy.releases` (re-exported as `dpft.linear.accounting`); the modules here
+hold the solvers and optimisers, which only post-process the noisy sums:
 
 * `dp_gd`: full-batch DP gradient descent (SGD or Adam) from zero (Mehta et al. 2022);
 * `dp_least_squares`: noisy X^T X and X^T Y, PSD projection, ridge solve (Sheffet 2017;
@@ -15,18 +17,18 @@ target (epsilon, delta) under add/remove-one neighbouring with dp-accounting's P
 code lives in the module `ridge`, so that the name `least_squares` here is the function.)
 """
 
-from dpft.linear.accounting import (
+from dpft.linear.common import LinearParams, accuracy, logits, predict
+from dpft.linear.fc import dp_fc
+from dpft.linear.gd import dp_gd
+from dpft.linear.newton import dp_newton, logistic_regression
+from dpft.linear.ridge import dp_least_squares, dp_sufficient_stats, least_squares
+from dpft.privacy.releases import (
     Release,
     calibrate_gaussian_composition,
     epsilon_of,
     gdp_epsilon,
     gdp_mu,
 )
-from dpft.linear.common import LinearParams, accuracy, logits, predict
-from dpft.linear.fc import dp_fc
-from dpft.linear.gd import dp_gd
-from dpft.linear.newton import dp_newton, logistic_regression
-from dpft.linear.ridge import dp_least_squares, dp_sufficient_stats, least_squares
 
 __all__ = [
     "LinearParams",

@@ -8,13 +8,20 @@ head with one of the methods of `dpft.linear` calibrated to ``config.dp.epsilon`
 ``config.dp.delta``, and writes the workdir contract of every dpft run:
 
 * ``config.json`` (a workdir holding another config is refused);
+* ``checkpoints/secret.json`` in secure mode (``config.dp.secure_noise``): the run's 64-bit
+  secret (`dpft.privacy.keys.SecretFile`), saved before anything is computed from it and read
+  back by a rerun, which then draws exactly the noise of the interrupted attempt (no second,
+  unaccounted release). Protect it like the checkpoints of a trainer run (docs/randomness.md);
 * ``metrics.jsonl``: one record at the last step with ``epsilon``, ``test_accuracy``,
   ``test_loss`` (NLL), ``test_ece``, ``test_mce`` (15 bins) and ``debug/`` train statistics;
 * ``summary.json``: those metrics plus ``epsilon``, ``delta``, ``steps``, ``wall_seconds``, the
   releases and their noise multipliers;
 * ``reliability.png`` and ``training_curves.png``.
 
-A rerun in a finished workdir returns its summary without redoing any work.
+A rerun in a finished workdir returns its summary without redoing any work; a rerun of an
+interrupted one (no ``summary.json``) fits again with the same noise and rewrites the outputs.
+``config.dp.delta`` must lie in (0, 1/N) for the N training examples: checked after the data is
+read and before the workdir is touched.
 
 ``config.linear.method``:
 
@@ -34,7 +41,6 @@ import json
 import logging
 import math
 import pathlib
-import secrets
 import time
 
 import jax
@@ -42,10 +48,12 @@ import numpy as np
 
 from dpft import linear
 from dpft.metrics import CalibrationAccumulator, reliability_diagram
+from dpft.privacy import accounting, keys
 
 log = logging.getLogger("dpft")
 
 METHODS = ("single_step", "dp_gd", "dp_least_squares", "dp_newton", "dp_fc")
+SECRET = pathlib.Path("checkpoints") / "secret.json"  # relative to the workdir
 
 
 def _method_kwargs(config) -> tuple:
@@ -95,8 +103,25 @@ def check_config(config) -> None:
         raise ValueError("config.linear needs a pretrained backbone: set config.model.pretrained")
 
 
-def fit(config, X, y, num_classes: int, seed: int) -> tuple:
+def run_key(config, workdir: pathlib.Path) -> jax.Array:
+    """The run's root key: ``keys.root_key`` of ``config.seed`` (reproducible mode) or, with
+    ``config.dp.secure_noise``, of the secret in ``workdir / SECRET`` (drawn and saved first
+    on a fresh run, read back on a rerun).
+
+    Privacy:
+        In secure mode the key holds 64 bits of OS randomness (both uint32 words), saved before
+        any noise is drawn from it, so an interrupted run that is rerun releases the same noisy
+        sums again instead of new ones (which the accounting would not cover).
+    """
+    secure = bool(config.dp.get("secure_noise", False))
+    return keys.root_key(keys.SecretFile(workdir / SECRET).seed(config.seed, secure))
+
+
+def fit(config, X, y, num_classes: int, root: jax.Array) -> tuple:
     """Runs ``config.linear.method`` on features ``X`` [N, d] -> (LinearParams, info, steps).
+
+    The method gets the key ``keys.derive(root, "noise")`` and derives one key per release
+    from it (``keys.derive(key, "release", j)``).
 
     Privacy:
         The method's own statement (`dpft.linear`): a fixed composition of full-batch Gaussian
@@ -105,7 +130,7 @@ def fit(config, X, y, num_classes: int, seed: int) -> tuple:
         be a public function (the frozen public backbone) of the private examples.
     """
     fn, kwargs, steps = _method_kwargs(config)
-    key = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
+    key = keys.derive(root, "noise")
     try:
         params, info = fn(
             X, y, num_classes, epsilon=config.dp.epsilon, delta=config.dp.delta, key=key, **kwargs
@@ -121,20 +146,25 @@ def calibration(params, X, y):
     return CalibrationAccumulator(num_bins=15).update(logits, np.asarray(y)).result()
 
 
-def load_features(config, workdir: pathlib.Path) -> tuple[dict, dict, int]:
-    """(train {'x','y'}, eval {'x','y'}, num_classes): backbone features from the cache."""
+def load_data(config) -> tuple[dict, dict, int]:
+    """(train arrays, eval arrays, num_classes) of `dpft.train.build.load_data`; writes nothing."""
+    from dpft.train import build
+
+    return build.load_data(config)
+
+
+def load_features(config, workdir: pathlib.Path, data: tuple) -> tuple[dict, dict]:
+    """(train {'x','y'}, eval {'x','y'}): backbone features of ``data`` (`load_data`), from the
+    cache (written under the workdir unless ``finetune.cache_dir`` is set)."""
     from dpft.train import build
     from dpft.train.features import backbone_features  # the trainer's cache and key
     from dpft.train.step import flatten
 
-    train, evaluation, k = build.load_data(config)
+    train, evaluation, k = data
     model, variables = build.build_model(config, k, train["image"][0])
     feats = backbone_features(config, workdir, model, flatten(variables), train, evaluation)
-    return (
-        {"x": feats["train"], "y": train["label"]},
-        {"x": feats["eval"], "y": evaluation["label"]},
-        k,
-    )
+    train_features = {"x": feats["train"], "y": train["label"]}
+    return train_features, {"x": feats["eval"], "y": evaluation["label"]}
 
 
 def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
@@ -146,14 +176,23 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     workdir = pathlib.Path(workdir)
     check_config(config)
     done = workdir / "summary.json"
-    resumable = claim_workdir(workdir, config_json(config))  # refuses another config
-    if resumable and done.exists():
-        log.info("%s is finished: returning its summary", workdir)
-        return json.loads(done.read_text())
-    train, evaluation, k = load_features(config, workdir)
-    seed = secrets.randbits(63) if config.dp.get("secure_noise", False) else config.seed
+    text = config_json(config)
+    claimed = (workdir / "config.json").exists()
+    if claimed:  # refuses another config; writes nothing
+        claim_workdir(workdir, text)
+        if done.exists():
+            log.info("%s is finished: returning its summary", workdir)
+            return json.loads(done.read_text())
+    data = load_data(config)
+    accounting.check_delta(config.dp.delta, len(data[0]["label"]), name="config.dp.delta")
+    if not claimed:  # the inputs are valid: now the workdir is written
+        claim_workdir(workdir, text)
+    root = run_key(config, workdir)  # secure mode: the secret is saved before it is used
+    train, evaluation = load_features(config, workdir, data)
+    k = data[2]
+    del data
     t_fit = time.time()
-    params, info, steps = fit(config, train["x"], train["y"], k, seed)
+    params, info, steps = fit(config, train["x"], train["y"], k, root)
     fit_seconds = time.time() - t_fit
     result = calibration(params, evaluation["x"], evaluation["y"])
     train_cal = calibration(params, train["x"], train["y"])  # NOT private: debug/ only
@@ -181,7 +220,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         "target_epsilon": float(config.dp.epsilon),
         "method": config.linear.method,
         "eval_data": eval_data_description(config),
-        "accountant": "pld (full-batch Gaussian compositions, dpft.linear.accounting)",
+        "accountant": "pld (full-batch Gaussian compositions, dpft.privacy.releases)",
         "releases": info["releases"],
         "steps": steps,
         "num_train_examples": len(train["y"]),

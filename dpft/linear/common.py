@@ -1,31 +1,30 @@
-"""Shared pieces of the linear-head methods: parameters, clipping, noise, PSD solves, metrics.
+"""Shared pieces of the linear-head methods: parameters, input checks, PSD solves, metrics.
 
 Shapes: features X [N, d] float32, labels y [N] int in [0, K), weights [d, K], bias [K]. Methods
 with a bias work on augmented features ``[x, 1]`` and stacked parameters ``[W; b]`` [d + 1, K].
+Everything that touches the private data before the noise (clipping, the clipped sums, the
+noise) is in the DP core, `dpft.privacy.rows`; what is here is post-processing.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpft.privacy import accounting
+
 __all__ = [
     "LinearParams",
     "accuracy",
-    "augment",
-    "clip_rows",
-    "gaussian",
+    "check_data",
+    "check_delta",
+    "eig_solve",
     "logits",
     "predict",
     "psd_eig",
-    "release_key",
-    "row_norms",
-    "symmetric_gaussian",
 ]
 
 
@@ -68,89 +67,15 @@ def _all_finite(X: jax.Array) -> jax.Array:
     return jnp.all(jnp.isfinite(X))
 
 
+def check_delta(delta: float, X: jax.Array) -> float:
+    """``delta`` if it lies in (0, 1/N) for the N = len(X) examples, else a one-line ValueError."""
+    return accounting.check_delta(delta, int(X.shape[0]), name="delta")
+
+
 def check_bound(name: str, value: float) -> float:
     if not value > 0:
         raise ValueError(f"{name} must be > 0 (inf allowed only with epsilon=inf), got {value!r}")
     return float(value)
-
-
-def row_norms(A: jax.Array) -> jax.Array:
-    """L2 norms of the rows of A, computed without overflow for huge entries."""
-    scale = jnp.max(jnp.abs(A), axis=-1)
-    safe = jnp.where(scale > 0, scale, 1.0)
-    return scale * jnp.linalg.norm(A / safe[..., None], axis=-1)
-
-
-def clip_factors(norms: jax.Array, bound: float) -> jax.Array:
-    """min(1, bound / norm), with 1 for a zero norm (and for bound = inf)."""
-    return jnp.where(norms > bound, bound / jnp.where(norms > 0, norms, 1.0), 1.0)
-
-
-@jax.jit
-def clip_rows(X: jax.Array, bound: float) -> jax.Array:
-    """Each row rescaled to L2 norm at most ``bound`` (rows already inside are unchanged)."""
-    return X * clip_factors(row_norms(X), bound)[:, None]
-
-
-@jax.jit
-def augment(X: jax.Array) -> jax.Array:
-    """[x, 1]: a constant feature, so that a bias is a row of the stacked parameters."""
-    return jnp.concatenate([X, jnp.ones((X.shape[0], 1), X.dtype)], axis=1)
-
-
-# Noise is drawn in chunks of a fixed size, so that the random-number program is compiled once
-# per process and not once per array shape (compiling threefry dominates small problems on CPU).
-NOISE_CHUNK = 1 << 18
-
-
-@jax.jit
-def _normal_chunk(key: jax.Array, i) -> jax.Array:
-    return jax.random.normal(jax.random.fold_in(key, i), (NOISE_CHUNK,), jnp.float32)
-
-
-@functools.partial(jax.jit, static_argnames="shape")
-def _assemble(chunks: tuple, std, shape: tuple) -> jax.Array:
-    flat = jnp.concatenate(chunks) if len(chunks) > 1 else chunks[0]
-    return std * flat[: math.prod(shape)].reshape(shape)
-
-
-def gaussian(key: jax.Array, shape, std: float) -> jax.Array:
-    """N(0, std^2) float32 noise of ``shape``, independent across every element.
-
-    Chunk i of the flattened array comes from ``fold_in(key, i)``: distinct chunks use
-    independent streams, and so do distinct keys. ``std = 0`` gives zeros without drawing.
-    """
-    shape = tuple(int(s) for s in shape)
-    if std == 0:
-        return jnp.zeros(shape, jnp.float32)
-    n = max(1, -(-math.prod(shape) // NOISE_CHUNK))
-    return _assemble(tuple(_normal_chunk(key, i) for i in range(n)), std, shape)
-
-
-@jax.jit
-def _symmetrize(Z: jax.Array) -> jax.Array:
-    return jnp.triu(Z) + jnp.triu(Z, 1).T
-
-
-def symmetric_gaussian(key: jax.Array, dim: int, std: float) -> jax.Array:
-    """Symmetric [dim, dim] noise: the upper triangle (with the diagonal) i.i.d. N(0, std^2),
-    mirrored to the lower triangle.
-
-    Privacy:
-        Adding it to a symmetric matrix releases the dim (dim + 1) / 2 upper-triangle entries with
-        independent Gaussian noise; mirroring is post-processing. The L2 sensitivity of the upper
-        triangle of ``x x^T`` is at most ``||x x^T||_F = ||x||^2``.
-    """
-    if std == 0:
-        return jnp.zeros((dim, dim), jnp.float32)
-    return _symmetrize(gaussian(key, (dim, dim), std))
-
-
-def release_key(key: jax.Array, *path: int) -> jax.Array:
-    """The key of one release: ``key`` folded with each integer of ``path`` in turn."""
-    for i in path:
-        key = jax.random.fold_in(key, i)
-    return key
 
 
 @jax.jit
@@ -183,12 +108,6 @@ def predict(params: LinearParams, X) -> jax.Array:
 def accuracy(params: LinearParams, X, y) -> float:
     """Fraction of rows whose predicted class equals y."""
     return float(jnp.mean(predict(params, X) == jnp.asarray(y)))
-
-
-def softmax_ce_grad(WB: jax.Array, Xa: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Softmax probabilities P [N, K] and output gradients P - onehot(y) of the linear head."""
-    P = jax.nn.softmax(Xa @ WB, axis=-1)
-    return P, P - jax.nn.one_hot(y, WB.shape[1], dtype=P.dtype)
 
 
 def check_key(key) -> jax.Array:

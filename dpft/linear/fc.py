@@ -5,45 +5,41 @@ classification from features" (TMLR, arXiv:2211.13403): a noisy feature covarian
 once, carries the curvature of the linear head and makes a few noisy full-batch gradient steps
 effective. Here the covariance is of augmented clipped features [x, 1] so that it also
 preconditions the bias.
+
+The releases (the noisy covariance sum and the noisy clipped gradient sums) are made by the DP
+core (`dpft.privacy.rows.noisy_gram_sum`, `noisy_head_grad_sum`); the preconditioned updates
+here are post-processing.
 """
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from dpft.linear.accounting import plan_releases
 from dpft.linear.common import (
     LinearParams,
-    augment,
     check_bound,
     check_data,
+    check_delta,
     check_key,
-    clip_rows,
     eig_solve,
-    gaussian,
     psd_eig,
-    release_key,
-    symmetric_gaussian,
 )
-from dpft.linear.gd import clipped_grad_sum
-from dpft.linear.ridge import gram_sum
+from dpft.privacy import keys, releases, rows
 
 __all__ = ["dp_fc"]
 
 
 @jax.jit
-def _covariance(Xa, noise, n):
-    """Noisy covariance of the (clipped, augmented) features, PSD-projected: (eigenvalues, V)."""
-    lam, V = psd_eig(gram_sum(Xa, jnp.inf) + noise)
+def _covariance(noisy_sum, n):
+    """The noisy covariance sum, PSD-projected and normalised: (eigenvalues, V)."""
+    lam, V = psd_eig(noisy_sum)
     return lam / n, V
 
 
 @jax.jit
-def _step(WB, noise, Xa, y, lam, V, hp: dict):
-    g = (clipped_grad_sum(WB, Xa, y, hp["clip_norm"]) + noise) / hp["n"]
-    return WB - hp["lr"] * eig_solve(lam, V, hp["reg"], g)
+def _step(WB, noisy_grad_sum, lam, V, hp: dict):
+    return WB - hp["lr"] * eig_solve(lam, V, hp["reg"], noisy_grad_sum / hp["n"])
 
 
 def dp_fc(
@@ -67,7 +63,9 @@ def dp_fc(
     Releases ``C = (sum_i x~_i x~_i^T + E) / n`` once (x~ = [clip(x), 1], E symmetric Gaussian),
     projects it onto the PSD cone, then runs ``steps`` updates
     ``theta -= learning_rate * (C_+ + reg I)^{-1} (clipped_grad_sum(theta) + Z_t) / n`` on
-    theta = [W; b] with Z_t i.i.d. Gaussian per element and per step.
+    theta = [W; b] with Z_t i.i.d. Gaussian per element and per step. Release j of
+    ``info["releases"]`` draws its noise from ``keys.derive(key, "release", j)``: j = 0 for the
+    covariance, j = t + 1 for the gradient of step t.
 
     Args:
       feature_clip: L2 clip of each raw feature vector (before appending 1).
@@ -85,7 +83,7 @@ def dp_fc(
         its upper triangle gets independent noise, then is mirrored), and ``steps`` gradient sums
         of L2 sensitivity ``clip_norm`` with independent noise per element of W and b and per
         step. The composition is calibrated to (epsilon, delta) with PLD
-        (`dpft.linear.accounting`); the projection, the preconditioning and the updates are
+        (`dpft.privacy.releases`); the projection, the preconditioning and the updates are
         post-processing.
 
     References:
@@ -93,6 +91,7 @@ def dp_fc(
         (arXiv:2211.13403).
     """
     X, y = check_data(X, y, num_classes)
+    delta = check_delta(delta, X)
     key = check_key(key)
     feature_clip = check_bound("feature_clip", feature_clip)
     clip_norm = check_bound("clip_norm", clip_norm)
@@ -102,26 +101,29 @@ def dp_fc(
         raise ValueError("need 0 < cov_fraction < 1 and reg > 0")
     n = float(X.shape[0] if normalizer is None else normalizer)
 
-    releases, info = plan_releases(
+    plan, info = releases.plan_releases(
         epsilon,
         delta,
         ["covariance"] + [f"grad_step_{t}" for t in range(steps)],
         [feature_clip**2 + 1] + [clip_norm] * steps,
         [cov_fraction] + [(1 - cov_fraction) / steps] * steps,
     )
-    Xa = augment(clip_rows(X, feature_clip))
-    # noise keys: fold_in(key, 0) for the covariance, fold_in(key, t + 1) for step t
-    cov_noise = symmetric_gaussian(release_key(key, 0), Xa.shape[1], releases[0].noise_std)
-    lam, V = _covariance(Xa, cov_noise, n)
-    hp = dict(clip_norm=clip_norm, std=releases[1].noise_std, n=n, lr=float(learning_rate))
-    hp["reg"] = float(reg)
+    Xa = rows.augment(rows.clip_rows(X, feature_clip))
+    # release 0: the covariance; release t + 1: the gradient of step t
+    C = rows.noisy_gram_sum(
+        X, feature_clip, plan[0].noise_std, keys.derive(key, "release", 0), append_one=True
+    )
+    lam, V = _covariance(C, n)
+    g_std = plan[1].noise_std
+    hp = dict(n=n, lr=float(learning_rate), reg=float(reg))
     WB = np.zeros((Xa.shape[1], num_classes), np.float32)
     for t in range(steps):
-        noise = gaussian(release_key(key, t + 1), WB.shape, hp["std"])
-        WB = _step(WB, noise, Xa, y, lam, V, hp)
+        g_key = keys.derive(key, "release", t + 1)
+        g = rows.noisy_head_grad_sum(WB, Xa, y, clip_norm, g_std, g_key)
+        WB = _step(WB, g, lam, V, hp)
     info.update(
-        cov_noise_multiplier=releases[0].noise_multiplier,
-        grad_noise_multiplier=releases[1].noise_multiplier,
+        cov_noise_multiplier=plan[0].noise_multiplier,
+        grad_noise_multiplier=plan[1].noise_multiplier,
         feature_clip=feature_clip,
         clip_norm=clip_norm,
         steps=steps,

@@ -5,11 +5,10 @@ differentially private image classification" (arXiv:2205.02973): on frozen featu
 full-batch DP step from a zero-initialised linear head already works well, and a first Adam step
 is (up to its epsilon) a sign step on the noisy gradient.
 
-Per-example gradients in closed form: for logits ``z = [x, 1] @ [W; b]`` and probabilities p,
-the gradient of the cross-entropy w.r.t. ``[W; b]`` is the outer product ``[x, 1] (p - e_y)^T``,
-whose Frobenius norm is ``||[x, 1]|| * ||p - e_y||``. Clipping therefore costs O(N (d + K)), and
-the clipped sum is one matmul ``[X, 1]^T (c * (P - Y))`` with per-example factors c: the
-[N, d, K] per-example gradients are never formed.
+The noisy clipped gradient sums are released by the DP core
+(`dpft.privacy.rows.noisy_head_grad_sum`: per-example gradients in closed form, clipped, summed
+at full precision, plus Gaussian noise); this module holds the optimiser, which only
+post-processes them.
 """
 
 from __future__ import annotations
@@ -20,50 +19,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpft.linear.accounting import plan_releases
 from dpft.linear.common import (
     LinearParams,
-    augment,
     check_bound,
     check_data,
+    check_delta,
     check_key,
-    clip_factors,
-    gaussian,
-    release_key,
-    row_norms,
-    softmax_ce_grad,
 )
+from dpft.privacy import keys, releases, rows
 
 __all__ = ["clipped_grad_sum", "dp_gd"]
+
+# The clipped gradient sum of the linear head (re-exported from the DP core).
+clipped_grad_sum = rows.clipped_head_grad_sum
 
 UPDATES = ("sgd", "adam")
 
 
-@jax.jit
-def clipped_grad_sum(WB: jax.Array, Xa: jax.Array, y: jax.Array, clip_norm) -> jax.Array:
-    """Sum over examples of the per-example gradients w.r.t. ``[W; b]``, each clipped to L2 norm
-    ``clip_norm`` (Frobenius norm of the [d + 1, K] gradient). ``Xa`` is augmented ([x, 1]).
-
-    An example whose gradient is not finite (overflowing logits) contributes zero.
-
-    Privacy:
-        Each example contributes one term of norm <= ``clip_norm`` that depends on that example
-        only, so under add/remove-one the sum has L2 sensitivity ``clip_norm``.
-    """
-    _, G = softmax_ce_grad(WB, Xa, y)
-    norms = row_norms(Xa) * row_norms(G)
-    finite = jnp.isfinite(norms) & jnp.all(jnp.isfinite(G), axis=1)
-    factors = jnp.where(finite, clip_factors(norms, clip_norm), 0.0)
-    G = jnp.where(finite[:, None], G, 0.0)
-    Xa = jnp.where(jnp.isfinite(Xa), Xa, 0.0)
-    return Xa.T @ (G * factors[:, None])
-
-
 @functools.partial(jax.jit, static_argnames="update")
-def _step(WB, m, v, t, noise, Xa, y, hp: dict, update: str):
-    """One full-batch step t (from 1) with the step's noise."""
-    total = clipped_grad_sum(WB, Xa, y, hp["clip_norm"])
-    g = (total + noise) / hp["n"] + hp["weight_decay"] * WB
+def _step(WB, m, v, t, noisy_sum, hp: dict, update: str):
+    """One full-batch step t (from 1) from the step's noisy gradient sum (post-processing)."""
+    g = noisy_sum / hp["n"] + hp["weight_decay"] * WB
     if update == "sgd":
         return WB - hp["lr"] * g, m, v
     b1, b2 = hp["b1"], hp["b2"]
@@ -106,7 +82,8 @@ def dp_gd(
         epsilon = inf.
       steps: number of full-batch steps (the budget is split evenly over them).
       learning_rate, update, weight_decay, betas, adam_eps: the optimiser.
-      key: a JAX PRNG key; step t draws its noise from ``fold_in(key, t)``.
+      key: a JAX PRNG key; step t (from 1) draws its noise from
+        ``keys.derive(key, "release", t - 1)`` (release t - 1 of ``info["releases"]``).
       normalizer: the public dataset size used to average the noisy sum (default ``len(X)``).
 
     Returns:
@@ -119,7 +96,7 @@ def dp_gd(
         add/remove-one neighbouring, with N(0, (sigma clip_norm)^2) noise drawn independently for
         every element of W and b at every step. Full batch: no subsampling amplification; the
         composition of the ``steps`` Gaussian mechanisms is accounted with PLD (see
-        `dpft.linear.accounting`). Dividing by ``normalizer`` treats the dataset size as public
+        `dpft.privacy.releases`). Dividing by ``normalizer`` treats the dataset size as public
         (as dp-accounting's full-batch Gaussian event does); everything after the noisy sums,
         including Adam and weight decay, is post-processing.
 
@@ -128,6 +105,7 @@ def dp_gd(
         classification" (arXiv:2205.02973); Kingma & Ba 2015, "Adam" (ICLR).
     """
     X, y = check_data(X, y, num_classes)
+    delta = check_delta(delta, X)
     key = check_key(key)
     if update not in UPDATES:
         raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
@@ -138,10 +116,10 @@ def dp_gd(
     if not n > 0:
         raise ValueError(f"normalizer must be > 0, got {normalizer!r}")
 
-    releases, info = plan_releases(
+    plan, info = releases.plan_releases(
         epsilon, delta, [f"grad_step_{t}" for t in range(steps)], [clip_norm] * steps, [1] * steps
     )
-    std = releases[0].noise_std
+    std = plan[0].noise_std
     hp = dict(
         clip_norm=clip_norm,
         std=std,
@@ -152,14 +130,15 @@ def dp_gd(
         b2=float(betas[1]),
         adam_eps=float(adam_eps),
     )
-    Xa = augment(X)
+    Xa = rows.augment(X)
     WB = np.zeros((Xa.shape[1], num_classes), np.float32)
     m = v = WB
     for t in range(1, steps + 1):
-        noise = gaussian(release_key(key, t), WB.shape, std)
-        WB, m, v = _step(WB, m, v, t, noise, Xa, y, hp, update)
+        release = keys.derive(key, "release", t - 1)
+        noisy_sum = rows.noisy_head_grad_sum(WB, Xa, y, clip_norm, std, release)
+        WB, m, v = _step(WB, m, v, t, noisy_sum, hp, update)
     info.update(
-        noise_multiplier=releases[0].noise_multiplier,
+        noise_multiplier=plan[0].noise_multiplier,
         noise_std=std,
         clip_norm=clip_norm,
         steps=steps,

@@ -21,64 +21,45 @@ majorise-minimise step that decreases L monotonically (Boehning 1992; Krishnapur
 DP second-order methods with noisy gradient and Hessian releases: Avella-Medina, Bradshaw & Loh
 2023, "Differentially private inference via noisy optimization" (Ann. Statist.); Ganesh et al.
 2023, "Faster differentially private convex optimization via second-order methods" (NeurIPS).
+
+The releases (noisy clipped gradient sums and noisy curvature sums) are made by the DP core
+(`dpft.privacy.rows.noisy_head_grad_sum`, `noisy_curvature_sum`); the PSD projection, the solve
+and the update here are post-processing.
 """
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from scipy import optimize
 
-from dpft.linear.accounting import plan_releases
 from dpft.linear.common import (
     LinearParams,
-    augment,
     check_bound,
     check_data,
+    check_delta,
     check_key,
-    clip_rows,
     eig_solve,
-    gaussian,
     psd_eig,
-    release_key,
-    symmetric_gaussian,
 )
-from dpft.linear.gd import clipped_grad_sum
+from dpft.privacy import keys, releases, rows
 
-__all__ = ["curvature_sum", "dp_newton", "logistic_regression"]
+__all__ = ["dp_newton", "logistic_regression"]
 
 HESSIANS = ("adaptive", "bohning")
 
 
 @jax.jit
-def curvature_sum(WB: jax.Array, Xa: jax.Array, adaptive: bool = True) -> jax.Array:
-    """sum_i c_i x~_i x~_i^T with c_i = max_k 2 p_ik (1 - p_ik) (adaptive) or 1/2 (Boehning).
-
-    ``Xa`` holds augmented clipped features [x, 1] with ``||x|| <= feature_clip``.
-
-    Privacy:
-        One example changes the sum by ``c x~ x~^T`` with c <= 1/2 and ``||x~||^2 <=
-        feature_clip^2 + 1``: L2 (Frobenius) sensitivity ``(feature_clip^2 + 1) / 2`` under
-        add/remove-one (also for the upper triangle that is actually released).
-    """
-    P = jax.nn.softmax(Xa @ WB, axis=-1)
-    c = jnp.where(adaptive, jnp.max(2 * P * (1 - P), axis=-1), 0.5)
-    c = jnp.clip(jnp.where(jnp.isfinite(c), c, 0.5), 0.0, 0.5)
-    return Xa.T @ (c[:, None] * Xa)
-
-
-@jax.jit
-def _curvature(WB, Xa, noise, n, adaptive):
+def _curvature(noisy_sum, n):
     """PSD projection of the noisy curvature sum, normalised: (eigenvalues, eigenvectors)."""
-    lam, V = psd_eig(curvature_sum(WB, Xa, adaptive) + noise)
+    lam, V = psd_eig(noisy_sum)
     return lam / n, V
 
 
 @jax.jit
-def _step(WB, lam, V, noise, Xa, y, hp: dict):
-    g = clipped_grad_sum(WB, Xa, y, hp["clip_norm"]) + noise
-    return WB - hp["damping"] * eig_solve(lam, V, hp["reg"], g / hp["n"] + hp["reg"] * WB)
+def _step(WB, lam, V, noisy_grad_sum, hp: dict):
+    g = noisy_grad_sum / hp["n"] + hp["reg"] * WB
+    return WB - hp["damping"] * eig_solve(lam, V, hp["reg"], g)
 
 
 def dp_newton(
@@ -101,9 +82,10 @@ def dp_newton(
     """DP Newton-type steps for L2-regularised multinomial logistic regression, from zero.
 
     Each step t releases a noisy clipped gradient sum g_t and (``hessian='adaptive'``) a noisy
-    curvature sum H_t (`curvature_sum`); it projects H_t onto the PSD cone and updates
-    ``theta -= damping * (H_t / n + reg I)^{-1} (g_t / n + reg theta)``. Step t draws its noise
-    with keys ``fold_in(fold_in(key, t), j)`` (j = 0 gradient, 1 curvature). With
+    curvature sum H_t (`dpft.privacy.rows.curvature_sum`); it projects H_t onto the PSD cone and
+    updates ``theta -= damping * (H_t / n + reg I)^{-1} (g_t / n + reg theta)``. Release j of
+    ``info["releases"]`` draws its noise from ``keys.derive(key, "release", j)``: j = t for the
+    gradient of step t, j = steps + t for its curvature. With
     ``hessian='bohning'`` the curvature 1/2 sum_i x~_i x~_i^T does not depend on theta, so it is
     released once and reused (post-processing). ``hessian_share`` is the share of the mu^2 budget
     spent on curvature releases, split evenly over them; the gradients split the rest evenly.
@@ -120,7 +102,7 @@ def dp_newton(
         gradient sums of L2 sensitivity ``clip_norm`` and 1 (bohning) or ``steps`` (adaptive)
         curvature sums of L2 sensitivity ``(feature_clip^2 + 1) / 2`` (upper triangle, symmetric
         noise), each with independent Gaussian noise per element; the composition is calibrated
-        to (epsilon, delta) with PLD (`dpft.linear.accounting`). The bound: one example's exact
+        to (epsilon, delta) with PLD (`dpft.privacy.releases`). The bound: one example's exact
         Hessian ``(diag(p) - p p^T) kron x~ x~^T`` has spectral norm <= ||x~||^2 / 2, and the
         matrix actually released for it, ``c x~ x~^T`` with c <= 1/2, has Frobenius norm
         <= (feature_clip^2 + 1) / 2. The PSD projection, the solve and the update are
@@ -131,6 +113,7 @@ def dp_newton(
         (DP Newton-type methods with noisy gradients and Hessians): see the module docstring.
     """
     X, y = check_data(X, y, num_classes)
+    delta = check_delta(delta, X)
     key = check_key(key)
     feature_clip = check_bound("feature_clip", feature_clip)
     if clip_norm is None:
@@ -146,34 +129,30 @@ def dp_newton(
 
     n_hess = steps if hessian == "adaptive" else 1
     h_sens = (feature_clip**2 + 1) / 2
-    releases, info = plan_releases(
+    plan, info = releases.plan_releases(
         epsilon,
         delta,
         [f"grad_{t}" for t in range(steps)] + [f"hessian_{t}" for t in range(n_hess)],
         [clip_norm] * steps + [h_sens] * n_hess,
         [(1 - hessian_share) / steps] * steps + [hessian_share / n_hess] * n_hess,
     )
-    hp = dict(
-        g_std=releases[0].noise_std,
-        h_std=releases[-1].noise_std,
-        n=n,
-        clip_norm=clip_norm,
-        reg=float(reg),
-        damping=float(damping),
-    )
-    Xa = augment(clip_rows(X, feature_clip))
-    dim = Xa.shape[1]
-    WB = np.zeros((dim, num_classes), np.float32)
+    g_std, h_std = plan[0].noise_std, plan[-1].noise_std
+    hp = dict(n=n, reg=float(reg), damping=float(damping))
+    Xc = rows.clip_rows(X, feature_clip)
+    Xa = rows.augment(Xc)
+    WB = np.zeros((Xa.shape[1], num_classes), np.float32)
     adaptive = hessian == "adaptive"
-    for t in range(steps):  # noise keys: fold_in(fold_in(key, t), 0 for gradient, 1 for curvature)
+    for t in range(steps):  # release t: gradient of step t; release steps + t: its curvature
         if t == 0 or adaptive:
-            h_noise = symmetric_gaussian(release_key(key, t, 1), dim, hp["h_std"])
-            lam, V = _curvature(WB, Xa, h_noise, n, adaptive)
-        g_noise = gaussian(release_key(key, t, 0), WB.shape, hp["g_std"])
-        WB = _step(WB, lam, V, g_noise, Xa, y, hp)
+            h_key = keys.derive(key, "release", steps + t)
+            H = rows.noisy_curvature_sum(WB, Xc, feature_clip, h_std, h_key, adaptive)
+            lam, V = _curvature(H, n)
+        g_key = keys.derive(key, "release", t)
+        g = rows.noisy_head_grad_sum(WB, Xa, y, clip_norm, g_std, g_key)
+        WB = _step(WB, lam, V, g, hp)
     info.update(
-        grad_noise_multiplier=releases[0].noise_multiplier,
-        hessian_noise_multiplier=releases[-1].noise_multiplier,
+        grad_noise_multiplier=plan[0].noise_multiplier,
+        hessian_noise_multiplier=plan[-1].noise_multiplier,
         feature_clip=feature_clip,
         clip_norm=clip_norm,
         steps=steps,

@@ -4,6 +4,10 @@ References: Sheffet 2017, "Differentially private ordinary least squares" (ICML)
 noisy sufficient statistics; Mehta, Krichene, Thakurta, Kurakin & Cutkosky 2023, "Differentially
 private image classification from features" (TMLR, arXiv:2211.13403), which applies DP least
 squares to classification from frozen features with one-hot or +-1 targets.
+
+The two releases (the clipped sums and their noise) are made by the DP core
+(`dpft.privacy.rows.noisy_gram_sum`, `noisy_xty_sum`); the PSD projection and the ridge solve
+here are post-processing.
 """
 
 from __future__ import annotations
@@ -12,30 +16,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpft.linear.accounting import plan_releases
 from dpft.linear.common import (
     LinearParams,
     check_bound,
     check_data,
+    check_delta,
     check_key,
-    clip_rows,
     eig_solve,
-    gaussian,
     psd_eig,
-    release_key,
-    symmetric_gaussian,
 )
+from dpft.privacy import keys, releases, rows
 
 __all__ = [
     "dp_least_squares",
     "dp_sufficient_stats",
-    "gram_sum",
     "least_squares",
-    "private_gram",
-    "private_xty",
     "target_matrix",
     "target_norm",
-    "xty_sum",
 ]
 
 TARGETS = ("onehot", "pm1")
@@ -54,55 +51,9 @@ def target_norm(num_classes: int, targets: str) -> float:
     return 1.0 if targets == "onehot" else float(np.sqrt(num_classes))
 
 
-@jax.jit
-def gram_sum(X: jax.Array, feature_clip) -> jax.Array:
-    """sum_i x_i x_i^T over rows clipped to L2 norm ``feature_clip``.
-
-    Privacy:
-        One example changes the sum by ``x x^T`` with ``||x x^T||_F = ||x||^2 <= feature_clip^2``:
-        the L2 (Frobenius) sensitivity under add/remove-one is ``feature_clip^2``.
-    """
-    Xc = clip_rows(X, feature_clip)
-    return Xc.T @ Xc
-
-
-@jax.jit
-def xty_sum(X: jax.Array, Y: jax.Array, feature_clip) -> jax.Array:
-    """sum_i x_i y_i^T over rows x_i clipped to L2 norm ``feature_clip``; Y [N, K] targets.
-
-    Privacy:
-        One example changes the sum by ``x y^T`` with Frobenius norm ``||x|| ||y||``, so the L2
-        sensitivity under add/remove-one is ``feature_clip * ||y_row||`` (``||y_row||`` = 1 for
-        one-hot, sqrt(K) for +-1 targets).
-    """
-    return clip_rows(X, feature_clip).T @ Y
-
-
-def private_gram(X, feature_clip: float, std: float, key: jax.Array) -> jax.Array:
-    """``gram_sum(X) + E`` with E symmetric, its upper triangle i.i.d. N(0, std^2).
-
-    Privacy:
-        A Gaussian mechanism with noise multiplier ``std / feature_clip^2`` (add/remove-one).
-    """
-    X = jnp.asarray(X, jnp.float32)
-    return gram_sum(X, feature_clip) + symmetric_gaussian(key, X.shape[1], std)
-
-
-def private_xty(X, Y, feature_clip: float, std: float, key: jax.Array) -> jax.Array:
-    """``xty_sum(X, Y) + Z`` with Z [d, K] i.i.d. N(0, std^2): independent in every element,
-    in particular across the K class columns (one draw of the whole matrix, never one shared
-    vector per class).
-
-    Privacy:
-        A Gaussian mechanism with noise multiplier ``std / (feature_clip * ||y_row||)``.
-    """
-    X = jnp.asarray(X, jnp.float32)
-    Y = jnp.asarray(Y, jnp.float32)
-    return xty_sum(X, Y, feature_clip) + gaussian(key, (X.shape[1], Y.shape[1]), std)
-
-
-def _check_ls(X, y, num_classes, key, feature_clip, budget_split):
+def _check_ls(X, y, num_classes, delta, key, feature_clip, budget_split):
     X, y = check_data(X, y, num_classes)
+    check_delta(delta, X)
     if not 0 < budget_split < 1:
         raise ValueError(f"budget_split must be in (0, 1), got {budget_split!r}")
     return X, y, check_key(key), check_bound("feature_clip", feature_clip)
@@ -123,19 +74,20 @@ def dp_sufficient_stats(
     """The two releases of `dp_least_squares`: noisy (G = X^T X + E [d, d], B = X^T Y + Z [d, K]).
 
     Anything computed from (G, B) is post-processing: e.g. solving for several ``reg`` values
-    costs no extra privacy. See `dp_least_squares` for the privacy statement.
+    costs no extra privacy. G draws its noise from ``keys.derive(key, "release", 0)`` and B from
+    ``keys.derive(key, "release", 1)``. See `dp_least_squares` for the privacy statement.
     """
-    X, y, key, feature_clip = _check_ls(X, y, num_classes, key, feature_clip, budget_split)
+    X, y, key, feature_clip = _check_ls(X, y, num_classes, delta, key, feature_clip, budget_split)
     Y = target_matrix(y, num_classes, targets)
-    releases, info = plan_releases(
+    plan, info = releases.plan_releases(
         epsilon,
         delta,
         ["gram", "xty"],
         [feature_clip**2, feature_clip * target_norm(num_classes, targets)],
         [budget_split, 1 - budget_split],
     )
-    G = private_gram(X, feature_clip, releases[0].noise_std, release_key(key, 0))
-    B = private_xty(X, Y, feature_clip, releases[1].noise_std, release_key(key, 1))
+    G = rows.noisy_gram_sum(X, feature_clip, plan[0].noise_std, keys.derive(key, "release", 0))
+    B = rows.noisy_xty_sum(X, Y, feature_clip, plan[1].noise_std, keys.derive(key, "release", 1))
     info.update(feature_clip=feature_clip, targets=targets)
     return G, B, info
 
@@ -168,7 +120,7 @@ def dp_least_squares(
         ``feature_clip`` for one-hot, ``feature_clip * sqrt(K)`` for +-1 targets), each with
         independent Gaussian noise in every released element, including independent noise for
         every class column of X^T Y. The two Gaussian mechanisms compose to the target (epsilon,
-        delta) with PLD (`dpft.linear.accounting`); the PSD projection and the solve are
+        delta) with PLD (`dpft.privacy.releases`); the PSD projection and the solve are
         post-processing.
 
     References:
