@@ -12,9 +12,9 @@ import pytest
 from dp_accounting import pld
 
 from dpft import optim
-from dpft.federated import accounting as fed_acc
 from dpft.federated import driver, partition, server
 from dpft.federated import run as fed_run
+from dpft.privacy import clients as dp_clients
 from dpft.privacy import clipping
 from dpft.train.step import TrainState, cross_entropy_loss, flatten, make_train_step
 from dpft.train.step import partition as split_params
@@ -124,23 +124,23 @@ def test_client_level_sensitivity_adversarial_updates():
     def flat(t):
         return np.concatenate([np.asarray(t[k], np.float64).ravel() for k in sorted(t)])
 
-    full = flat(server.client_level_sum(updates, mask, s_clip))
+    full = flat(dp_clients.client_level_sum(updates, mask, s_clip))
     assert np.all(np.isfinite(full))
     for i in range(6):
-        without = flat(server.client_level_sum(updates, mask.at[i].set(0.0), s_clip))
+        without = flat(dp_clients.client_level_sum(updates, mask.at[i].set(0.0), s_clip))
         assert np.linalg.norm(full - without) <= s_clip * (1 + 1e-5)
     # The small client is not clipped: it contributes itself.
-    only1 = flat(server.client_level_sum(updates, jnp.zeros(6).at[1].set(1.0), s_clip))
+    only1 = flat(dp_clients.client_level_sum(updates, jnp.zeros(6).at[1].set(1.0), s_clip))
     np.testing.assert_allclose(only1, flat({k: v[1] for k, v in updates.items()}), rtol=1e-6)
     # A client with a non-finite update contributes exactly zero.
     for bad in (jnp.nan, jnp.inf, -jnp.inf):
         poisoned = {**updates, "b": updates["b"].at[3, 2].set(bad)}
-        with_bad = flat(server.client_level_sum(poisoned, mask, s_clip))
+        with_bad = flat(dp_clients.client_level_sum(poisoned, mask, s_clip))
         np.testing.assert_array_equal(
-            with_bad, flat(server.client_level_sum(updates, mask.at[3].set(0.0), s_clip))
+            with_bad, flat(dp_clients.client_level_sum(updates, mask.at[3].set(0.0), s_clip))
         )
     # Private mean: padded slots ignored, noise scaled, divided by the expected count.
-    mean, _, ok = server.private_mean(
+    mean, _, ok = dp_clients.private_mean(
         updates,
         mask.at[5].set(0.0),
         clip_norm=s_clip,
@@ -148,7 +148,7 @@ def test_client_level_sensitivity_adversarial_updates():
         noise_key=jax.random.PRNGKey(0),
         expected_clients=2.5,
     )
-    ref = flat(server.client_level_sum(updates, mask.at[5].set(0.0), s_clip)) / 2.5
+    ref = flat(dp_clients.client_level_sum(updates, mask.at[5].set(0.0), s_clip)) / 2.5
     np.testing.assert_allclose(flat(mean), ref, rtol=1e-6)
     assert np.asarray(ok).tolist() == [1, 1, 1, 1, 1, 0]
 
@@ -163,11 +163,11 @@ def test_client_level_accountant_matches_dp_accounting():
         dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(z)), rounds)
     )
     direct = acc.get_epsilon(delta)
-    assert abs(fed_acc.client_level_epsilon(z, q, rounds, delta) - direct) < 1e-6
+    assert abs(dp_clients.client_level_epsilon(z, q, rounds, delta) - direct) < 1e-6
     # Example level = rounds * K steps at the local rate (no client-sampling amplification).
     acc = pld.PLDAccountant()
     acc.compose(dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(z)), 40))
-    assert abs(fed_acc.example_level_epsilon(z, q, 10, 4, delta) - acc.get_epsilon(delta)) < 1e-6
+    assert abs(dp_clients.example_level_epsilon(z, q, 10, 4, delta) - acc.get_epsilon(delta)) < 1e-6
     # Calibration through the plan (z < 0).
     config = driver.FedConfig(
         rounds=rounds,
@@ -178,7 +178,7 @@ def test_client_level_accountant_matches_dp_accounting():
         accountant="rdp",
     )
     plan = driver.make_plan(config, [3] * 20)
-    eps = fed_acc.client_level_epsilon(
+    eps = dp_clients.client_level_epsilon(
         plan.noise_multiplier, 0.25, rounds, 1e-5, "rdp", num_clients=20, max_clients=plan.slots
     )
     assert eps <= 2.0 and eps > 1.9

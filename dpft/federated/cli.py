@@ -16,8 +16,13 @@ holding another config is refused.
 
 Config mapping: ``config.dp`` gives the target ``epsilon``, ``delta``, ``noise_multiplier``
 (< 0: calibrated to the target for the planned rounds), the accountant, and at example level
-the per-example clipping (``clip_norm``, ``clipping``); ``config.federated`` gives everything
-else (see `FEDERATED_KEYS`). ``config.train`` is not used, except ``keep_checkpoints``.
+the per-example clipping (``clip_norm``, ``clipping``) and ``secure_noise`` (client sampling,
+local batches, client keys and server noise from a 64-bit secret of OS entropy, kept in the
+checkpoints' metadata and reused on resume, never written to ``config.json``, the metrics or
+the summary; the checkpoints must then be protected like the data); ``config.federated`` gives
+everything else (see `FEDERATED_KEYS`). ``config.train`` is not used, except
+``keep_checkpoints``. ``dp.delta`` must be below 1/N, N the number of examples at example level
+and the number of clients at client level.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import numpy as np
 from dpft.federated import driver
 from dpft.federated import partition as fed_partition
 from dpft.federated import phases as fed_phases
-from dpft.federated.plan import DP_LEVELS, FedConfig
+from dpft.federated.plan import DP_LEVELS, FedConfig, check_delta
 from dpft.metrics import reliability_diagram
 from dpft.privacy import accounting
 from dpft.train import build, report
@@ -108,8 +113,6 @@ def _check(config) -> None:
         )
     if f.partition == "dirichlet" and not f.alpha > 0:
         raise ValueError(f"config.federated.alpha must be > 0, got {f.alpha!r}")
-    if config.dp.get("secure_noise", False):
-        raise ValueError("config.dp.secure_noise is not supported by federated runs yet")
     build.build_norm_strategy(config.dp)  # an unknown config.dp.norms fails here, before any file
 
 
@@ -149,6 +152,7 @@ def fed_config(config) -> FedConfig:
         seed=int(config.seed),
         microbatch_size=int(f.microbatch_size) or None,
         client_group=int(f.client_group) or None,
+        secure_noise=bool(config.dp.get("secure_noise", False)),
     )
 
 
@@ -212,6 +216,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     f = config.federated
     train, evaluation, num_classes, model, variables, phases = _load(config)
     clients = split_clients(config, train["label"])
+    check_delta(fc, [len(c) for c in clients], "config.dp.delta")  # N: examples or clients
     _check_budget(fc, clients)
     n_dev = mesh.shape["data"] if mesh is not None else 1
     configs = fed_phases.phase_configs(config, fc, phases, clients, n_dev)

@@ -9,8 +9,16 @@ A round ``r``:
    one after another with ``lax.map``) runs ``lax.scan`` over the ``K`` local steps of the
    SAME step function as centralized training (`dpft.train.step.make_train_step`), from the
    global parameters, with the client's own keys; its update is ``local - global``;
-3. the server aggregates (weighted mean, or clipped noisy sum / expected clients at client
-   level) and applies the server optimizer to the negative aggregate.
+3. the server aggregates (weighted mean, or at client level the DP core's clipped noisy sum /
+   expected clients, `dpft.privacy.clients.private_mean`) and applies the server optimizer to
+   the negative aggregate.
+
+Keys: every key of a run comes from its root ``keys.root_key(seed)`` (both words of a 64-bit
+secret in secure mode) through `dpft.privacy.keys.derive`, one purpose per stream:
+``derive(root, "client", r, c)`` for client ``c`` in round ``r`` (`client_key`),
+``derive(root, "server", r)`` for the server noise (`server_noise_key`), and under a client key
+``derive(ck, "noise")`` for its local privatizer and ``derive(ck, "examples", k)`` for the
+per-example loss of local step ``k`` (`local_keys`).
 
 Padded client slots have all example masks 0 and client mask 0: they contribute exactly zero.
 Trainable/frozen parameters come from `dpft.train.step.partition`, so head tuning and full
@@ -25,6 +33,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
@@ -38,7 +47,8 @@ from dpft.federated.plan import (
     round_entry,
     round_inputs,
 )
-from dpft.privacy import clipping
+from dpft.privacy import clients as dp_clients
+from dpft.privacy import clipping, keys
 from dpft.privacy.noise import PrivatizerState, gaussian_privatizer, noise_std
 from dpft.train.step import TrainState, make_train_step
 
@@ -48,6 +58,7 @@ __all__ = [
     "FedPlan",
     "RoundInputs",
     "client_key",
+    "local_keys",
     "make_local_update",
     "make_plan",
     "make_round",
@@ -96,26 +107,49 @@ def _local_tx(config: FedConfig, plan: FedPlan, sensitivity: float) -> optax.Gra
     return optax.chain(priv, _scale_by_client(), base)
 
 
-def client_key(seed: int, round_: jax.Array | int, client_id: jax.Array | int) -> jax.Array:
-    """The key of client ``client_id`` in round ``round_``: fresh per (round, client).
+def _root(seed) -> jax.Array:
+    """The root key of a seed given as an int (``keys.root_key``) or already as a key."""
+    if isinstance(seed, (int, np.integer)):
+        return keys.root_key(int(seed))
+    return jnp.asarray(seed)
+
+
+def client_key(seed, round_: jax.Array | int, client_id: jax.Array | int) -> jax.Array:
+    """``derive(root, "client", round_, client_id)``: the key of a client in a round.
+
+    ``seed`` is the run's seed (an int in [0, 2**64)) or its root key ``keys.root_key(seed)``.
 
     Privacy:
-        Distinct (round, client) pairs get independent keys, so local noise is independent
-        across clients, rounds and (via the privatizer's step counter) local steps. For a
-        deployment, derive ``seed`` from OS entropy.
+        Distinct (round, client) pairs get independent keys, disjoint from every other purpose
+        under the root, so local noise is independent across clients, rounds and (see
+        `local_keys`) local steps. ``secure_noise`` makes the root a 64-bit secret.
     """
-    base = jax.random.fold_in(jax.random.PRNGKey(seed), 4)
-    return jax.random.fold_in(jax.random.fold_in(base, round_), client_id)
+    return keys.derive(_root(seed), "client", round_, client_id)
 
 
-def server_noise_key(seed: int, round_: jax.Array | int) -> jax.Array:
-    """The client-level noise key of round ``round_`` (one per round).
+def server_noise_key(seed, round_: jax.Array | int) -> jax.Array:
+    """``derive(root, "server", round_)``: the client-level noise key of a round.
 
     Privacy:
-        One fresh key per round, split per leaf by `gaussian_noise`: the server noise is
-        independent across rounds and elements.
+        One fresh key per round, disjoint from the client keys, split per leaf by
+        `gaussian_noise`: the server noise is independent across rounds and elements and of
+        the clients' local noise.
     """
-    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), 3), round_)
+    return keys.derive(_root(seed), "server", round_)
+
+
+def local_keys(key: jax.Array, local_steps: int) -> tuple[jax.Array, jax.Array]:
+    """``(derive(key, "noise"), [derive(key, "examples", k) for k < local_steps])`` of a client.
+
+    The first is the root of the client's local privatizer (step ``t`` draws from
+    ``derive(., "step", t)``), the others the per-example loss keys of its local steps.
+
+    Privacy:
+        The privatizer's keys and the loss keys come from disjoint purposes under the client
+        key, so the local DP noise is independent of the (data-dependent) loss randomness.
+    """
+    steps = jax.vmap(lambda k: keys.derive(key, "examples", k))(jnp.arange(local_steps))
+    return keys.derive(key, "noise"), steps
 
 
 def make_local_update(
@@ -129,8 +163,8 @@ def make_local_update(
 
     One client: ``K`` steps of `make_train_step` (``lax.scan``) on ``batch`` [K, B, ...] with
     ``mask`` [K, B], starting from ``params``; returns ``local - params`` (float32). The
-    privatizer key of the local DP chain is ``fold_in(key, 0)``, the per-step example keys come
-    from ``fold_in(key, 1)``. ``clipper`` defaults to ``FlatClip(example_clip)`` at example
+    privatizer key of the local DP chain and the per-step example keys are `local_keys` of
+    ``key``. ``clipper`` defaults to ``FlatClip(example_clip)`` at example
     level (no clipping otherwise); a custom one must define ``sensitivity(None)`` (a bound
     `PerLayerClip`, `FlatClip`, `AutoClip`, `GlobalClip`): the local noise is scaled by it.
     ``norm_strategy`` computes the per-example norms and the clipped sum as in centralized
@@ -155,12 +189,12 @@ def make_local_update(
     k = plan.local_steps
 
     def local_update(params, frozen, batch, mask, inv_expected, key):
+        noise_key, rngs = local_keys(key, k)
         first, *rest = tx.init(params)
         if isinstance(first, PrivatizerState):
-            first = PrivatizerState(jax.random.fold_in(key, 0), jnp.zeros([], jnp.int32))
+            first = PrivatizerState(noise_key, jnp.zeros([], jnp.int32))
         opt_state = (first, ClientScale(jnp.asarray(inv_expected, jnp.float32)), *rest[1:])
         state = TrainState(jnp.zeros([], jnp.int32), params, opt_state, frozen)
-        rngs = jax.random.split(jax.random.fold_in(key, 1), k)
 
         def body(s, xs):
             b, m, r = xs
@@ -217,11 +251,11 @@ def make_round(
     group = config.client_group
     if group and group < plan.slots:  # groups of `group` clients vmapped, groups in sequence
 
-        def clients_fn(params, frozen, batch, mask, inv_expected, keys):
+        def clients_fn(params, frozen, batch, mask, inv_expected, ckeys):
             def one(x):
                 return local_update(params, frozen, *x)
 
-            return jax.lax.map(one, (batch, mask, inv_expected, keys), batch_size=group)
+            return jax.lax.map(one, (batch, mask, inv_expected, ckeys), batch_size=group)
 
     if mesh is not None:
         if plan.slots % mesh.shape[data_axis]:
@@ -239,19 +273,19 @@ def make_round(
         )
 
     def round_fn(state: srv.ServerState, frozen, inputs: RoundInputs):
-        seed = config.seed if inputs.seed is None else inputs.seed
-        keys = jax.vmap(lambda c: client_key(seed, state.round, c))(inputs.client_ids)
+        root = keys.root_key(config.seed) if inputs.seed is None else inputs.seed
+        ckeys = jax.vmap(lambda c: client_key(root, state.round, c))(inputs.client_ids)
         updates, metrics = clients_fn(
-            state.params, frozen, inputs.batch, inputs.mask, inputs.inv_expected, keys
+            state.params, frozen, inputs.batch, inputs.mask, inputs.inv_expected, ckeys
         )
         cmask = inputs.client_mask
         if config.dp == "client":
-            mean, _, ok = srv.private_mean(
+            mean, _, ok = dp_clients.private_mean(
                 updates,
                 cmask,
                 clip_norm=s_clip,
                 noise_std=std,
-                noise_key=server_noise_key(seed, state.round),
+                noise_key=server_noise_key(root, state.round),
                 expected_clients=expected,
             )
         else:

@@ -14,8 +14,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from dpft.federated import accounting as fed_accounting
-from dpft.privacy import sampling
+from dpft.privacy import accounting, keys, sampling
+from dpft.privacy import clients as dp_clients
 from dpft.privacy.accounting import GaussianSteps
 from dpft.privacy.noise import noise_std
 
@@ -24,6 +24,7 @@ __all__ = [
     "FedConfig",
     "FedPlan",
     "RoundInputs",
+    "check_delta",
     "make_plan",
     "round_entry",
     "round_inputs",
@@ -46,7 +47,10 @@ class FedConfig:
     ``client_group``: clients vectorized together (``jax.vmap``); groups of that many run one
     after another inside the same jit (``lax.map``), which bounds memory by the group and, on
     CPU, avoids slow batched convolutions; None runs every client slot in one vmap. Results do
-    not depend on it (up to float rounding).
+    not depend on it (up to float rounding). ``secure_noise``: client sampling, local batches,
+    client keys and server noise come from a 64-bit secret of OS entropy
+    (`dpft.privacy.keys.run_seed`) instead of ``seed``; `dpft.federated.runner.run` saves it
+    with its checkpoints and reuses it on resume.
 
     Privacy:
         'example' protects each example of each client (add/remove-one example within a
@@ -79,6 +83,7 @@ class FedConfig:
     seed: int = 0
     microbatch_size: int | None = None
     client_group: int | None = None
+    secure_noise: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +102,19 @@ class FedPlan:
         return len(self.client_sizes)
 
 
+def check_delta(config: FedConfig, client_sizes: Sequence[int], name: str = "delta") -> None:
+    """Refuses ``config.delta >= 1/N`` (one line naming ``name``); nothing to check without DP.
+
+    Privacy:
+        N is the number of privacy units: examples (the sum of the client sizes) at example
+        level, clients at client level, matching each level's add/remove-one neighbouring.
+    """
+    if config.dp == "none":
+        return
+    units = len(client_sizes) if config.dp == "client" else int(sum(client_sizes))
+    accounting.check_delta(config.delta, units, name)
+
+
 def make_plan(config: FedConfig, client_sizes: Sequence[int], slot_multiple: int = 1) -> FedPlan:
     """Validates ``config`` and resolves slots, local batch, weighting and noise multiplier.
 
@@ -105,8 +123,9 @@ def make_plan(config: FedConfig, client_sizes: Sequence[int], slot_multiple: int
 
     Privacy:
         With ``noise_multiplier < 0`` the multiplier is calibrated so that the run's epsilon at
-        its level (`dpft.federated.accounting`) is <= ``target_epsilon`` at ``delta``. Client
-        dataset sizes are treated as public (they set weights and local normalization).
+        its level (`dpft.privacy.clients`) is <= ``target_epsilon`` at ``delta``, and
+        ``delta >= 1/N`` is refused (`check_delta`). Client dataset sizes are treated as public
+        (they set weights and local normalization).
     """
     sizes = tuple(int(n) for n in client_sizes)
     if not sizes or min(sizes) < 1:
@@ -117,6 +136,7 @@ def make_plan(config: FedConfig, client_sizes: Sequence[int], slot_multiple: int
         raise ValueError(f"algorithm must be fedavg or fedsgd, got {config.algorithm!r}")
     if config.client_group is not None and int(config.client_group) < 1:
         raise ValueError(f"client_group must be >= 1 (or None: all), got {config.client_group}")
+    check_delta(config, sizes)
     m, q_c, q_l = len(sizes), config.client_rate, config.local_rate
     if not (0 < q_c <= 1 and 0 < q_l <= 1):
         raise ValueError("client_rate and local_rate must be in (0, 1]")
@@ -142,7 +162,7 @@ def make_plan(config: FedConfig, client_sizes: Sequence[int], slot_multiple: int
             if config.dp == "client"
             else {"max_client_size": max_n, "local_batch": b}
         )
-        z = fed_accounting.calibrate(
+        z = dp_clients.calibrate(
             config.dp,
             config.target_epsilon,
             config.delta,
@@ -163,14 +183,14 @@ def round_entry(config: FedConfig, plan: FedPlan) -> GaussianSteps | None:
 
     Privacy:
         'client': one subsampled Gaussian step at rate q_c (add/remove-one client); 'example':
-        K local steps at rate q_local (add/remove-one example), see `dpft.federated.accounting`.
+        K local steps at rate q_local (add/remove-one example), see `dpft.privacy.clients`.
     """
     if config.dp == "client":
-        return fed_accounting.client_level_entry(
+        return dp_clients.client_level_entry(
             plan.noise_multiplier, config.client_rate, 1, plan.num_clients, plan.slots
         )
     if config.dp == "example":
-        return fed_accounting.example_level_entry(
+        return dp_clients.example_level_entry(
             plan.noise_multiplier,
             config.local_rate,
             1,
@@ -188,8 +208,9 @@ class RoundInputs(NamedTuple):
     client_ids: np.ndarray  # int32 [slots] (padding slots: 0)
     weights: np.ndarray  # float32 [slots]
     inv_expected: np.ndarray  # float32 [slots]
-    seed: np.ndarray | None = None  # int32 []: the run's seed, an input so that runs with
-    # different seeds share one compiled round (None: the round function's config.seed)
+    seed: np.ndarray | None = None  # uint32 [2]: the run's seed as a key, keys.root_key(seed),
+    # an input so that runs with different seeds share one compiled round (None: the round
+    # function's config.seed)
 
 
 def round_inputs(
@@ -198,8 +219,13 @@ def round_inputs(
     dataset: dict[str, np.ndarray],
     clients: Sequence[np.ndarray],
     round_: int,
+    seed: int | None = None,
 ) -> RoundInputs:
     """Host-side sampling and gathering of round ``round_`` (pure function of seed and round).
+
+    ``seed`` is the run's seed in [0, 2**64) (default ``config.seed``; in secure mode the
+    runner's secret): it seeds client sampling and local batches here, and is handed to the
+    round function as ``keys.root_key(seed)``, the root of the client keys and server noise.
 
     Privacy:
         Client sampling is Poisson at rate ``q_c`` and local batches Poisson at rate
@@ -207,12 +233,12 @@ def round_inputs(
         ids and batches are private and must not be logged.
     """
     s, k, b = plan.slots, plan.local_steps, plan.local_batch
-    if not 0 <= config.seed < 2**31:
-        raise ValueError(f"seed must be in [0, 2**31), got {config.seed}")
+    seed = int(config.seed if seed is None else seed)
+    root = np.asarray(keys.root_key(seed), np.uint32)  # checks 0 <= seed < 2**64
     if config.client_rate == 1 and s == plan.num_clients:
         ids, cmask = np.arange(s), np.ones(s, bool)
     else:
-        draw = sampling.PoissonSampler(plan.num_clients, config.client_rate, config.seed, s)
+        draw = sampling.PoissonSampler(plan.num_clients, config.client_rate, seed, s)
         ids, cmask = draw.batch_at(round_)
     local = np.zeros((s, k, b), np.int64)
     emask = np.zeros((s, k, b), bool)
@@ -226,7 +252,7 @@ def round_inputs(
             if config.local_rate == 1:
                 local[slot, j, :n], emask[slot, j, :n] = np.arange(n), True
                 continue
-            rng = np.random.default_rng([config.seed, 1, round_, cid, j])
+            rng = np.random.default_rng([seed, 1, round_, cid, j])
             m = min(int(rng.binomial(n, config.local_rate)), b)
             local[slot, j, :m] = np.sort(rng.choice(n, size=m, replace=False))
             emask[slot, j, :m] = True
@@ -241,5 +267,5 @@ def round_inputs(
         np.where(cmask, ids, 0).astype(np.int32),
         weights,
         inv,
-        np.asarray(config.seed, np.int32),
+        root,
     )

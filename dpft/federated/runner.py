@@ -6,6 +6,11 @@ sampling, local batches and every key are pure functions of ``(seed, round, clie
 resumed from its workdir recomputes exactly what the uninterrupted run computes. A later phase
 of a multi-phase run (`dpft.federated.phases`) runs global rounds ``[start_round, rounds)`` on
 the ledger of the phases before it.
+
+With ``config.secure_noise`` the seed is a 64-bit secret (`dpft.privacy.keys.run_seed`): a
+fresh run draws it and writes it with a checkpoint of its first round number before any round
+runs; every checkpoint's metadata holds it (``secure_seed``), and a resumed run takes it from
+there. It is never put in the history or the result.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from dpft.federated import driver
 from dpft.federated import server as srv
-from dpft.privacy import clipping
+from dpft.privacy import clipping, keys
 from dpft.privacy.accounting import PrivacyLedger
 from dpft.train.checkpoint import Checkpointer
 
@@ -58,6 +63,8 @@ def _identity(config: driver.FedConfig, plan: driver.FedPlan) -> dict:
     d = dataclasses.asdict(config)
     d.pop("rounds")
     d.pop("client_group")  # how clients are batched, not what the run computes
+    if not d["secure_noise"]:  # off: the identity of checkpoints written before the option
+        d.pop("secure_noise")
     d["client_sizes"] = list(plan.client_sizes)
     d["noise_multiplier_used"] = plan.noise_multiplier
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
@@ -126,6 +133,10 @@ def run(
         run's epsilon composes them with its own rounds. Ignored when resuming from workdir
         (the checkpoint's ledger already holds them).
 
+    With ``config.secure_noise`` the run's seed is a fresh 64-bit secret, or the one saved in
+    the checkpoint it resumes from; a fresh run with a workdir checkpoints round
+    ``start_round`` (the initial state and the secret) before the first round.
+
     Returns:
       `RunResult`: history records hold ``round``, the ``debug/`` train metrics, ``epsilon``
       (at eval points; None when infinite) and the eval metrics.
@@ -136,12 +147,14 @@ def run(
         (rounds * K local DP-SGD steps at rate q_local). 'client': every client's whole dataset
         is protected under add/remove-one client (rounds subsampled Gaussian steps at rate
         q_c, sensitivity S). The ledger records each round before it runs. ``debug/``
-        metrics and eval metrics on private data are not private.
+        metrics and eval metrics on private data are not private. In secure mode the noise
+        and the sampling cannot be regenerated from the config; the checkpoints can (they
+        hold the secret) and must be protected like the data.
     """
     n_dev = mesh.shape["data"] if mesh is not None else 1
     plan = driver.make_plan(config, [len(c) for c in clients], slot_multiple=n_dev)
     tx_args = (config.server_optimizer, config.server_lr, config.server_momentum)
-    base = dataclasses.replace(config, rounds=0, seed=0)  # the seed is a round input
+    base = dataclasses.replace(config, rounds=0, seed=0, secure_noise=False)  # seed: an input
     try:
         server_tx, round_fn = _compiled_round(
             loss_fn, base, plan, tx_args, clipper, mesh, norm_strategy
@@ -163,14 +176,19 @@ def run(
 
     ckpt = Checkpointer(workdir) if workdir is not None else None
     latest = ckpt.latest_step() if ckpt is not None else None
+    saved = None
     if latest is not None:
         state, meta = ckpt.restore(latest, state)
         if meta["identity"] != identity:
             raise ValueError(f"checkpoint {latest} in {workdir} is of another federated config")
+        if config.secure_noise and meta.get("secure_seed") is None:
+            raise ValueError(f"checkpoint {latest} in {workdir} holds no secure_seed to resume")
+        saved = meta.get("secure_seed")
         ledger = PrivacyLedger.from_dict(meta["ledger"])
         history = list(meta["history"])
         start = int(meta["round"])
         state = jax.tree_util.tree_map(jnp.asarray, state)
+    seed = keys.run_seed(config.seed, config.secure_noise, saved)
     if mesh is not None:  # parameters and server state replicated, client slots sharded
         replicated = NamedSharding(mesh, P())
         state, frozen = jax.device_put((state, frozen), replicated)
@@ -182,15 +200,19 @@ def run(
             "history": history,
             "identity": identity,
         }
+        if config.secure_noise:  # the secret: needed to resume exactly; protect the checkpoints
+            meta["secure_seed"] = seed
         ckpt.save(r, state, meta)
 
     try:
+        if config.secure_noise and ckpt is not None and latest is None:
+            save(start)  # the secret is persisted before anything is computed from it
         for r in range(start, config.rounds):
-            inputs = driver.round_inputs(config, plan, dataset, clients, r)
-            if mesh is not None:  # client slots sharded, the seed replicated
-                seed = jax.device_put(inputs.seed, NamedSharding(mesh, P()))
+            inputs = driver.round_inputs(config, plan, dataset, clients, r, seed)
+            if mesh is not None:  # client slots sharded, the root key replicated
+                root = jax.device_put(inputs.seed, NamedSharding(mesh, P()))
                 inputs = jax.device_put(inputs._replace(seed=None), NamedSharding(mesh, P("data")))
-                inputs = inputs._replace(seed=seed)
+                inputs = inputs._replace(seed=root)
             if entry is not None:
                 ledger.record(entry)  # spent before the round's release
             state, metrics = round_fn(state, frozen, inputs)
