@@ -21,8 +21,9 @@ Privacy: ``dp.epsilon`` is the target at ``dp.delta``; the noise is calibrated f
 ``federated.rounds`` rounds at ``federated.level`` (`dpft.federated.accounting`).
 
 Expected result (default: HT, IID, example level, epsilon 2, 10 rounds of 3 full-batch local
-DP-GD steps per client, local lr 16 and server momentum 0.9 tuned on a validation split by
-experiments/dpfl_pretraining.py): test accuracy 0.632 +- 0.006 (3 seeds) at epsilon <= 2, in
+DP-GD steps per client, local lr 16 and server momentum 0.9 tuned on a validation split of
+the private training set by experiments/dpfl_pretraining.py; that tuning is not counted in
+epsilon): test accuracy 0.632 +- 0.006 (3 seeds) at epsilon <= 2, in
 about a minute on 2 CPU cores once the features are cached. `:smoke` (HT on 2,000 examples)
 checks the pipeline: epsilon 2.0 at delta 1e-4 after 4 rounds, accuracy above chance (0.1).
 """

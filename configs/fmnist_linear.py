@@ -12,8 +12,9 @@ The argument picks ``linear.method`` (default ``dp_gd``); ``smoke`` shrinks the 
 The 64-d pooled features of the frozen backbone are computed once (about 1-2 minutes for the
 70k images on 2 CPU cores) and cached in WORKDIR/features, or in ``finetune.cache_dir`` (shared
 with the ``finetune.mode=head`` runs of configs/fmnist_resnet20.py); each method then takes
-seconds. Hyperparameters are those chosen on a validation split at epsilon 3 in
-experiments/results/feature_methods.md (study (a)); expected test accuracy at epsilon 3, from
+seconds. Hyperparameters are those chosen on a validation split of the private training set at
+epsilon 3 in experiments/results/feature_methods.md (study (a)); that tuning is not counted in
+epsilon; expected test accuracy at epsilon 3, from
 that study (trained on 54k examples; within a point here): dp_gd ~73%, dp_fc ~71%,
 dp_newton ~70%, dp_least_squares ~70%, single_step ~49%. Measured with this config on all 60k
 (seed 0): dp_gd 73.18% (test ECE 0.056, NLL 0.81), dp_least_squares 70.19% with test

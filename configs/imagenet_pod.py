@@ -35,6 +35,9 @@ epochs at learning rate 1 (untuned). dpft ships no such weights: write a torchvi
 state dict as safetensors (README "Launching on a TPU pod"), copy it to every host and pass
 ``--config.model.pretrained_path=FILE``; without it the run stops with a one-line error.
 
+Tuning: none (the hyperparameters are untuned); a search on private data would not be counted
+in the reported epsilon.
+
 Expected result: NOT RUN on a pod; only `:smoke` was run (on CPU), so no accuracy or wall
 time is claimed. For scale: De et al. 2022 report 32.4% top-1 at epsilon 8 for an NF-ResNet-50
 trained from scratch on 224x224 ImageNet with far more compute; this smaller model on 64x64

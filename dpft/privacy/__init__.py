@@ -1,4 +1,9 @@
-"""dpft's DP core: clipping, noise, sampling and accounting.
+"""dpft's DP core: every mechanism of dpft and its accounting.
+
+Clipping of per-example gradients (`clipping`, `ghost`, `unfold`), of feature rows and linear-head
+gradients (`rows`) and of client updates (`clients`); Gaussian noise (`noise`, `rows`); keys and
+secrets (`keys`); sampling (`sampling`); accounting of DP-SGD (`accounting`, `ledger`), of
+full-batch releases (`releases`) and of federated rounds (`clients`).
 
 Flat and auditable: these modules import nothing else from dpft. Submodules load lazily, so
 ``python -m dpft.privacy.accounting`` runs without importing JAX's clipping code first.
@@ -6,7 +11,20 @@ Flat and auditable: these modules import nothing else from dpft. Submodules load
 
 import importlib
 
-_SUBMODULES = ("accounting", "clipping", "noise", "sampling")
+_SUBMODULES = (
+    "accounting",
+    "accounting_cli",
+    "clients",
+    "clipping",
+    "ghost",
+    "keys",
+    "ledger",
+    "noise",
+    "releases",
+    "rows",
+    "sampling",
+    "unfold",
+)
 
 
 def __getattr__(name):
