@@ -111,6 +111,14 @@ def test_shuffle_is_accounted_without_replacement_replace_one_at_half_sigma():
         A.compute_epsilon([entry, A.GaussianSteps(1.0, 0.01, 1)], 1e-5)
 
 
+def test_shuffle_of_the_whole_dataset_is_half_sigma_too():
+    # batch = N (q = 1): every step is a plain Gaussian of multiplier sigma / 2 under replace-one
+    entry = A.GaussianSteps(1.0, 1.0, 3, sampling="shuffle", dataset_size=100, max_batch_size=100)
+    acc = rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
+    acc.compose(dpa.GaussianDpEvent(0.5), 3)
+    assert A.compute_epsilon(entry, 1e-5) == pytest.approx(acc.get_epsilon(1e-5))
+
+
 def test_shuffle_calibration_accounts_half_sigma():
     n, b, steps, delta = 10000, 100, 300, 1e-5
     kw = {"sampling": "shuffle", "dataset_size": n, "max_batch_size": b}

@@ -161,14 +161,15 @@ class GaussianSteps:
             replace-one, so the event is ``GaussianDpEvent(noise_multiplier / 2)``.
         """
         gauss = dpa.GaussianDpEvent(self.noise_multiplier)
-        if self.sampling == "full" or self.sampling_rate == 1:
+        if self.sampling == "shuffle":  # replace-one: sensitivity 2C for noise std sigma C
+            half = dpa.GaussianDpEvent(self.noise_multiplier / 2)
+            one = half
+            if self.max_batch_size < self.dataset_size:  # a batch of all N is no subsample
+                one = dpa.SampledWithoutReplacementDpEvent(
+                    self.dataset_size, self.max_batch_size, half
+                )
+        elif self.sampling == "full" or self.sampling_rate == 1:
             one = gauss
-        elif self.sampling == "shuffle":  # replace-one: sensitivity 2C for noise std sigma C
-            one = dpa.SampledWithoutReplacementDpEvent(
-                self.dataset_size,
-                self.max_batch_size,
-                dpa.GaussianDpEvent(self.noise_multiplier / 2),
-            )
         elif exact_truncation and self.max_batch_size is not None:
             one = dpa.TruncatedSubsampledGaussianDpEvent(
                 self.dataset_size, self.sampling_rate, self.max_batch_size, self.noise_multiplier
