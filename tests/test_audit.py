@@ -20,10 +20,14 @@ from dpft.audit import (
     run_audit,
     run_distinguishing_audit,
     threshold_bound,
+    unhalved_shuffle_epsilon,
 )
 from dpft.audit.__main__ import main
-from dpft.audit.mechanism import _realized_batch_step
-from dpft.privacy.clipping import FlatClip
+from dpft.audit.broken import DropFromNorms, _realized_batch_step
+from dpft.audit.models import _dense_loss
+from dpft.privacy.accounting import GaussianSteps, compute_epsilon
+from dpft.privacy.clipping import FlatClip, clipped_grad
+from dpft.privacy.ghost import GhostNorms
 from dpft.train.step import TrainState
 
 # ------------------------------------------------------------------------------------------
@@ -137,6 +141,126 @@ def test_realized_batch_audit_runs():
 
 
 # ------------------------------------------------------------------------------------------
+# Ghost norms, shuffled batches and truncation
+# ------------------------------------------------------------------------------------------
+
+
+def test_drop_from_norms_leaves_a_bias_only_gradient_unclipped():
+    # Dense(3) on a 2-vector: example 0 has a = 0 (gradient all bias, norm 100), example 1 a
+    # kernel + bias gradient. GhostNorms clips example 0 to 1; dropping the bias does not.
+    loss = _dense_loss(3)
+    params = {"dense": {"kernel": jnp.zeros((2, 3)), "bias": jnp.zeros(3)}}
+
+    def per_example(p, e, k):
+        return loss(p, {}, e, k)
+
+    ex = {"a": jnp.array([[0.0, 0.0], [1.0, 0.0]]), "g": jnp.array([[100.0, 0, 0], [0, 0.5, 0]])}
+    mask, key = jnp.ones(2), jax.random.PRNGKey(0)
+    good = clipped_grad(per_example, FlatClip(1.0), norm_strategy=GhostNorms(False))
+    bad = clipped_grad(per_example, FlatClip(1.0), norm_strategy=DropFromNorms())
+    g, b = good(params, ex, mask, key).grad_sum, bad(params, ex, mask, key).grad_sum
+    np.testing.assert_allclose(g["dense"]["bias"], [1.0, 0.5, 0.0], atol=1e-5)
+    np.testing.assert_allclose(b["dense"]["bias"], [100.0, 0.5, 0.0], atol=1e-4)
+    np.testing.assert_allclose(b["dense"]["kernel"], g["dense"]["kernel"], atol=1e-6)
+
+
+def test_ghost_norms_correct_passes_and_drop_bias_is_caught():
+    good = run_audit(AuditConfig(epsilon=1.0, canaries=500, steps=5, norms="ghost", seed=0))
+    assert 0.0 <= good.lower_bound <= good.claimed_epsilon == 1.0
+    cfg = AuditConfig(epsilon=1.0, canaries=2000, steps=5, norms="ghost", broken="ghost_drop_bias")
+    bad = run_audit(cfg)
+    assert bad.lower_bound > 2 * bad.claimed_epsilon
+    assert bad.bound.v == bad.bound.r  # every guess right: the canaries went unclipped
+
+
+def test_unhalved_shuffle_event_is_the_accountant_at_twice_sigma():
+    # The broken claim at sigma is what dpft's (replace-one, sensitivity 2C) accounting gives
+    # at 2 sigma; so calibrating with it halves the noise.
+    n, b, t, delta = 600, 300, 4, 1e-5
+    right = compute_epsilon(
+        GaussianSteps(8.0, b / n, t, sampling="shuffle", dataset_size=n, max_batch_size=b), delta
+    )
+    assert unhalved_shuffle_epsilon(4.0, n, b, t, delta) == pytest.approx(right, rel=1e-9)
+    assert unhalved_shuffle_epsilon(8.0, n, b, t, delta) < right / 1.5
+
+
+def test_shuffle_one_run_audit_correct_passes_and_broken_runs():
+    # Swap design (replace-one): every slot holds +canary or -canary. At this size the one-run
+    # audit does not catch shuffle_sigma (docs/audit.md); the accountant's epsilon of what ran
+    # is well above the broken claim.
+    kw = dict(canaries=500, steps=4, sampling="shuffle", sampling_rate=0.5, noise_multiplier=6.0)
+    good = run_audit(AuditConfig(**kw))
+    assert good.config.batch_size == 300 and good.actual_epsilon is None
+    assert 0.0 <= good.lower_bound <= good.claimed_epsilon
+    bad = run_audit(AuditConfig(broken="shuffle_sigma", **kw))
+    assert bad.actual_epsilon == pytest.approx(good.claimed_epsilon)
+    assert bad.actual_epsilon > 1.5 * bad.claimed_epsilon
+    assert 0.0 <= bad.lower_bound < math.inf
+
+
+def test_two_dataset_audit_catches_shuffle_sigma():
+    # Replace-one neighbours D = {-target}, D' = {target}, one full shuffled batch: the claim
+    # eps = 2 of GaussianDpEvent(sigma) is exceeded (the run's true epsilon is about 4.4).
+    cfg = DistinguishConfig(
+        epsilon=2.0, runs=50000, steps=1, num_real=0, sampling="shuffle", broken="shuffle_sigma"
+    )
+    res = run_distinguishing_audit(cfg)
+    assert res.lower_bound > res.claimed_epsilon
+    assert res.statistic == "target"
+
+
+def test_two_dataset_audit_passes_the_correct_full_batch_shuffle():
+    # The same audit on the correct mechanism (sigma / 2 event, also for batch = N) stays below
+    # its claim; with the event of sigma it would be the run of the test above (2.34 > 2).
+    cfg = DistinguishConfig(epsilon=2.0, runs=50000, steps=1, num_real=0, sampling="shuffle")
+    res = run_distinguishing_audit(cfg)
+    assert 0.0 <= res.lower_bound <= res.claimed_epsilon
+
+
+def test_two_dataset_shuffle_small_run_is_well_formed():
+    cfg = DistinguishConfig(epsilon=2.0, runs=1000, steps=2, num_real=0, sampling="shuffle")
+    res = run_distinguishing_audit(cfg)
+    assert 0.0 <= res.lower_bound <= res.claimed_epsilon
+    with pytest.raises(ValueError):
+        DistinguishConfig(broken="shuffle_sigma")
+    with pytest.raises(ValueError):
+        DistinguishConfig(broken="ghost_drop_bias")
+
+
+def test_truncation_correct_passes_and_broken_is_not_caught():
+    # Cap 250 on ~300 expected rows: it binds at almost every step. The exact (PLD
+    # truncated-Poisson) epsilon is far above the untruncated claim, but per-canary guessing
+    # sees LESS signal under truncation (a canary is kept with probability < q), so the
+    # one-run audit stays below either claim.
+    kw = dict(canaries=400, steps=4, sampling_rate=0.5, max_batch_size=250, noise_multiplier=5.0)
+    good = run_audit(AuditConfig(**kw))
+    bad = run_audit(AuditConfig(broken="truncation", **kw))
+    assert good.config.batch_size == 250
+    assert bad.actual_epsilon == pytest.approx(good.claimed_epsilon)
+    assert good.claimed_epsilon > 1.5 * bad.claimed_epsilon
+    assert 0.0 <= good.lower_bound <= good.claimed_epsilon
+    assert 0.0 <= bad.lower_bound <= bad.claimed_epsilon
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(broken="ghost_drop_bias"),
+        dict(broken="shuffle_sigma"),
+        dict(broken="truncation", sampling_rate=0.5),
+        dict(max_batch_size=10),
+        dict(sampling="shuffle", sampling_rate=0.5, max_batch_size=10),
+        dict(sampling_rate=0.5, max_batch_size=0),
+        dict(norms="bogus"),
+        dict(sampling="bogus"),
+    ],
+)
+def test_new_controls_validate_their_settings(kw):
+    with pytest.raises(ValueError):
+        AuditConfig(**kw)
+
+
+# ------------------------------------------------------------------------------------------
 # Two-dataset audit over many runs
 # ------------------------------------------------------------------------------------------
 
@@ -205,9 +329,25 @@ def test_cli_prints_three_lines(capsys):
     assert "canaries=200" in lines[2] and "steps=2" in lines[2] and "broken=none" in lines[2]
 
 
+def test_cli_ghost_drop_bias_and_accounting_line(capsys):
+    argv = ["--epsilon", "1", "--canaries", "200", "--steps", "2", "--norms", "ghost"]
+    assert main([*argv, "--broken", "ghost_drop_bias"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and "norms=ghost" in lines[2] and float(lines[1].split()[3]) > 1.0
+    argv = ["--canaries", "20", "--steps", "2", "--sampling", "shuffle", "--num-real", "0"]
+    assert main([*argv, "--broken", "shuffle_sigma"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and lines[3].startswith("accountant's epsilon of what ran: ")
+    assert "sampling=shuffle" in lines[2] and "batch_size=20" in lines[2]
+
+
 @pytest.mark.parametrize(
     "argv",
     [
+        ["--broken", "ghost_drop_bias"],
+        ["--sampling-rate", "0.5", "--max-batch-size", "0"],
+        ["--method", "two-dataset", "--broken", "truncation"],
+        ["--method", "two-dataset", "--norms", "ghost"],
         ["--epsilon", "-1"],
         ["--broken", "bogus"],
         ["--canaries", "0"],

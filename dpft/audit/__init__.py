@@ -5,9 +5,12 @@
     result.claimed_epsilon, result.lower_bound
 
 See ``docs/audit.md``. `bounds` holds the statistics (p-value and epsilon lower bound),
-`mechanism` the audited training run and its deliberately broken variants, `distinguish` the
+`mechanism` the audited training run, `models` its white-box model and canary data, `broken`
+the deliberately broken variants (no noise, no clipping, the realised batch size, ghost norms
+without the bias, shuffled batches accounted with sigma instead of sigma / 2, truncation left
+out of the accounting), `distinguish` the
 classic two-dataset audit over many runs (which also catches leaks of a count, such as
-normalising by the realised batch size).
+normalising by the realised batch size, and runs replace-one neighbours for shuffled batches).
 """
 
 from dpft.audit.bounds import (
@@ -18,6 +21,7 @@ from dpft.audit.bounds import (
     guess_counts,
     p_value,
 )
+from dpft.audit.broken import DropFromNorms, unhalved_shuffle_epsilon, unhalved_shuffle_event
 from dpft.audit.distinguish import (
     DistinguishConfig,
     DistinguishResult,
@@ -25,15 +29,26 @@ from dpft.audit.distinguish import (
     run_distinguishing_audit,
     threshold_bound,
 )
-from dpft.audit.mechanism import BROKEN, SCORERS, AuditConfig, AuditResult, run_audit
+from dpft.audit.mechanism import (
+    BROKEN,
+    NORMS,
+    SAMPLINGS,
+    SCORERS,
+    AuditConfig,
+    AuditResult,
+    run_audit,
+)
 
 __all__ = [
     "BROKEN",
+    "NORMS",
+    "SAMPLINGS",
     "SCORERS",
     "AuditConfig",
     "AuditResult",
     "DistinguishConfig",
     "DistinguishResult",
+    "DropFromNorms",
     "GuessBound",
     "best_lower_bound",
     "clopper_pearson",
@@ -44,4 +59,6 @@ __all__ = [
     "run_audit",
     "run_distinguishing_audit",
     "threshold_bound",
+    "unhalved_shuffle_epsilon",
+    "unhalved_shuffle_event",
 ]

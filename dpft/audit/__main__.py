@@ -1,9 +1,11 @@
 """Command line: ``python -m dpft.audit --epsilon 2 --delta 1e-5 --canaries 1000 --steps 10``.
 
 ``--method one-run`` (default) is the one-run canary audit; ``--method two-dataset --runs R``
-trains R runs on D and R on D' = D + {target} and tests which produced each. Prints the
-claimed epsilon, the audit's lower bound and the settings, one line each. Bad arguments give a
-one-line error and exit code 2.
+trains R runs on D and R on D' = D + {target} (replace-one for ``--sampling shuffle``) and tests
+which produced each. Prints the claimed epsilon, the audit's lower bound and the settings, one
+line each (a fourth, the accountant's epsilon of what actually ran, for the accounting controls
+``shuffle_sigma`` and ``truncation`` of the one-run audit). Bad arguments give a one-line error
+and exit code 2.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from dpft.audit.distinguish import DistinguishConfig, run_distinguishing_audit
-from dpft.audit.mechanism import BROKEN, SCORERS, AuditConfig, run_audit
+from dpft.audit.mechanism import BROKEN, NORMS, SAMPLINGS, SCORERS, AuditConfig, run_audit
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,7 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--canaries", type=int, default=1000, help="m, canaries (each p=1/2)")
     p.add_argument("--steps", type=int, default=10, help="T, DP-SGD steps")
-    p.add_argument("--sampling-rate", type=float, default=1.0, help="Poisson q; 1 = full batch")
+    p.add_argument(
+        "--sampling-rate", type=float, default=1.0, help="Poisson q (1 = full batch) or batch/N"
+    )
+    p.add_argument("--sampling", choices=SAMPLINGS, default="poisson")
+    p.add_argument("--max-batch-size", type=int, default=None, help="Poisson cap (truncation)")
+    p.add_argument("--norms", choices=NORMS, default="vmap", help="one-run: per-example norms")
     p.add_argument(
         "--num-real", type=int, default=None, help="non-canary examples (|D| for two-dataset)"
     )
@@ -59,6 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             scorer=args.scorer,
             beta=args.beta,
             seed=args.seed,
+            sampling=args.sampling,
+            max_batch_size=args.max_batch_size,
+            norms=args.norms,
         )
     except ValueError as e:
         parser.error(str(e))
@@ -68,10 +78,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"audit lower bound: {b.epsilon:.4f} (confidence {1 - cfg.beta:g}, {b.v}/{b.r} correct)")
     print(
         f"settings: broken={cfg.broken} canaries={cfg.canaries} steps={cfg.steps} "
-        f"sampling_rate={cfg.sampling_rate:g} num_real={cfg.num_real} "
+        f"sampling={cfg.sampling} sampling_rate={cfg.sampling_rate:g} "
+        f"batch_size={cfg.batch_size} norms={cfg.norms} num_real={cfg.num_real} "
         f"noise_multiplier={res.noise_multiplier:.4f} used={res.noise_multiplier_used:.4f} "
         f"scorer={res.scorer} k={b.k} grid={len(b.grid)} seed={cfg.seed}"
     )
+    if res.actual_epsilon is not None:
+        print(f"accountant's epsilon of what ran: {res.actual_epsilon:.4f}")
     return 0
 
 
@@ -87,7 +100,10 @@ def _two_dataset(parser: argparse.ArgumentParser, args) -> int:
             broken=args.broken,
             beta=args.beta,
             seed=args.seed,
+            sampling=args.sampling,
         )
+        if args.norms != "vmap" or args.max_batch_size is not None:
+            raise ValueError("--norms and --max-batch-size are one-run options")
     except ValueError as e:
         parser.error(str(e))
     res = run_distinguishing_audit(cfg)
@@ -99,7 +115,7 @@ def _two_dataset(parser: argparse.ArgumentParser, args) -> int:
     )
     print(
         f"settings: method=two-dataset broken={cfg.broken} runs={cfg.runs} steps={cfg.steps} "
-        f"sampling_rate={cfg.sampling_rate:g} num_real={cfg.num_real} "
+        f"sampling={cfg.sampling} sampling_rate={cfg.sampling_rate:g} num_real={cfg.num_real} "
         f"noise_multiplier={res.noise_multiplier:.4f} statistic={res.statistic} seed={cfg.seed}"
     )
     return 0

@@ -24,6 +24,11 @@ Statistics of the final parameters ``w_T``, fixed before any run:
 White-box model, dpft's real DP-SGD (`mechanism.build_mechanism`): D holds ``num_real`` real
 examples with random gradients of norm about C, the target is a dirac gradient of norm
 ``canary_scale * C``. Runs are vectorised with ``jax.vmap`` (one noise key per run).
+
+Shuffled fixed-size batches (``sampling='shuffle'``) are accounted under replace-one, so the
+neighbours are D = real + {-target} and D' = real + {target}: the same size N, and the clipped
+sum moves by 2C. Each run draws a fresh permutation per epoch (``jax.random.permutation``,
+batches of ``round(q N)`` as in `ShuffleSampler`).
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
-from dpft.audit.mechanism import BROKEN, build_mechanism
+from dpft.audit.broken import unhalved_shuffle_epsilon
+from dpft.audit.mechanism import BROKEN, build_mechanism, calibrate
+from dpft.privacy import keys
 from dpft.privacy.accounting import calibrate_noise_multiplier
 from dpft.privacy.noise import PrivatizerState
 from dpft.train.step import TrainState
@@ -51,6 +58,9 @@ __all__ = [
 ]
 
 STATISTICS = ("target", "scale")
+SAMPLINGS = ("poisson", "shuffle")
+# Controls of `mechanism.BROKEN` this audit runs (ghost norms and truncation: one-run only).
+SUPPORTED = ("none", "noise", "clip", "realized_batch", "shuffle_sigma")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +71,13 @@ class DistinguishConfig:
       epsilon, delta: the claimed guarantee; sigma is calibrated to it with dpft's accountant.
       runs: R, training runs on EACH of D and D' (half select the test, half bound it).
       steps: T, DP-SGD steps per run.
-      sampling_rate: Poisson rate q; 1.0 means full batch.
-      num_real: |D|. A tiny D makes a count leak large (the realised-batch bug).
-      broken: 'none' or a broken variant of `mechanism.BROKEN`.
+      sampling_rate: Poisson rate q (1.0 means full batch), or for ``sampling='shuffle'`` the
+        batch fraction: batches of ``round(q N)``, N = num_real + 1.
+      sampling: 'poisson' (D' = D + {target}) or 'shuffle' (replace-one: D = real +
+        {-target}, D' = real + {target}).
+      num_real: the real examples (|D| for Poisson). A tiny D makes a count leak large (the
+        realised-batch bug).
+      broken: 'none' or one of `SUPPORTED` ('shuffle_sigma' needs sampling='shuffle').
       beta: 1 - confidence of the lower bound.
     """
 
@@ -81,6 +95,7 @@ class DistinguishConfig:
     broken: str = "none"
     seed: int = 0
     beta: float = 0.05
+    sampling: str = "poisson"
 
     def __post_init__(self):
         if not (self.epsilon > 0 and math.isfinite(self.epsilon)):
@@ -97,14 +112,34 @@ class DistinguishConfig:
             raise ValueError(f"num_real must be an int >= 0, got {self.num_real!r}")
         if self.broken not in BROKEN:
             raise ValueError(f"broken must be one of {BROKEN}, got {self.broken!r}")
+        if self.broken not in SUPPORTED:
+            raise ValueError(
+                f"the two-dataset audit runs broken in {SUPPORTED}, got {self.broken!r} "
+                "(use the one-run audit)"
+            )
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
+        if self.broken == "shuffle_sigma" and self.sampling != "shuffle":
+            raise ValueError("broken='shuffle_sigma' needs sampling='shuffle'")
         if not 0 < self.beta < 1:
             raise ValueError(f"beta must be in (0, 1), got {self.beta!r}")
         if self.free_dim < 2:
             raise ValueError(f"free_dim must be >= 2, got {self.free_dim!r}")
 
     @property
+    def shuffle(self) -> bool:
+        return self.sampling == "shuffle"
+
+    @property
+    def batch_size(self) -> int:
+        """Shuffled batches: round(q N) of the N = num_real + 1 examples."""
+        return max(1, int(round(self.sampling_rate * (self.num_real + 1))))
+
+    @property
     def expected_batch_size(self) -> float:
-        """A public normaliser: q * (|D| + 1/2), the same for D and D'."""
+        """A public normaliser, the same for D and D': q * (|D| + 1/2), or the shuffle batch."""
+        if self.shuffle:
+            return float(self.batch_size)
         return self.sampling_rate * (self.num_real + 0.5)
 
 
@@ -218,31 +253,58 @@ def _with_key(opt_state, key_data: jax.Array):
 def _final_params(
     cfg: DistinguishConfig, sigma: float, data: np.ndarray, n: int, key
 ) -> np.ndarray:
-    """Final parameters of ``cfg.runs`` independent runs on the first ``n`` rows of ``data``."""
+    """Final parameters of ``cfg.runs`` independent runs on the first ``n`` rows of ``data``.
+
+    Run ``r`` uses ``keys.derive(key, "audit", r)``; under it "noise" keys the privatizer,
+    "examples" the per-step example keys and "audit" the step's (or epoch's) sampling.
+    """
     init, step = build_mechanism(
         cfg.broken, sigma, cfg.clip_norm, cfg.learning_rate, cfg.expected_batch_size, key
     )
     d = data.shape[1]
     g = jnp.asarray(data)
-    present = jnp.asarray(np.arange(data.shape[0]) < n, jnp.float32)
-    q = cfg.sampling_rate
+    rows = data.shape[0]
+    present = jnp.asarray(np.arange(rows) < n, jnp.float32)
+    q, b = cfg.sampling_rate, cfg.batch_size
+    per_epoch = max(1, n // b)
+
+    def mask_at(run_key, t):
+        if cfg.shuffle:  # epoch's permutation; batch i of it (the remainder is dropped)
+            epoch, i = divmod(t, per_epoch)
+            perm = jax.random.permutation(keys.derive(run_key, "audit", epoch), n)
+            chosen = jax.lax.dynamic_slice(perm, (i * b,), (b,))
+            return jnp.zeros(rows, jnp.float32).at[chosen].set(1.0)
+        if q < 1:
+            coin = jax.random.bernoulli(keys.derive(run_key, "audit", t), q, present.shape)
+            return present * coin.astype(jnp.float32)
+        return present
 
     def one_run(run_key):
-        noise_key, sample_key, step_key = jax.random.split(run_key, 3)
         params = {"w": jnp.zeros((d,), jnp.float32)}
-        opt = _with_key(init(params), jax.random.key_data(noise_key))
+        opt = _with_key(init(params), keys.derive(run_key, "noise"))
         state = TrainState(jnp.zeros([], jnp.int32), params, opt, {})
         for t in range(cfg.steps):
-            if q < 1:
-                coin = jax.random.bernoulli(jax.random.fold_in(sample_key, t), q, present.shape)
-                mask = present * coin.astype(jnp.float32)
-            else:
-                mask = present
-            state, _ = step(state, {"g": g, "mask": mask}, jax.random.fold_in(step_key, t))
+            batch = {"g": g, "mask": mask_at(run_key, t)}
+            state, _ = step(state, batch, keys.derive(run_key, "examples", t))
         return state.params["w"]
 
-    keys = jax.random.split(key, cfg.runs)
-    return np.asarray(jax.jit(jax.vmap(one_run))(keys), np.float64)
+    run_keys = jax.vmap(lambda r: keys.derive(key, "audit", r))(jnp.arange(cfg.runs))
+    return np.asarray(jax.jit(jax.vmap(one_run))(run_keys), np.float64)
+
+
+def _noise_multiplier(cfg: DistinguishConfig) -> float:
+    """sigma calibrated to the claim by dpft's accountant (or the broken shuffle accounting)."""
+    if not cfg.shuffle:
+        q = cfg.sampling_rate
+        acct = {"sampling": "full"} if q == 1 else {"sampling": "poisson"}
+        return calibrate_noise_multiplier(cfg.epsilon, cfg.delta, q, cfg.steps, **acct)
+    n, b = cfg.num_real + 1, cfg.batch_size
+    if cfg.broken == "shuffle_sigma":
+        return calibrate(
+            lambda s: unhalved_shuffle_epsilon(s, n, b, cfg.steps, cfg.delta), cfg.epsilon
+        )
+    acct = {"sampling": "shuffle", "dataset_size": n, "max_batch_size": b}
+    return calibrate_noise_multiplier(cfg.epsilon, cfg.delta, b / n, cfg.steps, **acct)
 
 
 def run_distinguishing_audit(cfg: DistinguishConfig) -> DistinguishResult:
@@ -255,9 +317,8 @@ def run_distinguishing_audit(cfg: DistinguishConfig) -> DistinguishResult:
         <= the claimed epsilon. A bound above the claim is statistical evidence of a bug.
     """
     rng = np.random.default_rng([cfg.seed, 0xD15C])
-    c, q = cfg.clip_norm, cfg.sampling_rate
-    acct = {"sampling": "full"} if q == 1 else {"sampling": "poisson"}
-    sigma = calibrate_noise_multiplier(cfg.epsilon, cfg.delta, q, cfg.steps, **acct)
+    c = cfg.clip_norm
+    sigma = _noise_multiplier(cfg)
 
     d = cfg.real_dim + 1 + cfg.free_dim
     target = cfg.real_dim
@@ -267,10 +328,15 @@ def run_distinguishing_audit(cfg: DistinguishConfig) -> DistinguishResult:
     real /= np.maximum(np.linalg.norm(real, axis=1, keepdims=True), 1e-12)
     data[: cfg.num_real, : cfg.real_dim] = real
     data[cfg.num_real, target] = cfg.canary_scale * c  # the target: D' = D + this row
+    if cfg.shuffle:  # replace-one: D holds -target in the same row
+        data_d, n_d = data.copy(), cfg.num_real + 1
+        data_d[cfg.num_real, target] = -cfg.canary_scale * c
+    else:
+        data_d, n_d = data, cfg.num_real
 
-    key_d, key_dp = jax.random.split(jax.random.PRNGKey(int(rng.integers(2**31))))
-    w_d = _final_params(cfg, sigma, data, cfg.num_real, key_d)
-    w_dp = _final_params(cfg, sigma, data, cfg.num_real + 1, key_dp)
+    root = keys.derive(keys.root_key(cfg.seed), "audit")
+    w_d = _final_params(cfg, sigma, data_d, n_d, keys.derive(root, "audit", 0))
+    w_dp = _final_params(cfg, sigma, data, cfg.num_real + 1, keys.derive(root, "audit", 1))
     s_d, s_dp = _statistics(w_d, cfg, target), _statistics(w_dp, cfg, target)
 
     half = cfg.runs // 2

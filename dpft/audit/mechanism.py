@@ -1,28 +1,24 @@
 """The audited mechanism: DP-SGD through dpft's real code paths, fed white-box canary gradients.
 
-Model. The "model" is one parameter vector ``w`` of size ``d = real_dim + m + free_dim`` and the
-per-example loss is ``<w, example['g']>``, so each example's gradient IS the vector it carries.
-That lets the auditor inject any per-example gradient while every privacy-relevant operation
-(per-example clipping with `clipped_grad` + `FlatClip`, Gaussian noise with
-`gaussian_privatizer`, division by the expected batch size, SGD) is dpft's own code, run through
-`make_train_step` and `dp_sgd` exactly as in training.
+The model and the training set (`dpft.audit.models`) let the auditor inject any per-example
+gradient, while every privacy-relevant operation (per-example clipping with `clipped_grad` +
+`FlatClip`, Gaussian noise with `gaussian_privatizer`, division by the expected batch size,
+SGD, the samplers) is dpft's own code, run through `make_train_step` and `dp_sgd` exactly as in
+training.
 
-* real examples: random gradients in the first ``real_dim`` coordinates, norms around C;
-* canary ``i``: a dirac ``canary_scale * C * e_{real_dim + i}`` (clipped to exactly C), included
-  in the training set with probability 1/2 (secret bit ``S_i``);
-* ``free_dim`` coordinates no example touches: they hold pure noise, which is what an auditor
-  that sees the iterates can use to read the per-step noise scale.
+Canary designs. Poisson and full batches (add/remove-one neighbouring): canary ``i`` is in the
+training set with probability 1/2 (secret bit ``S_i``). Shuffled fixed-size batches
+(``sampling='shuffle'``, replace-one neighbouring, a public dataset size N): every canary slot
+is present and holds ``S_i`` times the canary, so flipping ``S_i`` replaces one example by
+another and moves the clipped sum by 2C, the replace-one sensitivity.
 
-Scores. Canary ``i``'s coordinate moves by ``-lr * (C * [i sampled] + noise) / B`` per step, so the
-default score is the total movement ``sum_t -update_t[i] = -(w_T[i] - w_0[i])``.
+Scores. Canary ``i``'s coordinate moves by ``-lr * (C * [i sampled] + noise) / B`` per step
+(``S_i C`` for the swap design), so the default score is the total movement
+``sum_t -update_t[i] = -(w_T[i] - w_0[i])``.
 
-Broken variants (one component swapped, dpft untouched):
-
-* ``noise``: noise multiplier 0, while the claimed epsilon is kept;
-* ``clip``: clipping off (``FlatClip(inf)``) while the noise is still calibrated to C, so a canary
-  moves its coordinate by 100 C per step;
-* ``realized_batch``: the noisy sum is divided by the realised batch size instead of the public
-  expected one (a custom step: dp_chain's normaliser cannot see the batch).
+Broken variants (``BROKEN``, one component swapped, dpft untouched) are listed in
+`dpft.audit.broken`, which holds the pieces they need beyond a changed argument;
+`build_mechanism` and the accounting below select them.
 """
 
 from __future__ import annotations
@@ -33,24 +29,46 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from dpft.audit.bounds import GuessBound, best_lower_bound
+from dpft.audit.broken import DropFromNorms, _realized_batch_step, _unhalved_shuffle_epsilon
+from dpft.audit.models import _loss, _make_data, _model
 from dpft.optim import dp_sgd
+from dpft.privacy import keys
 from dpft.privacy.accounting import (
     GaussianSteps,
     calibrate_noise_multiplier,
     compute_epsilon,
 )
-from dpft.privacy.clipping import FlatClip, clipped_grad
-from dpft.privacy.noise import gaussian_privatizer
-from dpft.privacy.sampling import PoissonSampler, poisson_batch_cap
+from dpft.privacy.clipping import FlatClip
+from dpft.privacy.ghost import GhostNorms
+from dpft.privacy.sampling import PoissonSampler, ShuffleSampler, poisson_batch_cap
 from dpft.train.step import TrainState, make_train_step
 
-__all__ = ["BROKEN", "SCORERS", "AuditConfig", "AuditResult", "build_mechanism", "run_audit"]
+__all__ = [
+    "BROKEN",
+    "NORMS",
+    "SAMPLINGS",
+    "SCORERS",
+    "AuditConfig",
+    "AuditResult",
+    "build_mechanism",
+    "run_audit",
+    "calibrate",
+]
 
-BROKEN = ("none", "noise", "clip", "realized_batch")
+BROKEN = (
+    "none",
+    "noise",
+    "clip",
+    "realized_batch",
+    "ghost_drop_bias",
+    "shuffle_sigma",
+    "truncation",
+)
 SCORERS = ("auto", "sum", "count_weighted")
+SAMPLINGS = ("poisson", "shuffle")
+NORMS = ("vmap", "ghost")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,13 +77,21 @@ class AuditConfig:
 
     Attributes:
       epsilon, delta: the claimed guarantee; the noise multiplier is calibrated to it with
-        dpft's accountant (PLD) unless ``noise_multiplier`` is given.
-      canaries: m, the number of canaries (each included with probability 1/2).
+        dpft's accountant (PLD; RDP for shuffled batches) unless ``noise_multiplier`` is given.
+      canaries: m, the number of canaries.
       steps: T, DP-SGD steps.
-      sampling_rate: Poisson rate q; 1.0 means full batch (every example, every step).
+      sampling_rate: q. Poisson rate (1.0 means full batch: every example, every step), or for
+        ``sampling='shuffle'`` the batch fraction: batches of ``round(q N)`` of the N examples.
+      sampling: 'poisson' (add/remove-one; canaries in with probability 1/2) or 'shuffle'
+        (`ShuffleSampler`, replace-one; every slot holds +canary or -canary).
+      max_batch_size: the static Poisson cap; None picks `poisson_batch_cap` (truncation
+        probability <= 1e-12 per step). A smaller cap truncates; it is accounted exactly (PLD's
+        truncated-Poisson event) unless ``broken='truncation'``.
+      norms: 'vmap' (linear model, `VmapNorms`) or 'ghost' (a flax Dense layer, `GhostNorms`).
       num_real: real (non-canary) examples.
       broken: 'none' (the correct mechanism) or a broken variant: 'noise', 'clip',
-        'realized_batch'.
+        'realized_batch', 'ghost_drop_bias' (needs norms='ghost'), 'shuffle_sigma' (needs
+        sampling='shuffle'), 'truncation' (needs Poisson q < 1 and max_batch_size).
       scorer: 'sum' (total movement), 'count_weighted' (per-step movement weighted by the
         estimated number of canaries in the batch; see `_scores`), or 'auto' (count_weighted
         for realized_batch, sum otherwise). Fixed before the run, so no union bound is needed.
@@ -88,6 +114,9 @@ class AuditConfig:
     seed: int = 0
     beta: float = 0.05
     noise_multiplier: float | None = None
+    sampling: str = "poisson"
+    max_batch_size: int | None = None
+    norms: str = "vmap"
 
     def __post_init__(self):
         if not (self.epsilon > 0 and math.isfinite(self.epsilon)):
@@ -108,107 +137,177 @@ class AuditConfig:
             raise ValueError(f"broken must be one of {BROKEN}, got {self.broken!r}")
         if self.scorer not in SCORERS:
             raise ValueError(f"scorer must be one of {SCORERS}, got {self.scorer!r}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
+        if self.norms not in NORMS:
+            raise ValueError(f"norms must be one of {NORMS}, got {self.norms!r}")
         if not 0 < self.beta < 1:
             raise ValueError(f"beta must be in (0, 1), got {self.beta!r}")
         if self.clip_norm <= 0 or self.canary_scale <= 0 or self.learning_rate <= 0:
             raise ValueError("clip_norm, canary_scale and learning_rate must be > 0")
         if self.noise_multiplier is not None and not self.noise_multiplier > 0:
             raise ValueError(f"noise_multiplier must be > 0, got {self.noise_multiplier!r}")
+        poisson = self.sampling == "poisson" and self.sampling_rate < 1
+        if self.max_batch_size is not None:
+            if not poisson:
+                raise ValueError("max_batch_size needs Poisson sampling with sampling_rate < 1")
+            cap = self.max_batch_size
+            if not (isinstance(cap, int) and 1 <= cap <= self.max_examples):
+                raise ValueError(
+                    f"max_batch_size must be an int in [1, {self.max_examples}], got {cap!r}"
+                )
+        if self.broken == "ghost_drop_bias" and self.norms != "ghost":
+            raise ValueError("broken='ghost_drop_bias' needs norms='ghost'")
+        if self.broken == "shuffle_sigma" and self.sampling != "shuffle":
+            raise ValueError("broken='shuffle_sigma' needs sampling='shuffle'")
+        if self.broken == "truncation" and self.max_batch_size is None:
+            raise ValueError("broken='truncation' needs Poisson sampling and a max_batch_size")
+
+    @property
+    def shuffle(self) -> bool:
+        return self.sampling == "shuffle"
 
     @property
     def full_batch(self) -> bool:
-        return self.sampling_rate == 1.0
+        return self.sampling == "poisson" and self.sampling_rate == 1.0
 
     @property
     def max_examples(self) -> int:
-        """Dataset size if every canary were included (fixes static shapes and the cap)."""
+        """Dataset size if every canary were included (fixes static shapes and the cap).
+
+        For shuffled batches it is the dataset size N itself (every canary slot is present).
+        """
         return self.num_real + self.canaries
 
     @property
+    def batch_size(self) -> int:
+        """The static batch: round(q N) for shuffle, the Poisson cap, or every row."""
+        if self.shuffle:
+            return max(1, int(round(self.sampling_rate * self.max_examples)))
+        if self.full_batch:
+            return self.max_examples
+        if self.max_batch_size is not None:
+            return self.max_batch_size
+        return poisson_batch_cap(self.max_examples, self.sampling_rate)
+
+    @property
     def expected_batch_size(self) -> float:
-        """Public normaliser q * (num_real + m/2): it does not depend on the secret bits."""
+        """The public normaliser: the shuffle batch size, else q * (num_real + m/2).
+
+        Neither depends on the secret bits.
+        """
+        if self.shuffle:
+            return float(self.batch_size)
         return self.sampling_rate * (self.num_real + self.canaries / 2)
 
-    def accounting_kwargs(self) -> dict:
-        """`GaussianSteps` keyword arguments describing this run's sampling."""
+    @property
+    def accounted_rate(self) -> float:
+        """The sampling rate the accountant sees (batch / N for shuffle)."""
+        if self.shuffle:
+            return self.batch_size / self.max_examples
+        return self.sampling_rate
+
+    def accounting_kwargs(self, claimed: bool = True) -> dict:
+        """`GaussianSteps` keyword arguments describing this run's sampling.
+
+        ``claimed=False`` describes what actually runs; ``claimed=True`` what the claim is
+        computed for, which differs for ``broken='truncation'`` (the cap is left out).
+        """
+        if self.shuffle:
+            n = self.max_examples
+            return {"sampling": "shuffle", "dataset_size": n, "max_batch_size": self.batch_size}
         if self.full_batch:
             return {"sampling": "full"}
-        cap = poisson_batch_cap(self.max_examples, self.sampling_rate)
+        if claimed and self.broken == "truncation":
+            return {"sampling": "poisson"}  # the bug: truncation ignored
         # With fewer examples than max_examples the true overflow probability is only smaller.
-        return {"sampling": "poisson", "dataset_size": self.max_examples, "max_batch_size": cap}
+        n = self.max_examples
+        return {"sampling": "poisson", "dataset_size": n, "max_batch_size": self.batch_size}
 
 
 @dataclasses.dataclass(frozen=True)
 class AuditResult:
-    """Outcome of `run_audit`: claimed epsilon, the empirical lower bound and the settings."""
+    """Outcome of `run_audit`: claimed epsilon, the empirical lower bound and the settings.
+
+    ``actual_epsilon`` is dpft's accountant's epsilon for the mechanism that actually ran, for
+    the controls whose bug is in the accounting ('shuffle_sigma', 'truncation'); None
+    otherwise.
+    """
 
     config: AuditConfig
-    claimed_epsilon: float  # what the accountant reports for the configured mechanism
+    claimed_epsilon: float  # what the (possibly broken) accounting reports
     noise_multiplier: float  # the multiplier the claim is computed for
     noise_multiplier_used: float  # what the (possibly broken) run actually used
     bound: GuessBound
     scorer: str
+    actual_epsilon: float | None = None
 
     @property
     def lower_bound(self) -> float:
         return self.bound.epsilon
 
 
-def _make_data(cfg: AuditConfig, rng: np.random.Generator):
-    """Secret bits and the training set's per-example gradients, padded to max_examples rows."""
-    m, c = cfg.canaries, cfg.clip_norm
-    d = cfg.real_dim + m + cfg.free_dim
-    secrets = rng.choice(np.array([-1, 1]), size=m)
-    real = rng.normal(size=(cfg.num_real, cfg.real_dim))
-    real *= (c * rng.uniform(0.5, 2.0, size=(cfg.num_real, 1))) / np.maximum(
-        np.linalg.norm(real, axis=1, keepdims=True), 1e-12
+# ------------------------------------------------------------------------------------------
+# Accounting
+# ------------------------------------------------------------------------------------------
+
+
+def calibrate(eps_of, target: float, rtol: float = 1e-3) -> float:
+    """Smallest sigma (to relative ``rtol``) with ``eps_of(sigma) <= target`` (eps decreasing)."""
+    hi = 1.0
+    while eps_of(hi) > target:
+        hi *= 2
+        if hi > 1e6:
+            raise ValueError(f"no noise multiplier <= 1e6 reaches epsilon {target}")
+    lo = hi / 2
+    while eps_of(lo) <= target:
+        hi, lo = lo, lo / 2
+    while hi / lo > 1 + rtol:
+        mid = math.sqrt(lo * hi)
+        lo, hi = (lo, mid) if eps_of(mid) <= target else (mid, hi)
+    return hi
+
+
+def _claimed_epsilon(cfg: AuditConfig, sigma: float) -> float:
+    """Epsilon of the (possibly broken) accounting at ``sigma``."""
+    if cfg.broken == "shuffle_sigma":
+        return _unhalved_shuffle_epsilon(cfg, sigma)
+    entry = GaussianSteps(sigma, cfg.accounted_rate, cfg.steps, **cfg.accounting_kwargs())
+    return compute_epsilon(entry, cfg.delta)
+
+
+def _actual_epsilon(cfg: AuditConfig, sigma: float) -> float | None:
+    """dpft's accountant on what actually ran, for the accounting controls (else None)."""
+    if cfg.broken not in ("shuffle_sigma", "truncation"):
+        return None
+    kwargs = cfg.accounting_kwargs(claimed=False)
+    return compute_epsilon(GaussianSteps(sigma, cfg.accounted_rate, cfg.steps, **kwargs), cfg.delta)
+
+
+def _noise_multiplier(cfg: AuditConfig) -> tuple[float, float]:
+    """(sigma, claimed epsilon): calibrated to the claim, or the given sigma and its epsilon."""
+    if cfg.noise_multiplier is not None:
+        sigma = float(cfg.noise_multiplier)
+        return sigma, _claimed_epsilon(cfg, sigma)
+    if cfg.broken == "shuffle_sigma":
+        return calibrate(lambda s: _unhalved_shuffle_epsilon(cfg, s), cfg.epsilon), cfg.epsilon
+    sigma = calibrate_noise_multiplier(
+        cfg.epsilon, cfg.delta, cfg.accounted_rate, cfg.steps, **cfg.accounting_kwargs()
     )
-    data = np.zeros((cfg.max_examples, d), np.float32)
-    data[: cfg.num_real, : cfg.real_dim] = real
-    included = np.flatnonzero(secrets > 0)
-    rows = cfg.num_real + np.arange(included.size)
-    data[rows, cfg.real_dim + included] = cfg.canary_scale * c
-    n = cfg.num_real + included.size
-    return secrets, data, n
+    return sigma, cfg.epsilon
 
 
-def _loss(params, frozen, example, rng):
-    """Linear per-example loss <w, g>: its gradient with respect to w is exactly g."""
-    del frozen, rng
-    return jnp.vdot(params["w"], example["g"]), {"correct": jnp.zeros((), jnp.float32)}
+# ------------------------------------------------------------------------------------------
+# Mechanism, scores and the run
+# ------------------------------------------------------------------------------------------
 
 
-def _realized_batch_step(clipper, sigma, sensitivity, lr, key):
-    """BROKEN step: like `make_train_step` + `dp_sgd`, but divides by the realised batch size.
-
-    Returns ``(init, step)``. The noise is still calibrated for sensitivity C on the sum, but
-    the normaliser ``1 / |B_t|`` is a function of the private batch: it leaks how many examples
-    were sampled, and with it membership (the sum's sensitivity after division is no longer
-    C / (qN) but depends on |B_t|).
-    """
-    priv = gaussian_privatizer(sigma, sensitivity, key)
-    base = optax.sgd(lr)
-
-    def per_example(params, example, rng):
-        return _loss(params, {}, example, rng)
-
-    grad_fn = clipped_grad(per_example, clipper)
-
-    def init(params):
-        return (priv.init(params), base.init(params))
-
-    def step(state: TrainState, batch: dict, rng):
-        mask = batch["mask"]
-        out = grad_fn(state.params, {"g": batch["g"]}, mask, rng)
-        ps, bs = state.opt_state
-        noisy, ps = priv.update(out.grad_sum, ps)
-        realized = jnp.maximum(jnp.sum(mask), 1.0)  # the bug: a private normaliser
-        noisy = jax.tree_util.tree_map(lambda u: u / realized, noisy)
-        updates, bs = base.update(noisy, bs, state.params)
-        params = optax.apply_updates(state.params, updates)
-        return TrainState(state.step + 1, params, (ps, bs), state.frozen), {}
-
-    return init, step
+def _norm_strategy(broken: str, norms: str):
+    if broken == "ghost_drop_bias":
+        return DropFromNorms(GhostNorms(allow_fallback=False), "bias")
+    if norms == "ghost":
+        return GhostNorms(allow_fallback=False)  # every leaf through the ghost computation
+    return None  # VmapNorms
 
 
 def build_mechanism(
@@ -218,21 +317,34 @@ def build_mechanism(
     learning_rate: float,
     expected_batch_size: float,
     key: jax.Array,
+    *,
+    norms: str = "vmap",
+    loss_fn=None,
 ):
-    """``(init, step)`` of DP-SGD on the white-box linear model, correct or with one bug.
+    """``(init, step)`` of DP-SGD on a white-box model, correct or with one bug.
 
     The correct mechanism is dpft's own: `make_train_step` (per-example `clipped_grad` with
-    `FlatClip(clip_norm)`) and `dp_sgd` (`gaussian_privatizer` with std ``noise_multiplier *
-    clip_norm``, division by the public ``expected_batch_size``, SGD). ``broken`` swaps one
-    component (see the module docstring); ``noise_multiplier`` is the one the claim is
-    computed for, and the 'noise' variant drops it.
+    `FlatClip(clip_norm)`, norms by `VmapNorms` or, with ``norms='ghost'``, `GhostNorms`) and
+    `dp_sgd` (`gaussian_privatizer` with std ``noise_multiplier * clip_norm``, division by the
+    public ``expected_batch_size``, SGD). ``broken`` swaps one component (see
+    `dpft.audit.broken`); ``noise_multiplier`` is the one the claim is computed for, and the
+    'noise' variant drops it. 'shuffle_sigma' and 'truncation' are accounting bugs: the
+    mechanism is the correct one. ``loss_fn`` defaults to the linear model; ``norms='ghost'``
+    needs a flax model's loss (see `models._model`): `GhostNorms(allow_fallback=False)` refuses
+    a leaf that no Dense/Conv layer owns.
     """
     if broken not in BROKEN:
         raise ValueError(f"broken must be one of {BROKEN}, got {broken!r}")
+    if norms not in NORMS:
+        raise ValueError(f"norms must be one of {NORMS}, got {norms!r}")
+    loss_fn = _loss if loss_fn is None else loss_fn
     sigma = 0.0 if broken == "noise" else noise_multiplier
     clipper = FlatClip(math.inf) if broken == "clip" else FlatClip(clip_norm)
+    strategy = _norm_strategy(broken, norms)
     if broken == "realized_batch":
-        return _realized_batch_step(clipper, sigma, clip_norm, learning_rate, key)
+        return _realized_batch_step(
+            clipper, sigma, clip_norm, learning_rate, key, loss_fn, strategy
+        )
     tx = dp_sgd(
         learning_rate,
         noise_multiplier=sigma,
@@ -240,7 +352,7 @@ def build_mechanism(
         expected_batch_size=expected_batch_size,
         key=key,
     )
-    return tx.init, make_train_step(_loss, clipper, tx)
+    return tx.init, make_train_step(loss_fn, clipper, tx, norm_strategy=strategy)
 
 
 def _scores(cfg: AuditConfig, deltas: np.ndarray, free_std: np.ndarray, sigma: float, scorer):
@@ -270,60 +382,68 @@ def run_audit(cfg: AuditConfig) -> AuditResult:
     """Runs T steps of the (possibly broken) DP-SGD mechanism once and audits it.
 
     Steps: draw the secret bits and build the training set; calibrate the noise multiplier to
-    the claimed (epsilon, delta) with dpft's accountant; train with Poisson (or full) batches;
-    score every canary; guess "in" for the k highest and "out" for the k lowest scores over a
-    grid of k; convert the best (guesses, correct) pair into a lower bound on epsilon with
-    `best_lower_bound` (beta split over the grid).
+    the claimed (epsilon, delta) with dpft's accountant (or the broken accounting); train with
+    Poisson, full or shuffled batches; score every canary; guess "in" (+1) for the k highest
+    and "out" (-1) for the k lowest scores over a grid of k; convert the best (guesses,
+    correct) pair into a lower bound on epsilon with `best_lower_bound` (beta split over the
+    grid). Keys: ``keys.root_key(seed)``, then the "audit" purpose, then "noise" for the
+    privatizer and "examples" (with the step) for the per-example keys.
 
     Reasoning:
-        If the implementation is correct, it is (claimed_epsilon, delta)-DP, so with
-        probability >= 1 - beta the returned lower bound is <= claimed_epsilon. A lower bound
-        above the claim is statistical evidence (at confidence 1 - beta) of a privacy bug.
+        If the implementation is correct, it is (claimed_epsilon, delta)-DP with respect to
+        each secret bit (add/remove-one of a canary, or for shuffled batches replace-one of
+        +canary by -canary), so with probability >= 1 - beta the returned lower bound is
+        <= claimed_epsilon. A lower bound above the claim is statistical evidence (at
+        confidence 1 - beta) of a privacy bug.
     """
     rng = np.random.default_rng([cfg.seed, 0xA0D17])
     secrets, data, n = _make_data(cfg, rng)
-    acct = cfg.accounting_kwargs()
-    q = cfg.sampling_rate
-    if cfg.noise_multiplier is None:
-        sigma = calibrate_noise_multiplier(cfg.epsilon, cfg.delta, q, cfg.steps, **acct)
-        claimed = cfg.epsilon
-    else:
-        sigma = float(cfg.noise_multiplier)
-        claimed = compute_epsilon(GaussianSteps(sigma, q, cfg.steps, **acct), cfg.delta)
+    sigma, claimed = _noise_multiplier(cfg)
 
-    key = jax.random.PRNGKey(int(rng.integers(2**31)))
+    root = keys.derive(keys.root_key(cfg.seed), "audit")
     sigma_used = 0.0 if cfg.broken == "noise" else sigma
+    d = data["g"].shape[1]
+    params, loss_fn, view = _model(cfg.norms, d)
     init, step = build_mechanism(
-        cfg.broken, sigma, cfg.clip_norm, cfg.learning_rate, cfg.expected_batch_size, key
+        cfg.broken,
+        sigma,
+        cfg.clip_norm,
+        cfg.learning_rate,
+        cfg.expected_batch_size,
+        keys.derive(root, "noise"),
+        norms=cfg.norms,
+        loss_fn=loss_fn,
     )
 
-    d = data.shape[1]
     lo, hi = cfg.real_dim, cfg.real_dim + cfg.canaries
-    params = {"w": jnp.zeros((d,), jnp.float32)}
     state = TrainState(jnp.zeros([], jnp.int32), params, init(params), {})
 
     @jax.jit
-    def train_step(state, g, mask, rng):
-        new, _ = step(state, {"g": g, "mask": mask}, rng)
-        delta_w = new.params["w"] - state.params["w"]
+    def train_step(state, batch, t):
+        new, _ = step(state, batch, keys.derive(root, "examples", t))
+        delta_w = view(new.params) - view(state.params)
         return new, delta_w[lo:hi], jnp.std(delta_w[hi:])
 
-    if cfg.full_batch:
+    if cfg.shuffle:
+        sampler = ShuffleSampler(n, cfg.batch_size, seed=int(rng.integers(2**31)))
+    elif cfg.full_batch:
         sampler = None
         full_mask = (np.arange(cfg.max_examples) < n).astype(np.float32)
     else:
-        cap = acct["max_batch_size"]
-        sampler = PoissonSampler(n, q, seed=int(rng.integers(2**31)), max_batch_size=cap)
-    data_j = jnp.asarray(data)
-    step_key = jax.random.PRNGKey(int(rng.integers(2**31)))
+        sampler = PoissonSampler(
+            n, cfg.sampling_rate, seed=int(rng.integers(2**31)), max_batch_size=cfg.batch_size
+        )
+    data_j = {k: jnp.asarray(v) for k, v in data.items()}
     deltas, free_std = [], []
     for t in range(cfg.steps):
         if sampler is None:
-            g, mask = data_j, jnp.asarray(full_mask)
+            batch = {**data_j, "mask": jnp.asarray(full_mask)}
         else:
             b = sampler.batch_at(t)
-            g, mask = data_j[jnp.asarray(b.indices)], jnp.asarray(b.mask, jnp.float32)
-        state, dw, fs = train_step(state, g, mask, jax.random.fold_in(step_key, t))
+            idx = jnp.asarray(b.indices)
+            batch = {k: v[idx] for k, v in data_j.items()}
+            batch["mask"] = jnp.asarray(b.mask, jnp.float32)
+        state, dw, fs = train_step(state, batch, jnp.uint32(t))
         deltas.append(dw)
         free_std.append(fs)
     deltas = np.asarray(jnp.stack(deltas), np.float64)
@@ -334,4 +454,5 @@ def run_audit(cfg: AuditConfig) -> AuditResult:
         scorer = "count_weighted" if cfg.broken == "realized_batch" else "sum"
     scores = _scores(cfg, deltas, free_std, sigma_used, scorer)
     bound = best_lower_bound(scores, secrets, cfg.delta, cfg.beta)
-    return AuditResult(cfg, float(claimed), float(sigma), float(sigma_used), bound, scorer)
+    actual = _actual_epsilon(cfg, sigma)
+    return AuditResult(cfg, float(claimed), float(sigma), float(sigma_used), bound, scorer, actual)
