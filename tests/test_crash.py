@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 from dpft import paths
-from dpft.privacy import accounting
+from dpft.privacy import accounting, keys
 from dpft.train import trainer
 from dpft.train.checkpoint import Checkpointer
 
@@ -252,13 +252,13 @@ def test_secure_noise_runs_differ_reproducible_runs_match(tmp_path, monkeypatch)
     from dpft.train import train_and_evaluate
 
     drawn = []
-    original = trainer.secrets.randbits
+    original = keys.secrets.randbits
 
     def spy(k):
         drawn.append(original(k))
         return drawn[-1]
 
-    monkeypatch.setattr(trainer.secrets, "randbits", spy)
+    monkeypatch.setattr(keys.secrets, "randbits", spy)
     train_and_evaluate(_tiny(), tmp_path / "r1")
     train_and_evaluate(_tiny(), tmp_path / "r2")
     assert drawn == []  # reproducible mode never touches OS entropy
@@ -286,7 +286,7 @@ def test_secure_run_resumes_exactly_with_its_checkpointed_secret(tmp_path, monke
     from dpft.train import report, train_and_evaluate
 
     secrets_ = iter([12345678901234567890, 12345678901234567890, 98765432109876543210])
-    monkeypatch.setattr(trainer.secrets, "randbits", lambda k: next(secrets_))
+    monkeypatch.setattr(keys.secrets, "randbits", lambda k: next(secrets_))
     train_and_evaluate(_tiny(steps=3, secure=True), tmp_path / "full")
     original = report.MetricsWriter.write
 

@@ -294,7 +294,7 @@ def test_host_chunked_steps_equal_one_array_steps(tmp_path, monkeypatch, caplog)
         eps_b, b, meta_b = runs[name]
         assert meta_a["ledger"] == meta_b["ledger"] and eps == eps_b
         for x, y in zip(a, b, strict=True):
-            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)  # summation order
 
 
 def test_automatic_microbatch_unroll():
