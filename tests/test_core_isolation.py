@@ -7,7 +7,17 @@ import pathlib
 import pytest
 
 import dpft
-from dpft.privacy import accounting, clients, clipping, keys, noise, releases, rows, sampling
+from dpft.privacy import (
+    accounting,
+    clients,
+    clipping,
+    keys,
+    noise,
+    releases,
+    rows,
+    sampling,
+    streaming,
+)
 
 CORE = pathlib.Path(dpft.__file__).parent / "privacy"
 
@@ -109,6 +119,15 @@ PUBLIC_DP = [
     clients.client_level_epsilon,
     clients.example_level_epsilon,
     clients.calibrate,
+    streaming.streamed_head_grad_sum,
+    streaming.streamed_gram_sum,
+    streaming.streamed_xty_sum,
+    streaming.streamed_curvature_sum,
+    streaming.noisy_streamed_head_grad_sum,
+    streaming.noisy_streamed_gram_sum,
+    streaming.noisy_streamed_xty_sum,
+    streaming.noisy_streamed_curvature_sum,
+    streaming.process_sum,
 ]
 
 

@@ -8,7 +8,7 @@ import pytest
 from dpft import paths
 from dpft.config import base_config
 from dpft.privacy import accounting
-from dpft.train import train_and_evaluate
+from dpft.train import feature_store, train_and_evaluate
 from dpft.train.checkpoint import Checkpointer
 from dpft.train.phases import phase_index, plan_phases
 
@@ -94,10 +94,10 @@ def head_params(workdir):
 @needs_data
 def test_head_on_cached_features_equals_head_on_images(tmp_path):
     cached = train_and_evaluate(resnet_config("head"), tmp_path / "cached")
-    files = list((tmp_path / "cached" / "features").glob("features-*.npz"))
+    files = list((tmp_path / "cached" / "features").glob("features-*/manifest-p00000.json"))
     assert len(files) == 1
-    with np.load(files[0]) as f:
-        assert f["train"].shape == (96, 64) and f["eval"].shape == (48, 64)
+    for split, rows in (("train", 96), ("eval", 48)):
+        assert np.asarray(feature_store.open_split(files[0].parent, split)).shape == (rows, 64)
     direct = train_and_evaluate(resnet_config("head", feature_cache=False), tmp_path / "direct")
     a, meta_a = head_params(tmp_path / "cached")
     b, _ = head_params(tmp_path / "direct")
@@ -110,11 +110,12 @@ def test_head_on_cached_features_equals_head_on_images(tmp_path):
     assert np.abs(a[2]).max() > 0  # the zero-initialised head moved
     assert cached["epsilon"] == direct["epsilon"]
     assert abs(cached["test_accuracy"] - direct["test_accuracy"]) <= 1 / 48 + 1e-9
-    # a second run sharing the cache directory reuses the file instead of recomputing it
-    mtime = files[0].stat().st_mtime_ns
+    # a second run sharing the cache directory reuses the shards instead of recomputing them
+    shard = files[0].parent / "train-p00000-00000.x.npy"
+    mtime = files[0].stat().st_mtime_ns, shard.stat().st_mtime_ns
     c = resnet_config("head", cache_dir=str(tmp_path / "cached" / "features"))
     train_and_evaluate(c, tmp_path / "again")
-    assert files[0].stat().st_mtime_ns == mtime
+    assert (files[0].stat().st_mtime_ns, shard.stat().st_mtime_ns) == mtime
     assert not (tmp_path / "again" / "features").exists()
 
 

@@ -13,6 +13,10 @@ hold the solvers and optimisers, which only post-process the noisy sums:
   d x d curvature bound (Boehning 1992);
 * `dp_fc`: DP gradient descent preconditioned by a noisy feature covariance (Mehta et al. 2023).
 
+Every method takes X as an array [N, d] or as a reader of sharded features on disk
+(`dpft.train.feature_store.FeatureShards`, see `dpft.linear.data`): each clipped sum is then
+accumulated shard by shard (`dpft.privacy.streaming`) and noised once, as in memory.
+
 `least_squares` and `logistic_regression` are the non-private references. (The DP least-squares
 code lives in the module `ridge`, so that the name `least_squares` here is the function.)
 """

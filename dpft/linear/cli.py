@@ -141,9 +141,16 @@ def fit(config, X, y, num_classes: int, root: jax.Array) -> tuple:
 
 
 def calibration(params, X, y):
-    """`CalibrationResult` (accuracy, NLL, ECE, MCE, 15 bins) of the head on (X, y)."""
-    logits = np.asarray(linear.logits(params, X))
-    return CalibrationAccumulator(num_bins=15).update(logits, np.asarray(y)).result()
+    """`CalibrationResult` (accuracy, NLL, ECE, MCE, 15 bins) of the head on (X, y); a sharded
+    reader X is read shard by shard."""
+    acc = CalibrationAccumulator(num_bins=15)
+    if not hasattr(X, "iter_shards"):
+        return acc.update(np.asarray(linear.logits(params, X)), np.asarray(y)).result()
+    start = 0
+    for x, _ in X.iter_shards():
+        acc.update(np.asarray(linear.logits(params, x)), np.asarray(y)[start : start + len(x)])
+        start += len(x)
+    return acc.result()
 
 
 def load_data(config) -> tuple[dict, dict, int]:
@@ -154,15 +161,16 @@ def load_data(config) -> tuple[dict, dict, int]:
 
 
 def load_features(config, workdir: pathlib.Path, data: tuple) -> tuple[dict, dict]:
-    """(train {'x','y'}, eval {'x','y'}): backbone features of ``data`` (`load_data`), from the
-    cache (written under the workdir unless ``finetune.cache_dir`` is set)."""
+    """(train {'x','y'}, eval {'x','y'}): backbone features of ``data`` (`load_data`) as sharded
+    readers (`dpft.train.features.feature_shards`: the methods read them shard by shard) from
+    the cache, written under the workdir unless ``finetune.cache_dir`` is set."""
     from dpft.train import build
-    from dpft.train.features import backbone_features  # the trainer's cache and key
+    from dpft.train.features import feature_shards  # the trainer's cache and key
     from dpft.train.step import flatten
 
     train, evaluation, k = data
     model, variables = build.build_model(config, k, train["image"][0])
-    feats = backbone_features(config, workdir, model, flatten(variables), train, evaluation)
+    feats = feature_shards(config, workdir, model, flatten(variables), train, evaluation)
     train_features = {"x": feats["train"], "y": train["label"]}
     return train_features, {"x": feats["eval"], "y": evaluation["label"]}
 

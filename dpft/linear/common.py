@@ -67,9 +67,11 @@ def _all_finite(X: jax.Array) -> jax.Array:
     return jnp.all(jnp.isfinite(X))
 
 
-def check_delta(delta: float, X: jax.Array) -> float:
-    """``delta`` if it lies in (0, 1/N) for the N = len(X) examples, else a one-line ValueError."""
-    return accounting.check_delta(delta, int(X.shape[0]), name="delta")
+def check_delta(delta: float, X) -> float:
+    """``delta`` if it lies in (0, 1/N) for the N = len(X) examples (or N = X for an int), else a
+    one-line ValueError."""
+    n = int(X) if isinstance(X, int | np.integer) else int(X.shape[0])
+    return accounting.check_delta(delta, n, name="delta")
 
 
 def check_bound(name: str, value: float) -> float:

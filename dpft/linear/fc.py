@@ -19,13 +19,13 @@ import numpy as np
 from dpft.linear.common import (
     LinearParams,
     check_bound,
-    check_data,
     check_delta,
     check_key,
     eig_solve,
     psd_eig,
 )
-from dpft.privacy import keys, releases, rows
+from dpft.linear.data import rows_of
+from dpft.privacy import keys, releases
 
 __all__ = ["dp_fc"]
 
@@ -68,6 +68,8 @@ def dp_fc(
     covariance, j = t + 1 for the gradient of step t.
 
     Args:
+      X, y: features [N, d] and labels [N], or a reader of sharded features (`dpft.linear.data`)
+        and None (the shards' labels): every sum is then accumulated shard by shard.
       feature_clip: L2 clip of each raw feature vector (before appending 1).
       clip_norm: per-example gradient clip (Frobenius norm over [W; b]).
       cov_fraction: share of the mu^2 budget for the covariance; the rest is split evenly over
@@ -90,8 +92,8 @@ def dp_fc(
         Mehta et al. 2023, "Differentially private image classification from features"
         (arXiv:2211.13403).
     """
-    X, y = check_data(X, y, num_classes)
-    delta = check_delta(delta, X)
+    data = rows_of(X, y, num_classes)
+    delta = check_delta(delta, data.n)
     key = check_key(key)
     feature_clip = check_bound("feature_clip", feature_clip)
     clip_norm = check_bound("clip_norm", clip_norm)
@@ -99,7 +101,7 @@ def dp_fc(
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     if not 0 < cov_fraction < 1 or not reg > 0:
         raise ValueError("need 0 < cov_fraction < 1 and reg > 0")
-    n = float(X.shape[0] if normalizer is None else normalizer)
+    n = float(data.n if normalizer is None else normalizer)
 
     plan, info = releases.plan_releases(
         epsilon,
@@ -108,18 +110,15 @@ def dp_fc(
         [feature_clip**2 + 1] + [clip_norm] * steps,
         [cov_fraction] + [(1 - cov_fraction) / steps] * steps,
     )
-    Xa = rows.augment(rows.clip_rows(X, feature_clip))
     # release 0: the covariance; release t + 1: the gradient of step t
-    C = rows.noisy_gram_sum(
-        X, feature_clip, plan[0].noise_std, keys.derive(key, "release", 0), append_one=True
-    )
+    C = data.gram(feature_clip, plan[0].noise_std, keys.derive(key, "release", 0), append_one=True)
     lam, V = _covariance(C, n)
     g_std = plan[1].noise_std
     hp = dict(n=n, lr=float(learning_rate), reg=float(reg))
-    WB = np.zeros((Xa.shape[1], num_classes), np.float32)
+    WB = np.zeros((data.dim + 1, num_classes), np.float32)
     for t in range(steps):
         g_key = keys.derive(key, "release", t + 1)
-        g = rows.noisy_head_grad_sum(WB, Xa, y, clip_norm, g_std, g_key)
+        g = data.head_grad(WB, clip_norm, g_std, g_key, feature_clip=feature_clip)
         WB = _step(WB, g, lam, V, hp)
     info.update(
         cov_noise_multiplier=plan[0].noise_multiplier,

@@ -19,13 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpft.linear.common import (
-    LinearParams,
-    check_bound,
-    check_data,
-    check_delta,
-    check_key,
-)
+from dpft.linear.common import LinearParams, check_bound, check_delta, check_key
+from dpft.linear.data import rows_of
 from dpft.privacy import keys, releases, rows
 
 __all__ = ["clipped_grad_sum", "dp_gd"]
@@ -76,7 +71,9 @@ def dp_gd(
     in the gradient, data-independent.
 
     Args:
-      X, y, num_classes: features [N, d], labels [N] in [0, num_classes).
+      X, y, num_classes: features [N, d], labels [N] in [0, num_classes); X may be a reader of
+        sharded features (`dpft.linear.data`: each sum is accumulated shard by shard, the noise
+        added once) and y then None (the shards' labels).
       epsilon, delta: target (epsilon, delta); epsilon = inf means no noise.
       clip_norm: per-example gradient clip (Frobenius norm over [W; b]); may be inf when
         epsilon = inf.
@@ -104,15 +101,15 @@ def dp_gd(
         Mehta et al. 2022, "Large scale transfer learning for differentially private image
         classification" (arXiv:2205.02973); Kingma & Ba 2015, "Adam" (ICLR).
     """
-    X, y = check_data(X, y, num_classes)
-    delta = check_delta(delta, X)
+    data = rows_of(X, y, num_classes)
+    delta = check_delta(delta, data.n)
     key = check_key(key)
     if update not in UPDATES:
         raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
     if not (isinstance(steps, int) and steps >= 1):
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     clip_norm = check_bound("clip_norm", clip_norm)
-    n = float(X.shape[0] if normalizer is None else normalizer)
+    n = float(data.n if normalizer is None else normalizer)
     if not n > 0:
         raise ValueError(f"normalizer must be > 0, got {normalizer!r}")
 
@@ -130,12 +127,11 @@ def dp_gd(
         b2=float(betas[1]),
         adam_eps=float(adam_eps),
     )
-    Xa = rows.augment(X)
-    WB = np.zeros((Xa.shape[1], num_classes), np.float32)
+    WB = np.zeros((data.dim + 1, num_classes), np.float32)
     m = v = WB
     for t in range(1, steps + 1):
         release = keys.derive(key, "release", t - 1)
-        noisy_sum = rows.noisy_head_grad_sum(WB, Xa, y, clip_norm, std, release)
+        noisy_sum = data.head_grad(WB, clip_norm, std, release)
         WB, m, v = _step(WB, m, v, t, noisy_sum, hp, update)
     info.update(
         noise_multiplier=plan[0].noise_multiplier,

@@ -36,13 +36,13 @@ from scipy import optimize
 from dpft.linear.common import (
     LinearParams,
     check_bound,
-    check_data,
     check_delta,
     check_key,
     eig_solve,
     psd_eig,
 )
-from dpft.privacy import keys, releases, rows
+from dpft.linear.data import rows_of
+from dpft.privacy import keys, releases
 
 __all__ = ["dp_newton", "logistic_regression"]
 
@@ -91,6 +91,8 @@ def dp_newton(
     spent on curvature releases, split evenly over them; the gradients split the rest evenly.
 
     Args:
+      X, y: features [N, d] and labels [N], or a reader of sharded features (`dpft.linear.data`)
+        and None (the shards' labels): every sum is then accumulated shard by shard.
       feature_clip: L2 clip of each raw feature vector x (before appending the constant 1).
       clip_norm: per-example gradient clip; by default ``sqrt(2 (feature_clip^2 + 1))``, the
         largest possible norm ``||x~|| ||p - e_y||`` (so clipping never binds).
@@ -112,8 +114,8 @@ def dp_newton(
         Boehning 1992 (the bound); Avella-Medina, Bradshaw & Loh 2023 and Ganesh et al. 2023
         (DP Newton-type methods with noisy gradients and Hessians): see the module docstring.
     """
-    X, y = check_data(X, y, num_classes)
-    delta = check_delta(delta, X)
+    data = rows_of(X, y, num_classes)
+    delta = check_delta(delta, data.n)
     key = check_key(key)
     feature_clip = check_bound("feature_clip", feature_clip)
     if clip_norm is None:
@@ -125,7 +127,7 @@ def dp_newton(
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     if not reg > 0 or not 0 < hessian_share < 1 or not damping > 0:
         raise ValueError("need reg > 0, 0 < hessian_share < 1 and damping > 0")
-    n = float(X.shape[0] if normalizer is None else normalizer)
+    n = float(data.n if normalizer is None else normalizer)
 
     n_hess = steps if hessian == "adaptive" else 1
     h_sens = (feature_clip**2 + 1) / 2
@@ -138,17 +140,15 @@ def dp_newton(
     )
     g_std, h_std = plan[0].noise_std, plan[-1].noise_std
     hp = dict(n=n, reg=float(reg), damping=float(damping))
-    Xc = rows.clip_rows(X, feature_clip)
-    Xa = rows.augment(Xc)
-    WB = np.zeros((Xa.shape[1], num_classes), np.float32)
+    WB = np.zeros((data.dim + 1, num_classes), np.float32)
     adaptive = hessian == "adaptive"
     for t in range(steps):  # release t: gradient of step t; release steps + t: its curvature
         if t == 0 or adaptive:
             h_key = keys.derive(key, "release", steps + t)
-            H = rows.noisy_curvature_sum(WB, Xc, feature_clip, h_std, h_key, adaptive)
+            H = data.curvature(WB, feature_clip, h_std, h_key, adaptive)
             lam, V = _curvature(H, n)
         g_key = keys.derive(key, "release", t)
-        g = rows.noisy_head_grad_sum(WB, Xa, y, clip_norm, g_std, g_key)
+        g = data.head_grad(WB, clip_norm, g_std, g_key, feature_clip=feature_clip)
         WB = _step(WB, lam, V, g, hp)
     info.update(
         grad_noise_multiplier=plan[0].noise_multiplier,

@@ -19,13 +19,13 @@ import numpy as np
 from dpft.linear.common import (
     LinearParams,
     check_bound,
-    check_data,
     check_delta,
     check_key,
     eig_solve,
     psd_eig,
 )
-from dpft.privacy import keys, releases, rows
+from dpft.linear.data import rows_of
+from dpft.privacy import keys, releases
 
 __all__ = [
     "dp_least_squares",
@@ -52,11 +52,11 @@ def target_norm(num_classes: int, targets: str) -> float:
 
 
 def _check_ls(X, y, num_classes, delta, key, feature_clip, budget_split):
-    X, y = check_data(X, y, num_classes)
-    check_delta(delta, X)
+    data = rows_of(X, y, num_classes)
+    check_delta(delta, data.n)
     if not 0 < budget_split < 1:
         raise ValueError(f"budget_split must be in (0, 1), got {budget_split!r}")
-    return X, y, check_key(key), check_bound("feature_clip", feature_clip)
+    return data, check_key(key), check_bound("feature_clip", feature_clip)
 
 
 def dp_sufficient_stats(
@@ -75,10 +75,12 @@ def dp_sufficient_stats(
 
     Anything computed from (G, B) is post-processing: e.g. solving for several ``reg`` values
     costs no extra privacy. G draws its noise from ``keys.derive(key, "release", 0)`` and B from
-    ``keys.derive(key, "release", 1)``. See `dp_least_squares` for the privacy statement.
+    ``keys.derive(key, "release", 1)``. ``X`` may be a reader of sharded features (with ``y``
+    None: the shards' labels), whose sums are accumulated shard by shard. See
+    `dp_least_squares` for the privacy statement.
     """
-    X, y, key, feature_clip = _check_ls(X, y, num_classes, delta, key, feature_clip, budget_split)
-    Y = target_matrix(y, num_classes, targets)
+    data, key, feature_clip = _check_ls(X, y, num_classes, delta, key, feature_clip, budget_split)
+    target_matrix(jnp.zeros(1, jnp.int32), num_classes, targets)  # checks ``targets``
     plan, info = releases.plan_releases(
         epsilon,
         delta,
@@ -86,8 +88,13 @@ def dp_sufficient_stats(
         [feature_clip**2, feature_clip * target_norm(num_classes, targets)],
         [budget_split, 1 - budget_split],
     )
-    G = rows.noisy_gram_sum(X, feature_clip, plan[0].noise_std, keys.derive(key, "release", 0))
-    B = rows.noisy_xty_sum(X, Y, feature_clip, plan[1].noise_std, keys.derive(key, "release", 1))
+    G = data.gram(feature_clip, plan[0].noise_std, keys.derive(key, "release", 0))
+    B = data.xty(
+        lambda y: target_matrix(y, num_classes, targets),
+        feature_clip,
+        plan[1].noise_std,
+        keys.derive(key, "release", 1),
+    )
     info.update(feature_clip=feature_clip, targets=targets)
     return G, B, info
 

@@ -1,9 +1,10 @@
 """dpft's DP core: every mechanism of dpft and its accounting.
 
-Clipping of per-example gradients (`clipping`, `ghost`, `unfold`), of feature rows and linear-head
-gradients (`rows`) and of client updates (`clients`); Gaussian noise (`noise`, `rows`); keys and
-secrets (`keys`); sampling (`sampling`); accounting of DP-SGD (`accounting`, `ledger`), of
-full-batch releases (`releases`) and of federated rounds (`clients`).
+Clipping of per-example gradients (`clipping`, `ghost`, `unfold`), of feature rows and
+linear-head gradients (`rows`, shard by shard: `streaming`) and of client updates (`clients`);
+Gaussian noise (`noise`, `rows`); keys and secrets (`keys`); sampling (`sampling`); accounting of
+DP-SGD (`accounting`, `ledger`), of full-batch releases (`releases`) and of federated rounds
+(`clients`).
 
 Flat and auditable: these modules import nothing else from dpft. Submodules load lazily, so
 ``python -m dpft.privacy.accounting`` runs without importing JAX's clipping code first.
@@ -23,6 +24,7 @@ _SUBMODULES = (
     "releases",
     "rows",
     "sampling",
+    "streaming",
     "unfold",
 )
 

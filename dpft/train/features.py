@@ -3,8 +3,14 @@
 Head tuning (linear probing) of a frozen public backbone only ever needs the backbone's output
 for each example, so dpft computes it once (jitted, in fixed-size batches), stores it under a
 key derived from everything that determines it (backbone name and weights file, dataset, split,
-subset and preprocessing), and trains the head on the cached arrays: a DP step then costs a
+subset and preprocessing), and trains the head on the cached features: a DP step then costs a
 matmul instead of a forward pass of the backbone.
+
+`feature_shards` (the trainer's head / LP phases and the feature methods) streams the features
+into the out-of-core store of `dpft.train.feature_store` (sharded ``.npy`` files, a checksummed
+manifest per host, resumable) and returns readers, so memory follows the shard, not the dataset;
+`backbone_features` loads the same cache into memory. `cached_features` is the single-file
+in-memory cache (``features-<key>.npz``) of the experiment scripts.
 
 Privacy: the cache holds a deterministic function of PRIVATE training examples. It is written
 only to the run's own directory (or the cache directory the user names) and enters nothing but
@@ -26,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpft import data as dpdata
+from dpft.train import feature_store
 from dpft.train.step import unflatten
 
 log = logging.getLogger("dpft")
@@ -102,21 +109,10 @@ def cached_features(
     return got
 
 
-def backbone_features(config, workdir, model, full, train_arrays, eval_arrays) -> dict:
-    """Cached ``model.features`` of the train and eval images, keyed by backbone + data.
-
-    The cache key holds the backbone (name, norm, pretrained weights' identity), the dataset
-    and split choices and the preprocessing, so every driver (centralized head runs, feature
-    methods, federated head tuning) shares one cache per ``config.finetune.cache_dir``.
-    ``full`` is the flat variable dict of the backbone.
-
-    Privacy:
-        Features of private examples are a deterministic function of the private data; they
-        are kept in the workdir and may only enter DP mechanisms (they are never logged).
-    """
-    variables = unflatten(full)
+def backbone_description(config) -> dict:
+    """What the features of ``config``'s backbone depend on (hashed into the cache key)."""
     m, d = config.model, config.data
-    description = {
+    return {
         "backbone": m.name,
         "norm": m.norm,
         "pretrained": m.pretrained,
@@ -129,14 +125,69 @@ def backbone_features(config, workdir, model, full, train_arrays, eval_arrays) -
         "seed": config.seed if (d.train_subset or d.validation_fraction) else None,
         "preprocessing": d.preprocessing or "default",
     }
+
+
+def feature_shards(config, workdir, model, full, train_arrays, eval_arrays) -> dict:
+    """``{'train', 'eval'}``: `FeatureShards` readers of ``model.features`` of the images.
+
+    The backbone runs over this process's rows a shard at a time (``finetune.shard_rows`` rows,
+    default about 128 MiB of features, a multiple of ``config.eval_batch_size``) and each shard
+    is written as it is done (`dpft.train.feature_store`: resumable, checksummed, per host),
+    under ``cache_dir/features-<key>`` with ``cache_dir`` = ``config.finetune.cache_dir`` or
+    ``WORKDIR/features``. The key holds the backbone (name, norm, pretrained weights'
+    identity), the dataset and split choices, the preprocessing and the split sizes, so every
+    driver (centralized head / LP-FT runs, feature methods, federated head tuning) shares one
+    cache per cache directory. ``full`` is the flat variable dict of the backbone.
+
+    Privacy:
+        Features of private examples are a deterministic function of the private data; they
+        are kept in the cache directory and may only enter DP mechanisms (never logged).
+    """
+    variables = unflatten(full)
+    splits = {"train": train_arrays, "eval": eval_arrays}
+    desc = {
+        **backbone_description(config),
+        "splits": {k: list(np.shape(v["image"])) for k, v in splits.items()},
+    }
+    key = cache_key(desc)
     cache_dir = config.finetune.get("cache_dir", "") or pathlib.Path(workdir) / "features"
-    return cached_features(
-        cache_dir,
-        description,
-        lambda x: model.apply(variables, x, method=model.features),
-        {"train": train_arrays["image"], "eval": eval_arrays["image"]},
-        config.eval_batch_size,
+    bs = int(config.eval_batch_size)
+    fn = jax.jit(lambda x: model.apply(variables, x, method=model.features))
+    shard_rows = int(config.finetune.get("shard_rows", 0) or 0)
+    if not shard_rows:
+        image = train_arrays["image"]
+        probe = jax.eval_shape(fn, jax.ShapeDtypeStruct((1, *np.shape(image)[1:]), image.dtype))
+        shard_rows = feature_store.default_shard_rows(int(np.prod(probe.shape[1:])), bs)
+
+    def producer(arrays):
+        return lambda a, b: (
+            compute_features(fn, arrays["image"][a:b], bs),
+            np.asarray(arrays["label"][a:b]),
+        )
+
+    t0 = time.time()
+    readers = feature_store.write_store(
+        pathlib.Path(cache_dir) / f"features-{key}",
+        key,
+        desc,
+        {k: (len(v["label"]), producer(v)) for k, v in splits.items()},
+        shard_rows=shard_rows,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
     )
+    log.info("feature shards ready in %.1fs: %s", time.time() - t0, readers["train"])
+    return readers
+
+
+def backbone_features(config, workdir, model, full, train_arrays, eval_arrays) -> dict:
+    """``{'train', 'eval'}``: the features of `feature_shards` (same cache), loaded in memory.
+
+    Privacy:
+        Features of private examples are a deterministic function of the private data; they
+        are kept in the cache directory and may only enter DP mechanisms (never logged).
+    """
+    readers = feature_shards(config, workdir, model, full, train_arrays, eval_arrays)
+    return {k: np.asarray(r) for k, r in readers.items()}
 
 
 def _weights_path(config):
