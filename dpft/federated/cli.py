@@ -114,6 +114,7 @@ def _check(config) -> None:
     if f.partition == "dirichlet" and not f.alpha > 0:
         raise ValueError(f"config.federated.alpha must be > 0, got {f.alpha!r}")
     build.build_norm_strategy(config.dp)  # an unknown config.dp.norms fails here, before any file
+    build.build_augment(config)  # bad config.data.augmult / augment keys, likewise
 
 
 def fed_config(config) -> FedConfig:

@@ -167,7 +167,7 @@ def run(
             report = lambda rec, st, i=i: on_round({**rec, "phase": i}, st)  # noqa: E731
         result = runner.run(
             pfc,
-            cross_entropy_loss(pmodel.apply),
+            cross_entropy_loss(pmodel.apply, build.build_augment(config, phase.use_features)),
             params,
             frozen,
             train,

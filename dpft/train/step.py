@@ -31,6 +31,8 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dpft.data import augment as augment_lib
+from dpft.data.augment import AugmentSpec
 from dpft.privacy import clipping
 
 PyTree = Any
@@ -74,16 +76,51 @@ def partition(
     return train, frozen
 
 
-def cross_entropy_loss(apply_fn: Callable) -> Callable:
-    """Per-example loss ``loss(params, frozen, example, rng) -> (loss, aux)`` for classifiers."""
+def cross_entropy_loss(
+    apply_fn: Callable,
+    augment: AugmentSpec | None = None,
+    *,
+    input_ndim: int | None = None,
+) -> Callable:
+    """Per-example loss ``loss(params, frozen, example, rng) -> (loss, aux)`` for classifiers.
+
+    Without ``augment`` (or with `AugmentSpec.identity`) the loss is the cross-entropy of the
+    example's ``image``, run through ``apply_fn`` as a batch of one; ``rng`` is unused.
+
+    Augmentation multiplicity (docs/augmult.md): with ``augment``, the image is replaced by its
+    K views `dpft.data.augment.views` (drawn from ``rng``: ``keys.derive(rng, "augment", k)``),
+    the model runs ONCE on the ``[K, ...]`` stack and the loss is the MEAN of the K losses, so
+    the example's gradient is the mean of its views' gradients and `clipped_grad` clips it as
+    one unit. ``aux['correct']`` is then the fraction of views classified correctly. Views
+    made elsewhere (e.g. by a host pipeline) are accepted as well: with ``input_ndim`` (the
+    rank of one model input, e.g. 3 for ``[H, W, C]``), an image with one more leading axis is
+    taken as its K views and averaged the same way, without augmenting again.
+
+    Privacy:
+        All K views of an example lie inside that example's loss, hence inside its clipping
+        unit: the clipped sum keeps the clipper's sensitivity under add/remove-one example,
+        whatever K is.
+    """
+    views_spec = None if augment is None or augment.identity else augment
 
     def loss(params, frozen, example, rng):
-        del rng  # the models used so far have no dropout
         variables = unflatten({**frozen, **params})
-        logits = apply_fn(variables, example["image"][None])[0]
+        image, label = example["image"], example["label"]
+        given = input_ndim is not None and image.ndim == input_ndim + 1
+        if input_ndim is not None and image.ndim not in (input_ndim, input_ndim + 1):
+            raise ValueError(
+                f"an example's image has shape {image.shape}: expected rank {input_ndim} (one "
+                f"input) or {input_ndim + 1} (its views)"
+            )
+        if not given and views_spec is None:
+            logits = apply_fn(variables, image[None])[0]
+            logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+            return -logp[label], {"correct": jnp.argmax(logits) == label}
+        views = image if given else augment_lib.views(image, rng, views_spec)
+        logits = apply_fn(variables, views)  # one call on the K views
         logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-        label = example["label"]
-        return -logp[label], {"correct": jnp.argmax(logits) == label}
+        correct = jnp.mean((jnp.argmax(logits, -1) == label).astype(jnp.float32))
+        return -jnp.mean(logp[:, label]), {"correct": correct}
 
     return loss
 
