@@ -4,6 +4,9 @@
 * `read_idx`: strict reader of (gzipped) IDX files (`idx`).
 * `preprocess` and its presets: float32 model inputs (`preprocess`).
 * `BatchLoader` / `eval_batches`: static-shape host batches, prefetched (`loader`).
+* Streaming (``config.data.pipeline = 'grain'``, docs/data.md): random-access sources
+  (`sources`), per-example transforms (`transforms`), `StreamLoader` / `stream_eval_batches` on
+  grain worker processes (`stream`), `stream_splits` from a config (`stream_config`).
 """
 
 from dpft.data.datasets import LOCAL_DATASETS, Dataset, canonical_name, load, split_validation
@@ -19,9 +22,29 @@ from dpft.data.preprocess import (
     preprocess,
     to_float,
 )
+from dpft.data.sources import (
+    ArrayRecordSource,
+    ArraySource,
+    Subset,
+    TfdsSource,
+    write_array_record,
+)
+from dpft.data.stream import StreamLoader, StreamSplit, stream_eval_batches
+from dpft.data.stream_config import stream_splits
+from dpft.data.transforms import ImageTransform
 
 __all__ = [
     "LOCAL_DATASETS",
+    "ArrayRecordSource",
+    "ArraySource",
+    "ImageTransform",
+    "StreamLoader",
+    "StreamSplit",
+    "Subset",
+    "TfdsSource",
+    "stream_eval_batches",
+    "stream_splits",
+    "write_array_record",
     "PRESETS",
     "BatchLoader",
     "Dataset",

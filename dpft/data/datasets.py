@@ -1,8 +1,9 @@
 """Datasets as numpy arrays: local IDX files (MNIST, Fashion-MNIST) and TFDS for the rest.
 
 MNIST and Fashion-MNIST are read from the gzipped IDX files in the data directory
-(``config.data.data_dir``, else ``$DPFT_DATA_DIR``, else ../shared/data; see `dpft.paths`), laid
-out as ``<data_dir>/mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz`` and the same under
+(``config.data.data_dir``, else ``$DPFT_DATA_DIR``, else ../shared/data, else the download cache;
+missing files are downloaded on first use, see `dpft.paths`), laid out as
+``<data_dir>/mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz`` and the same under
 ``fashion-mnist/``. Every other name is loaded through TensorFlow Datasets (random access via
 ``tfds.data_source``, no TensorFlow needed; ``tfds.load`` as the fallback), from
 ``config.data.tfds_data_dir`` or TFDS's default directory.
@@ -20,9 +21,16 @@ from typing import Any
 import numpy as np
 
 from dpft.data.idx import read_idx
-from dpft.paths import DataError, data_dir
+from dpft.paths import DataError, data_path
 
-__all__ = ["LOCAL_DATASETS", "Dataset", "canonical_name", "load", "split_validation"]
+__all__ = [
+    "LOCAL_DATASETS",
+    "Dataset",
+    "canonical_name",
+    "load",
+    "split_validation",
+    "validation_indices",
+]
 
 # canonical name -> (folder in the data dir, number of classes)
 LOCAL_DATASETS: dict[str, tuple[str, int]] = {
@@ -137,7 +145,7 @@ def _load_local(name: str, split: str, override: str | os.PathLike | None) -> Da
             "(config.data.eval_split)"
         )
     folder_name, num_classes = LOCAL_DATASETS[name]
-    folder = data_dir(override) / folder_name
+    folder = data_path(folder_name, override)  # downloaded on first use (dpft.download)
     prefix = _LOCAL_SPLITS[split]
     images_path = _local_file(folder, f"{prefix}-images-idx3-ubyte")
     labels_path = _local_file(folder, f"{prefix}-labels-idx1-ubyte")
@@ -258,11 +266,16 @@ def split_validation(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, 
     guarantee covers only the training part; choosing hyperparameters on the validation part is
     not private with respect to it unless that selection is accounted for separately.
     """
+    train, validation = validation_indices(len(ds), fraction, seed)
+    return ds.subset(train), ds.subset(validation)
+
+
+def validation_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted ``(train, validation)`` indices of `split_validation` for N examples."""
     if not 0 < fraction < 1:
         raise ValueError(f"config.data.validation_fraction must be in (0, 1), got {fraction}")
-    n = len(ds)
     if n < 2:
         raise ValueError(f"cannot split a dataset of {n} example(s) into train and validation")
     n_val = min(max(1, int(round(fraction * n))), n - 1)
     perm = np.random.default_rng([int(seed), 0x5A11D]).permutation(n)
-    return ds.subset(np.sort(perm[n_val:])), ds.subset(np.sort(perm[:n_val]))
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])

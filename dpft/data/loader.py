@@ -204,8 +204,14 @@ def eval_batches(
     """Every example exactly once, in order, as fixed-size ``(batch, mask)`` pairs.
 
     Each batch has leading dim ``batch_size`` (one static shape for a jitted eval step); the
-    last is padded with copies of example 0 whose mask is 0. ``mask`` is float32.
+    last is padded with copies of example 0 whose mask is 0. ``mask`` is float32. A streamed
+    `dpft.data.StreamSplit` is read through `dpft.data.stream_eval_batches` (zero padding).
     """
+    from dpft.data.stream import StreamSplit, stream_eval_batches
+
+    if isinstance(arrays, StreamSplit):
+        yield from stream_eval_batches(arrays, batch_size)
+        return
     if not (isinstance(batch_size, int | np.integer) and batch_size > 0):
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     n = _check_arrays(arrays)
