@@ -21,6 +21,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.eval_subset = 0
     c.data.validation_fraction = 0.0  # > 0: evaluate on a split carved from train
     c.data.eval_split = "test"
+    # Augmentation multiplicity (docs/augmult.md): K views per example, their gradients averaged
+    # before clipping (one example = one clipping unit); K times the compute per example.
+    c.data.augmult = 1
+    c.data.augment = ""  # crop_flip | crop | flip | none; "" = none at K=1, else per dataset
+    c.data.augment_pad = 4  # crop: pixels of padding on each side
+    c.data.augment_pad_mode = "reflect"  # reflect | zero
+    # Input pipeline (docs/data.md): memory (the split as one array) | grain (streamed by
+    # index through worker processes: decode, random-resized crop / centre crop, normalise).
+    c.data.pipeline = "memory"
+    c.data.image_size = 0  # grain: crop side in pixels; 0 = keep the images as they are
+    c.data.num_workers = -1  # grain: worker processes (-1 = one per core, 0 = none)
+    c.data.train_files = ""  # grain: ArrayRecord glob (dpft.data.write_array_record)
+    c.data.eval_files = ""  # grain: ArrayRecord glob of the eval split
+    c.data.num_classes = 0  # grain with train_files: the number of classes
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "sample_convnet"

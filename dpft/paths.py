@@ -13,10 +13,8 @@ The data directory holds files in one layout (``mnist/…``, ``fashion-mnist/…
 
 Two functions resolve a path, downloading on first use: `data_file` (one file, e.g.
 ``pretrained/resnet-cifar10/resnet20.safetensors``) and `data_path` (a known file, or a dataset's
-folder such as ``fashion-mnist`` with all its files). Without an override, `data_dir` returns a
-`DataDir`: joining a name onto it with ``/`` resolves that name through `data_path`, so code that
-builds paths as ``data_dir() / "fashion-mnist" / FILE`` gets the files fetched too. Which files
-are known, their sources and checks are in `dpft.download` (`dpft.download.entries_at`).
+folder such as ``fashion-mnist`` with all its files). Which files are known, their sources and
+checks are in `dpft.download` (`dpft.download.entries_at`).
 """
 
 from __future__ import annotations
@@ -32,27 +30,6 @@ CACHE = "~/.cache/dpft"
 
 class DataError(ValueError):
     """A missing or corrupt data file; the message is one line naming the file and the fix."""
-
-
-class DataDir(type(pathlib.Path())):
-    """A data directory whose ``/`` resolves known files and dataset folders by `data_path`.
-
-    ``DataDir(d) / "fashion-mnist"`` is the folder (in ``d`` or in the download directory) that
-    holds all of Fashion-MNIST's files, downloading the missing ones; any other name is joined
-    onto ``d`` as usual. The result is a plain `pathlib.Path`.
-    """
-
-    def __truediv__(self, key):
-        return self.joinpath(key)
-
-    def joinpath(self, *keys):
-        plain = pathlib.Path(os.fspath(self))
-        relative = pathlib.PurePosixPath(*(os.fspath(k) for k in keys)).as_posix()
-        from dpft import download
-
-        if not download.entries_at(relative):
-            return plain.joinpath(*keys)
-        return data_path(relative)
 
 
 def download_dir() -> pathlib.Path:
@@ -82,9 +59,8 @@ def search_dirs() -> list[pathlib.Path]:
 def data_dir(override: str | os.PathLike | None = None) -> pathlib.Path:
     """The data directory: ``override`` if given, else the first of `search_dirs` that exists.
 
-    With ``override`` a plain path (`DataError` naming it if it does not exist). Without, a
-    `DataDir` (the download cache if no other directory exists, even before it is created), so
-    that joining a known folder onto it fetches that folder's files.
+    With ``override``, `DataError` naming it if it does not exist. Without, the download cache
+    if no other directory exists (even before it is created).
     """
     if override:
         p = pathlib.Path(override).expanduser()
@@ -92,7 +68,7 @@ def data_dir(override: str | os.PathLike | None = None) -> pathlib.Path:
             raise DataError(f"data directory {p} does not exist (config.data.data_dir)")
         return p
     dirs = search_dirs()
-    return DataDir(next((d for d in dirs if d.is_dir()), dirs[-1]))
+    return next((d for d in dirs if d.is_dir()), dirs[-1])
 
 
 def _missing(p: pathlib.Path) -> DataError:

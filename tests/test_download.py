@@ -185,16 +185,15 @@ def test_shared_data_is_looked_at_first(env, server):
     cache = env / "home" / ".cache" / "dpft"
     assert paths.data_file(T10K[0]) == cache / T10K[0]
     assert server.requests == [f"/{T10K[0]}"]
-    # a folder: data_dir() is ../shared/data, joining an incomplete folder fetches into the cache
-    root = paths.data_dir()
-    assert root == pathlib.Path("../shared/data") and isinstance(root, paths.DataDir)
-    assert root / "mnist" == cache / "mnist"
+    # a folder: ../shared/data lacks some of its files, so data_path fetches them into the cache
+    assert paths.data_dir() == pathlib.Path("../shared/data")
+    assert paths.data_path("mnist") == cache / "mnist"
     assert sorted(p.name for p in (cache / "mnist").iterdir()) == sorted(
         pathlib.Path(e.path).name for e in download.REGISTRY["mnist"]
     )
     assert len(server.requests) == 4
-    assert root / "not-known" == pathlib.Path("../shared/data/not-known")
-    assert root / "pretrained" == pathlib.Path("../shared/data/pretrained")
+    assert paths.data_path("not-known") == pathlib.Path("../shared/data/not-known")
+    assert paths.data_path("pretrained") == pathlib.Path("../shared/data/pretrained")
     assert len(server.requests) == 4
 
 

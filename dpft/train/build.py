@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 
 import jax
@@ -12,14 +13,26 @@ import numpy as np
 
 from dpft import data as dpdata
 from dpft import models, optim
+from dpft.data import augment as augment_lib
 from dpft.models.conv import CONV_IMPLS
 from dpft.paths import DataError
 from dpft.privacy import accounting, clipping, sampling
 
 
 def load_data(config) -> tuple[dict, dict, int]:
-    """(train arrays, eval arrays, num_classes); arrays are {'image': f32 NHWC, 'label': i32}."""
+    """(train arrays, eval arrays, num_classes); arrays are {'image': f32 NHWC, 'label': i32}.
+
+    The augmentation settings (`build_augment`) are checked first, and against the images.
+    With ``config.data.pipeline='grain'`` both splits are `dpft.data.StreamSplit`s instead,
+    read by index while training (`dpft.data.stream_splits`, docs/data.md).
+    """
     c = config.data
+    augment = build_augment(config)
+    pipeline = c.get("pipeline", "memory")
+    if pipeline == "grain":
+        return dpdata.stream_splits(config)
+    if pipeline != "memory":
+        raise ValueError(f"config.data.pipeline must be memory|grain, got {pipeline!r}")
     kw = {"data_dir": c.data_dir or None, "tfds_data_dir": c.tfds_data_dir or None}
     train = dpdata.load(c.name, "train", **kw)
     if c.validation_fraction > 0:
@@ -48,7 +61,26 @@ def load_data(config) -> tuple[dict, dict, int]:
             )
         return {"image": image, "label": ds.labels.astype(np.int32)}
 
-    return arrays(train, "train"), arrays(evaluation, "eval"), train.num_classes
+    train_arrays = arrays(train, "train")
+    augment.check_image(train_arrays["image"].shape[1:])
+    return train_arrays, arrays(evaluation, "eval"), train.num_classes
+
+
+def build_augment(config, features: bool = False) -> augment_lib.AugmentSpec | None:
+    """``config.data.augmult`` / ``augment`` / ``augment_pad`` / ``augment_pad_mode``: the views
+    the per-example loss averages over (`dpft.data.augment`, docs/augmult.md).
+
+    None for a phase trained on cached backbone ``features``: those are fixed vectors, one per
+    example, so such a phase trains on the example itself (one view, no augmentation).
+    """
+    spec = augment_lib.from_config(config.data)
+    if features and not spec.identity:
+        logging.getLogger("dpft").warning(
+            "config.data.augmult=%d / augment=%r: not applied to a phase on cached features",
+            spec.augmult,
+            spec.augment,
+        )
+    return None if features else spec
 
 
 def build_model(config, num_classes: int, example_image: np.ndarray):

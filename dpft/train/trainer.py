@@ -28,7 +28,6 @@ checkpoints are saved by all processes together and everything else is written b
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -36,7 +35,6 @@ import pathlib
 import signal
 import threading
 import time
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -45,30 +43,20 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dpft import data as dpdata
-from dpft import models
 from dpft.metrics import CalibrationAccumulator, reliability_diagram
 from dpft.privacy import keys, ledger, sampling
 from dpft.train import accumulate, build, distributed, report
-from dpft.train import features as features_lib
 from dpft.train.checkpoint import Checkpointer, config_fingerprint
-from dpft.train.phases import Phase, phase_index, plan_phases
-from dpft.train.step import (
-    TrainState,
-    cross_entropy_loss,
-    flatten,
-    make_eval_step,
-    make_train_step,
-    partition,
-    state_shardings,
-    unflatten,
-)
+from dpft.train.phases import phase_index, plan_phases
+from dpft.train.runtime import Runtime, build_runtime, noise_key, place
+from dpft.train.step import flatten
 from dpft.train.workdir import ConfigMismatchError, eval_data_description, write_summary
 from dpft.train.workdir import checkpoint_meta as _checkpoint_meta
 from dpft.train.workdir import claim_workdir as _claim_workdir
 from dpft.train.workdir import config_json as _config_json
 
 log = logging.getLogger("dpft")
-__all__ = ["ConfigMismatchError", "evaluate", "train_and_evaluate"]
+__all__ = ["ConfigMismatchError", "evaluate", "examples_key", "noise_key", "train_and_evaluate"]
 
 # TEST HOOK (tests/test_crash.py), inert unless the variable is set: "POINT:STEP" makes the
 # process SIGKILL itself at POINT (step | eval | metrics | checkpoint) of step STEP.
@@ -91,11 +79,6 @@ def _test_kill_while_writing(step: int, directory: pathlib.Path) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, daemon=True).start()
-
-
-def noise_key(root: jax.Array, phase: int) -> jax.Array:
-    """The privatizer's key of phase ``phase`` (its step keys are `noise.step_key` of it)."""
-    return keys.derive(root, "noise", phase)
 
 
 def examples_key(root: jax.Array, step) -> jax.Array:
@@ -123,105 +106,6 @@ def evaluate(eval_fn, params, frozen, arrays: dict, batch_size: int, *, details=
     return (metrics, result) if details else metrics
 
 
-@dataclasses.dataclass
-class _Runtime:
-    """What one phase trains with: its model, data, state and jitted functions."""
-
-    phase: Phase
-    state: TrainState
-    step_fn: Callable
-    eval_fn: Callable
-    train_arrays: dict
-    eval_arrays: dict
-    chunked: accumulate.AccumulatingStep | None = None  # host-chunked logical steps
-    shardings: object = None  # of the state over the mesh (replicated, or FSDP)
-
-
-def _build_runtime(
-    config, workdir, index, phase, plan, model, full, data, num_classes, mesh=None, root=None
-) -> _Runtime:
-    """Partitions the model for ``phase``, builds its DP optimizer and jitted step."""
-    train_arrays, eval_arrays = data
-    mb = config.train.microbatch_size or None
-    chunk = config.train.get("host_chunk_size", 0)
-    if phase.use_features:
-        head = models.get_model("linear", num_classes)
-        variables = unflatten({k: v for k, v in full.items() if k.startswith("params/linear/")})
-        feats = features_lib.backbone_features(
-            config, workdir, model, full, train_arrays, eval_arrays
-        )
-        train_arrays = {"image": feats["train"], "label": train_arrays["label"]}
-        eval_arrays = {"image": feats["eval"], "label": eval_arrays["label"]}
-        model = head
-    else:
-        variables = unflatten(full)
-    trainable, frozen = partition(variables, phase.trainable)
-    clipper = build.build_clipper(config.dp)
-    norms = build.build_norm_strategy(config.dp)
-    sensitivity = clipper.sensitivity(trainable) if config.dp.clip_norm < math.inf else math.inf
-    root = keys.root_key(config.seed) if root is None else root  # secret in secure mode
-    key = noise_key(root, index)
-    tx = build.build_optimizer(
-        config, plan, sensitivity, key, steps=phase.steps, learning_rate=phase.learning_rate
-    )
-    state = TrainState(jnp.asarray(phase.start, jnp.int32), trainable, tx.init(trainable), frozen)
-    loss = cross_entropy_loss(model.apply)
-    unroll = config.train.get("microbatch_unroll", 0)
-    rows = chunk or plan.max_batch_size // (mesh.size if mesh is not None else 1)
-    backend = jax.default_backend()
-    if mb == -1:  # the largest power of two whose compiled step fits half the free memory
-        spec = {
-            k: jax.ShapeDtypeStruct((rows, *v.shape[1:]), v.dtype) for k, v in train_arrays.items()
-        }
-        spec["mask"] = jax.ShapeDtypeStruct((rows,), jnp.float32)
-        rng_spec = jax.ShapeDtypeStruct((2,), jnp.uint32)
-
-        def candidate(m):
-            u = accumulate.microbatch_unroll(unroll, rows, m, backend)
-            step = make_train_step(
-                loss, clipper, tx, microbatch_size=m, norm_strategy=norms, microbatch_unroll=u
-            )
-            return step, (state, spec, rng_spec), accumulate.compiler_options(u, backend)
-
-        mb, tried = accumulate.choose_microbatch(candidate, rows)
-        log.info("microbatch %d chosen from compiled sizes %s", mb, tried)
-    kw = {
-        "norm_strategy": norms,
-        "microbatch_unroll": accumulate.microbatch_unroll(unroll, rows, mb, backend),
-    }
-    if not unroll and kw["microbatch_unroll"] > 1:
-        log.info(
-            "train.microbatch_unroll=0: %d microbatches per step unrolled", kw["microbatch_unroll"]
-        )
-    options = accumulate.compiler_options(kw["microbatch_unroll"], backend) or None
-    chunked = None
-    if chunk:
-        chunked = accumulate.jit_accumulating(
-            accumulate.make_accumulating_step(loss, clipper, tx, microbatch_size=mb, **kw), options
-        )
-    step = make_train_step(loss, clipper, tx, microbatch_size=mb, mesh=mesh, **kw)
-    shardings = None
-    if mesh is None:
-        step_fn = jax.jit(step, donate_argnums=0, compiler_options=options)
-    else:  # params and optimizer state replicated over the mesh, or sharded (FSDP)
-        fsdp = bool(config.parallel.get("fsdp", False))
-        shardings = state_shardings(mesh, state, fsdp)
-        out = (shardings, NamedSharding(mesh, P()))
-        step_fn = jax.jit(step, donate_argnums=0, out_shardings=out, compiler_options=options)
-    state = _place(state, shardings)
-    eval_fn = jax.jit(make_eval_step(model.apply))
-    return _Runtime(phase, state, step_fn, eval_fn, train_arrays, eval_arrays, chunked, shardings)
-
-
-def _place(state, shardings):
-    """``state`` laid out over the mesh (global arrays in a multi-process run)."""
-    if shardings is None:
-        return state
-    if distributed.is_multiprocess():
-        return distributed.put(state, shardings)
-    return jax.device_put(state, shardings)
-
-
 class _IndexLoader:
     """Yields ``(step, indices, mask)`` of the sampler's padded batches, for chunked steps."""
 
@@ -244,7 +128,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     config_json = _config_json(config)
     fingerprint = config_fingerprint(config_json)
     train_arrays, eval_arrays, num_classes = build.load_data(config)
-    n = len(train_arrays["label"])
+    streamed = isinstance(train_arrays, dpdata.StreamSplit)  # config.data.pipeline='grain'
+    n = len(train_arrays) if streamed else len(train_arrays["label"])
     mesh = build.make_mesh(config.get("parallel", {}).get("data", 1))
     n_dev = mesh.size if mesh is not None else 1
     if config.get("parallel", {}).get("fsdp", False) and mesh is None:
@@ -266,7 +151,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         )
     per_device = plan.max_batch_size // n_dev
     accumulate.check_microbatching(config.train, chunk or per_device, per_device)  # rows per call
-    model, variables = build.build_model(config, num_classes, train_arrays["image"][0])
+    example = train_arrays.example_image if streamed else train_arrays["image"][0]
+    model, variables = build.build_model(config, num_classes, example)
     full = flatten(variables)
     secure = bool(config.dp.get("secure_noise", False))
 
@@ -294,8 +180,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     budget = ledger.PrivacyBudget(plan.target_epsilon, plan.delta, plan.accountant)
     data = (train_arrays, eval_arrays)
 
-    def runtime(i: int) -> _Runtime:
-        return _build_runtime(
+    def runtime(i: int) -> Runtime:
+        return build_runtime(
             config, workdir, i, phases[i], plan, model, full, data, num_classes, mesh, root
         )
 
@@ -309,7 +195,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
             raise other from e
         if meta.get("phase", 0) != current:
             raise other
-        rt.state = _place(state, rt.shardings)
+        rt.state = place(state, rt.shardings)
         budget.ledger = ledger.PrivacyLedger.from_dict(meta["ledger"])
         sampler.load_state_dict(meta["sampler"])
         start = int(meta["step"])
@@ -361,7 +247,11 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
                 current += 1
                 rt = runtime(current)
                 last_eval, calibration = {}, None
-            if rt.chunked is None and not multi:
+            if streamed:  # read, decoded and transformed by grain worker processes
+                loader = dpdata.StreamLoader(
+                    rt.train_arrays, sampler, start_step=step, stop_step=rt.phase.end
+                )
+            elif rt.chunked is None and not multi:
                 loader = dpdata.BatchLoader(
                     rt.train_arrays, sampler, start_step=step, prefetch=2, stop_step=rt.phase.end
                 )

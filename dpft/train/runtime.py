@@ -1,0 +1,144 @@
+"""What one phase of a run trains with: its model, data, DP optimizer and jitted functions.
+
+`build_runtime` partitions the model for a phase (`dpft.train.phases`), takes the cached backbone
+features for a head phase (`dpft.train.features`), builds the DP optimizer with the phase's noise
+key (`noise_key`) and compiles the train step (one array step, host-chunked accumulation or the
+mesh-sharded step) and the eval step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dpft import data as dpdata
+from dpft import models
+from dpft.privacy import keys
+from dpft.train import accumulate, build, distributed
+from dpft.train import features as features_lib
+from dpft.train.phases import Phase
+from dpft.train.step import (
+    TrainState,
+    cross_entropy_loss,
+    make_eval_step,
+    make_train_step,
+    partition,
+    state_shardings,
+    unflatten,
+)
+
+log = logging.getLogger("dpft")
+__all__ = ["Runtime", "build_runtime", "noise_key", "place"]
+
+
+def noise_key(root: jax.Array, phase: int) -> jax.Array:
+    """The privatizer's key of phase ``phase`` (its step keys are `noise.step_key` of it)."""
+    return keys.derive(root, "noise", phase)
+
+
+@dataclasses.dataclass
+class Runtime:
+    """What one phase trains with: its model, data, state and jitted functions."""
+
+    phase: Phase
+    state: TrainState
+    step_fn: Callable
+    eval_fn: Callable
+    train_arrays: dict
+    eval_arrays: dict
+    chunked: accumulate.AccumulatingStep | None = None  # host-chunked logical steps
+    shardings: object = None  # of the state over the mesh (replicated, or FSDP)
+
+
+def build_runtime(
+    config, workdir, index, phase, plan, model, full, data, num_classes, mesh=None, root=None
+) -> Runtime:
+    """Partitions the model for ``phase``, builds its DP optimizer and jitted step."""
+    train_arrays, eval_arrays = data
+    mb = config.train.microbatch_size or None
+    chunk = config.train.get("host_chunk_size", 0)
+    if phase.use_features:
+        head = models.get_model("linear", num_classes)
+        variables = unflatten({k: v for k, v in full.items() if k.startswith("params/linear/")})
+        # memory-mapped sharded readers: a Poisson batch gathers (np.take) its sampled rows only
+        feats = features_lib.feature_shards(config, workdir, model, full, train_arrays, eval_arrays)
+        train_arrays = {"image": feats["train"], "label": train_arrays["label"]}
+        eval_arrays = {"image": feats["eval"], "label": eval_arrays["label"]}
+        model = head
+    else:
+        variables = unflatten(full)
+    trainable, frozen = partition(variables, phase.trainable)
+    clipper = build.build_clipper(config.dp)
+    norms = build.build_norm_strategy(config.dp)
+    sensitivity = clipper.sensitivity(trainable) if config.dp.clip_norm < math.inf else math.inf
+    root = keys.root_key(config.seed) if root is None else root  # secret in secure mode
+    key = noise_key(root, index)
+    tx = build.build_optimizer(
+        config, plan, sensitivity, key, steps=phase.steps, learning_rate=phase.learning_rate
+    )
+    state = TrainState(jnp.asarray(phase.start, jnp.int32), trainable, tx.init(trainable), frozen)
+    if isinstance(train_arrays, dpdata.StreamSplit):  # the grain pipeline made the K views
+        loss = cross_entropy_loss(model.apply, None, input_ndim=3)
+    else:
+        loss = cross_entropy_loss(model.apply, build.build_augment(config, phase.use_features))
+    unroll = config.train.get("microbatch_unroll", 0)
+    rows = chunk or plan.max_batch_size // (mesh.size if mesh is not None else 1)
+    backend = jax.default_backend()
+    if mb == -1:  # the largest power of two whose compiled step fits half the free memory
+        spec = {
+            k: jax.ShapeDtypeStruct((rows, *v.shape[1:]), v.dtype) for k, v in train_arrays.items()
+        }
+        spec["mask"] = jax.ShapeDtypeStruct((rows,), jnp.float32)
+        rng_spec = jax.ShapeDtypeStruct((2,), jnp.uint32)
+
+        def candidate(m):
+            u = accumulate.microbatch_unroll(unroll, rows, m, backend)
+            step = make_train_step(
+                loss, clipper, tx, microbatch_size=m, norm_strategy=norms, microbatch_unroll=u
+            )
+            return step, (state, spec, rng_spec), accumulate.compiler_options(u, backend)
+
+        mb, tried = accumulate.choose_microbatch(candidate, rows)
+        log.info("microbatch %d chosen from compiled sizes %s", mb, tried)
+    kw = {
+        "norm_strategy": norms,
+        "microbatch_unroll": accumulate.microbatch_unroll(unroll, rows, mb, backend),
+    }
+    if not unroll and kw["microbatch_unroll"] > 1:
+        log.info(
+            "train.microbatch_unroll=0: %d microbatches per step unrolled", kw["microbatch_unroll"]
+        )
+    options = accumulate.compiler_options(kw["microbatch_unroll"], backend) or None
+    chunked = None
+    if chunk:
+        chunked = accumulate.jit_accumulating(
+            accumulate.make_accumulating_step(loss, clipper, tx, microbatch_size=mb, **kw), options
+        )
+    step = make_train_step(loss, clipper, tx, microbatch_size=mb, mesh=mesh, **kw)
+    shardings = None
+    if mesh is None:
+        step_fn = jax.jit(step, donate_argnums=0, compiler_options=options)
+    else:  # params and optimizer state replicated over the mesh, or sharded (FSDP)
+        fsdp = bool(config.parallel.get("fsdp", False))
+        shardings = state_shardings(mesh, state, fsdp)
+        out = (shardings, NamedSharding(mesh, P()))
+        step_fn = jax.jit(step, donate_argnums=0, out_shardings=out, compiler_options=options)
+    state = place(state, shardings)
+    eval_fn = jax.jit(make_eval_step(model.apply))
+    return Runtime(phase, state, step_fn, eval_fn, train_arrays, eval_arrays, chunked, shardings)
+
+
+def place(state, shardings):
+    """``state`` laid out over the mesh (global arrays in a multi-process run)."""
+    if shardings is None:
+        return state
+    if distributed.is_multiprocess():
+        return distributed.put(state, shardings)
+    return jax.device_put(state, shardings)
