@@ -126,7 +126,7 @@ def test_fsdp_spec_shards_the_largest_divisible_dimension():
 
 def test_fsdp_eight_devices_equal_one_device(tmp_path, monkeypatch):
     """Params and optimizer state sharded over 8 CPU devices: the run of one device."""
-    from dpft.train import trainer
+    from dpft.train import runtime
 
     assert jax.device_count() >= 8, "conftest sets 8 host devices"
     data_dir = tmp_path / "data"
@@ -139,7 +139,7 @@ def test_fsdp_eight_devices_equal_one_device(tmp_path, monkeypatch):
         specs.extend(s.spec for s in jax.tree_util.tree_leaves(out.opt_state))
         return out
 
-    monkeypatch.setattr(trainer, "state_shardings", spy)
+    monkeypatch.setattr(runtime, "state_shardings", spy)
     fsdp = tiny_train_config(data_dir, num_devices=8)
     fsdp.parallel.fsdp = True
     fsdp.train.momentum = 0.9  # optimizer state to shard too

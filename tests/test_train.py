@@ -293,8 +293,11 @@ def test_host_chunked_steps_equal_one_array_steps(tmp_path, monkeypatch, caplog)
     for name in ("chunked", "unrolled", "auto"):
         eps_b, b, meta_b = runs[name]
         assert meta_a["ledger"] == meta_b["ledger"] and eps == eps_b
+        # Same step up to summation order, amplified over 6 steps; a different step (a chunk
+        # lost or counted twice, noise drawn per chunk) moves parameters by the noise scale,
+        # lr * sigma * C / expected batch = 0.5 / 32 = 1.6e-2, far above this tolerance.
         for x, y in zip(a, b, strict=True):
-            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)  # summation order
+            np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-4, err_msg=name)
 
 
 def test_automatic_microbatch_unroll():
