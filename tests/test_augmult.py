@@ -196,9 +196,13 @@ def test_premade_views_are_averaged_not_augmented_again():
 # ---------------------------------------------------------------- ghost == vmap
 
 
-@pytest.mark.parametrize("k", [1, 4])
-@pytest.mark.parametrize(
-    "name,shape,kwargs", [("sample_convnet", (28, 28, 1), {}), ("resnet20", (16, 16, 3), {})]
+@pytest.mark.parametrize(  # K = 1 for resnet20 (no views) is tests/test_ghost.py's case
+    "name,shape,kwargs,k",
+    [
+        ("sample_convnet", (28, 28, 1), {}, 1),
+        ("sample_convnet", (28, 28, 1), {}, 4),
+        ("resnet20", (16, 16, 3), {}, 4),
+    ],
 )
 def test_ghost_equals_vmap_with_views(name, shape, kwargs, k):
     """The model sees a batch of K inside one example: ghost norms sum the kernel gradient over
@@ -343,10 +347,9 @@ def test_federated_cli_trains_on_views(tmp_path):
     # example-level rounds whose local DP-SGD steps average 2 views per example before clipping
     from test_federated import fed_smoke
 
-    one = train_and_evaluate(fed_smoke(), tmp_path / "one")
+    # (that the views change the update, and ghost == vmap with them: the driver test above)
     c = fed_smoke()
     c.data.augmult = 2
     two = train_and_evaluate(c, tmp_path / "two")
-    assert two["epsilon"] == pytest.approx(one["epsilon"])  # same noise, same accounting
-    assert two["noise_multiplier"] == one["noise_multiplier"]
-    assert two["test_accuracy"] != one["test_accuracy"] or two["test_loss"] != one["test_loss"]
+    assert 0 < two["epsilon"] <= c.dp.epsilon  # the accounting of one view per example
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["data"]["augmult"] == 2
