@@ -153,6 +153,7 @@ def test_get_model_registry():
         "resnet34",
         "resnet50",
         "linear",
+        "mobilenet_v2",
     }
     assert models.get_model("resnet44", 3).depth == 44
     assert models.get_model("resnet50", 5).depth == 50

@@ -10,12 +10,14 @@ name                   model
 ``resnet20`` .. ``56`` `CifarResNet` (option-A CIFAR ResNet; kwargs ``norm``, ``groups``)
 ``wrn16_4``            `WideResNet` WRN-16-4, GroupNorm + weight standardization
 ``resnet18/34/50``     `ImageNetResNet` (torchvision layout; GroupNorm; kwargs ``norm``, ``stem``)
+``mobilenet_v2``       `MobileNetV2` (torchvision layout; frozen BatchNorm; kwarg ``norm``)
 ``linear``             `LinearHead`: one Dense on flattened inputs (training on features)
 =====================  ==============================================================
 
 Every model's output layer is a submodule named ``linear`` (parameters ``linear/kernel``,
 ``linear/bias``), so a trainer can select or re-initialise the head by name. Pretrained CIFAR-10
-ResNets are in `dpft.models.pretrained` (imported on first use: it needs safetensors).
+ResNets and the ImageNet MobileNetV2 are in `dpft.models.pretrained` (imported on first use: it
+needs safetensors).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import jax.numpy as jnp
 
 from dpft.models.cnn import SampleConvNet, TramerBonehCNN
 from dpft.models.imagenet_resnet import ImageNetResNet
+from dpft.models.mobilenet import MobileNetV2
 from dpft.models.resnet import (
     CifarResNet,
     WideResNet,
@@ -89,6 +92,7 @@ _REGISTRY: dict[str, tuple[type[nn.Module], Callable[..., nn.Module], tuple[str,
     "resnet18": (ImageNetResNet, _imagenet_resnet(18), ("depth",)),
     "resnet34": (ImageNetResNet, _imagenet_resnet(34), ("depth",)),
     "resnet50": (ImageNetResNet, _imagenet_resnet(50), ("depth",)),
+    "mobilenet_v2": (MobileNetV2, lambda k, **kw: MobileNetV2(num_classes=k, **kw), ()),
     "linear": (LinearHead, lambda k, **kw: LinearHead(num_classes=k, **kw), ()),
 }
 
@@ -145,6 +149,7 @@ __all__ = [
     "CifarResNet",
     "ImageNetResNet",
     "LinearHead",
+    "MobileNetV2",
     "SampleConvNet",
     "TramerBonehCNN",
     "WideResNet",

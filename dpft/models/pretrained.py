@@ -1,6 +1,6 @@
-"""Pretrained ResNets from PyTorch state dicts (safetensors files), as flax variables.
+"""Pretrained ResNets and MobileNetV2 from PyTorch state dicts (safetensors), as flax variables.
 
-Two families (`load`):
+Three families (`load`):
 
 * CIFAR-10-pretrained ResNet-20/32/44/56 (`NAMES`) from the data directory: the weights
   (Idelbayev's pytorch_resnet_cifar10, BSD 2-Clause) are safetensors files with PyTorch names
@@ -12,6 +12,10 @@ Two families (`load`):
   dpft ships no such weights; torchvision's are written as safetensors by
   ``safetensors.torch.save_file(torchvision.models.resnet18(weights="DEFAULT").state_dict(),
   "resnet18.safetensors")``.
+* ImageNet MobileNetV2 (``'mobilenet_v2'``, `MOBILENET_NAMES`) in torchvision's layout, from
+  ``pretrained/imagenet/mobilenet_v2.safetensors`` in the data directory (or ``path``), loaded
+  into `dpft.models.mobilenet.MobileNetV2`. Its BatchNorm is folded into the convolutions
+  (gamma 1, mean 0, var 1 - eps, beta = the folded bias), so it only works frozen.
 
 Both are converted for ``norm='frozen_bn'``::
 
@@ -23,6 +27,9 @@ Both are converted for ``norm='frozen_bn'``::
     layer{s}.{i}.<name>             -> layer{s}_{i}/<name>
     torchvision only: fc.*          -> linear/*;
                       layer{s}.{i}.downsample.0 / .1 -> layer{s}_{i}/downsample_conv / _bn
+    mobilenet_v2:     classifier.1.* -> linear/*; other names with '.' written '_'
+                      (features.3.conv.1.0 -> features_3/conv_1_0)
+    grouped (depthwise) conv weight [out, in/groups, kh, kw] -> kernel [kh, kw, in/groups, out]
 
 The expected tensors and shapes are derived from the flax model itself, so every tensor the model
 needs must be in the file with the right shape, and the file must hold nothing else. Problems
@@ -47,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpft.models.imagenet_resnet import LAYOUTS, ImageNetResNet
+from dpft.models.mobilenet import MobileNetV2
 from dpft.models.resnet import BLOCKS_PER_STAGE, CifarResNet
 from dpft.paths import DataError, data_file
 
@@ -54,6 +62,9 @@ from dpft.paths import DataError, data_file
 NAMES: tuple[str, ...] = tuple(f"resnet{d}" for d in sorted(BLOCKS_PER_STAGE))
 #: ResNets in torchvision's layout, loaded from a file given to `load` (``path``).
 TORCHVISION_NAMES: tuple[str, ...] = tuple(f"resnet{d}" for d in sorted(LAYOUTS))
+#: MobileNetV2 in torchvision's layout; ImageNet weights in the data directory (`MOBILENET_FILE`).
+MOBILENET_NAMES: tuple[str, ...] = ("mobilenet_v2",)
+MOBILENET_FILE = "pretrained/imagenet/mobilenet_v2.safetensors"
 #: Folder of the weights inside the data directory.
 SUBDIR = "pretrained/resnet-cifar10"
 #: Number of classes of the pretrained heads (CIFAR-10).
@@ -74,11 +85,16 @@ _TORCHVISION_MODULES = {
 
 
 def _check_name(name: str) -> int:
-    if name not in NAMES + TORCHVISION_NAMES:
-        raise ValueError(
-            f"pretrained model must be one of {list(NAMES + TORCHVISION_NAMES)}, got {name!r}"
-        )
-    return int(name.removeprefix("resnet"))
+    """The ResNet depth of ``name`` (0 for MobileNetV2); `ValueError` for an unknown name."""
+    valid = NAMES + TORCHVISION_NAMES + MOBILENET_NAMES
+    if name not in valid:
+        raise ValueError(f"pretrained model must be one of {list(valid)}, got {name!r}")
+    return 0 if name in MOBILENET_NAMES else int(name.removeprefix("resnet"))
+
+
+def _describe(model: nn.Module) -> str:
+    depth = getattr(model, "depth", None)
+    return type(model).__name__ + (f"-{depth}" if depth is not None else "")
 
 
 def _one_line(text: str) -> str:
@@ -89,18 +105,20 @@ def weights_path(name: str, path: str | os.PathLike | None = None) -> pathlib.Pa
     """The safetensors file of ``name``.
 
     ``path`` may be the file itself or a directory holding ``{name}.safetensors``; without it
-    the file is ``pretrained/resnet-cifar10/{name}.safetensors`` in the data directory (CIFAR
-    ResNets only: a `TORCHVISION_NAMES` model needs ``path``).
+    the file is ``pretrained/resnet-cifar10/{name}.safetensors`` (CIFAR ResNets) or
+    `MOBILENET_FILE` in the data directory (a `TORCHVISION_NAMES` model needs ``path``).
     Raises `DataError` (one line) if the file does not exist.
     """
     _check_name(name)
-    if (path is None or str(path) == "") and name not in NAMES:
+    if (path is None or str(path) == "") and name in TORCHVISION_NAMES:
         raise DataError(
             f"no pretrained {name} weights in the data directory: give the file "
             f"(config.model.pretrained_path), a safetensors file of torchvision's {name} "
             "state dict"
         )
     if path is None or str(path) == "":
+        if name in MOBILENET_NAMES:
+            return data_file(MOBILENET_FILE)
         return data_file(f"{SUBDIR}/{name}.safetensors")
     p = pathlib.Path(path).expanduser()
     if p.is_dir():
@@ -129,13 +147,17 @@ def read_safetensors(file: str | os.PathLike) -> dict[str, np.ndarray]:
         ) from None
 
 
-def _torch_name(flax_path: tuple[str, ...], torchvision: bool = False) -> str:
+def _torch_name(
+    flax_path: tuple[str, ...], torchvision: bool = False, mobilenet: bool = False
+) -> str:
     """('layer1_0', 'conv1', 'kernel') -> 'layer1.0.conv1.weight' (kind-specific leaf names)."""
     *modules, leaf = flax_path
     parts: list[str] = []
     for m in modules:
         match = _BLOCK.match(m)
-        if match:
+        if mobilenet:
+            parts.extend(("classifier", "1") if m == "linear" else m.split("_"))
+        elif match:
             parts.extend(match.groups())
         elif torchvision and m in _TORCHVISION_MODULES:
             parts.extend(_TORCHVISION_MODULES[m])
@@ -170,32 +192,33 @@ def _to_flax(array: np.ndarray) -> np.ndarray:
 
 def convert_state_dict(
     tensors: Mapping[str, np.ndarray],
-    model: CifarResNet | ImageNetResNet,
+    model: CifarResNet | ImageNetResNet | MobileNetV2,
     file: str | os.PathLike = "<memory>",
 ) -> dict[str, Any]:
     """Flax variables ``{'params', 'batch_stats'}`` of ``model`` from a PyTorch state dict.
 
     ``tensors`` maps PyTorch names to numpy arrays (torchvision's names for an
-    `ImageNetResNet`); ``file`` is only used in error messages.
+    `ImageNetResNet` or a `MobileNetV2`); ``file`` is only used in error messages.
     Raises `DataError` (one line naming ``file``) on a missing or unexpected tensor, a wrong
     shape, a non-float dtype or non-finite values.
     """
     if model.norm != "frozen_bn":
         raise ValueError(f"pretrained weights need norm='frozen_bn', got {model.norm!r}")
     torchvision = isinstance(model, ImageNetResNet)
+    mobilenet = isinstance(model, MobileNetV2)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
     flat_shapes = {path: leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(shapes)}
     variables: dict[str, Any] = {}
     used: set[str] = set()
     for key_path, shape in flat_shapes.items():
         collection, *flax_path = (k.key for k in key_path)
-        name = _torch_name(tuple(flax_path), torchvision)
+        name = _torch_name(tuple(flax_path), torchvision, mobilenet)
         want = _torch_shape(tuple(shape))
         if name not in tensors:
             raise DataError(
                 _one_line(
                     f"corrupt pretrained weights {file}: missing tensor {name!r} "
-                    f"(expected shape {list(want)} for {type(model).__name__}-{model.depth})"
+                    f"(expected shape {list(want)} for {_describe(model)})"
                 )
             )
         array = np.asarray(tensors[name])
@@ -232,7 +255,7 @@ def convert_state_dict(
         raise DataError(
             _one_line(
                 f"unexpected tensors in pretrained weights {file}: {shown} "
-                f"(expected exactly the tensors of {type(model).__name__}-{model.depth})"
+                f"(expected exactly the tensors of {_describe(model)})"
             )
         )
     return variables
@@ -240,18 +263,21 @@ def convert_state_dict(
 
 def load(
     name: str, path: str | os.PathLike | None = None
-) -> tuple[CifarResNet | ImageNetResNet, dict[str, Any]]:
-    """``(model, variables)`` of a pretrained ResNet with frozen BatchNorm.
+) -> tuple[CifarResNet | ImageNetResNet | MobileNetV2, dict[str, Any]]:
+    """``(model, variables)`` of a pretrained ResNet or MobileNetV2 with frozen BatchNorm.
 
     Args:
       name: 'resnet20', 'resnet32', 'resnet44' or 'resnet56' (CIFAR-10 weights, `NAMES`), or
-        'resnet18', 'resnet34' or 'resnet50' (torchvision's layout, `TORCHVISION_NAMES`).
+        'resnet18', 'resnet34' or 'resnet50' (torchvision's layout, `TORCHVISION_NAMES`), or
+        'mobilenet_v2' (torchvision's layout, ImageNet weights in the data directory).
       path: the safetensors file, or a directory holding ``{name}.safetensors``; default the
-        data directory's ``pretrained/resnet-cifar10/`` (required for torchvision names).
+        data directory's ``pretrained/resnet-cifar10/`` or `MOBILENET_FILE` (required for
+        the torchvision ResNets).
 
     Returns:
       ``CifarResNet(depth, 10, norm='frozen_bn')`` (or ``ImageNetResNet(depth, K,
-      norm='frozen_bn')`` with the K classes of the file's ``fc``) and ``{'params': ...,
+      norm='frozen_bn')`` with the K classes of the file's ``fc``, or ``MobileNetV2(K)`` with
+      the K classes of ``classifier.1``) and ``{'params': ...,
       'batch_stats': ...}`` (float32 jax arrays). ``model.apply(variables, x)`` gives logits
       and ``model.apply(variables, x, method=model.features)`` the pooled features for
       normalized NHWC inputs (see `MEAN`, `STD`; torchvision's ImageNet weights use the same).
@@ -265,6 +291,10 @@ def load(
     tensors = read_safetensors(file)
     if name in NAMES:
         model = CifarResNet(depth=depth, num_classes=NUM_CLASSES, norm="frozen_bn")
+    elif name in MOBILENET_NAMES:
+        head = tensors.get("classifier.1.weight")
+        classes = int(head.shape[0]) if head is not None and head.ndim == 2 else 1000
+        model = MobileNetV2(num_classes=classes, norm="frozen_bn")
     else:
         head = tensors.get("fc.weight")
         classes = int(head.shape[0]) if head is not None and head.ndim == 2 else 1000
@@ -313,7 +343,7 @@ def load_head_reinit(
     head_init: str = "zero",
     seed: int = 0,
     path: str | os.PathLike | None = None,
-) -> tuple[CifarResNet | ImageNetResNet, dict[str, Any]]:
+) -> tuple[CifarResNet | ImageNetResNet | MobileNetV2, dict[str, Any]]:
     """`load` with the head replaced by a fresh ``num_classes``-way ``linear`` (`replace_head`).
 
     The returned model is ``load``'s with ``num_classes`` outputs.
