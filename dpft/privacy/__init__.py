@@ -1,6 +1,6 @@
 """dpft's DP core: every mechanism of dpft and its accounting.
 
-Clipping of per-example gradients (`clipping`, `ghost`, `unfold`), of feature rows and
+Clipping of per-example gradients (`clipping`, `clippers`, `ghost`, `unfold`), of feature rows and
 linear-head gradients (`rows`, shard by shard: `streaming`) and of client updates (`clients`);
 Gaussian noise (`noise`, `rows`); keys and secrets (`keys`); sampling (`sampling`); accounting of
 DP-SGD (`accounting`, `ledger`), of full-batch releases (`releases`) and of federated rounds
@@ -16,6 +16,7 @@ _SUBMODULES = (
     "accounting",
     "accounting_cli",
     "clients",
+    "clippers",
     "clipping",
     "ghost",
     "keys",
