@@ -382,6 +382,38 @@ def conv_impl(kind: str) -> ConvFn:
     raise ValueError(f"conv must be one of {list(CONV_IMPLS)}, got {kind!r}")
 
 
+def torch_padded_conv(
+    features: int,
+    kernel: int,
+    stride: int,
+    dtype: Any,
+    conv: str,
+    name: str,
+    groups: int = 1,
+):
+    """A bias-free square ``flax.linen.Conv`` padded ``kernel // 2`` on every side (torch style).
+
+    torchvision's convolutions pad symmetrically; 'SAME' would shift the sampling grid of the
+    stride-2 ones. Grouped convolutions (``groups > 1``), which im2col does not support, use
+    XLA's convolution when ``conv='im2col'``.
+    """
+    import flax.linen as nn
+
+    pad = kernel // 2
+    impl = "xla" if groups > 1 and conv == "im2col" else conv
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        feature_group_count=groups,
+        use_bias=False,
+        dtype=dtype,
+        name=name,
+        conv_general_dilated=conv_impl(impl),
+    )
+
+
 __all__ = [
     "CONV_IMPLS",
     "auto_conv_general_dilated",
@@ -389,4 +421,5 @@ __all__ = [
     "conv_impl",
     "im2col_conv_general_dilated",
     "prefers_im2col",
+    "torch_padded_conv",
 ]

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dpft.models.conv import conv_impl
+from dpft.models.conv import conv_impl, torch_padded_conv
 from dpft.models.pool import max_pool
 from dpft.models.resnet import NORMS, make_norm
 
@@ -38,20 +38,6 @@ LAYOUTS: dict[int, tuple[str, tuple[int, ...]]] = {
     50: ("bottleneck", (3, 4, 6, 3)),
 }
 STEMS = ("imagenet", "cifar")
-
-
-def _conv(features, kernel, stride, dtype, conv, name) -> nn.Conv:
-    pad = kernel // 2
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)),
-        use_bias=False,
-        dtype=dtype,
-        name=name,
-        conv_general_dilated=conv_impl(conv),
-    )
 
 
 class ImageNetBlock(nn.Module):
@@ -71,7 +57,7 @@ class ImageNetBlock(nn.Module):
             return make_norm(self.norm, self.groups, name, self.dtype)
 
         def conv(features, kernel, stride, name):
-            return _conv(features, kernel, stride, self.dtype, self.conv, name)
+            return torch_padded_conv(features, kernel, stride, self.dtype, self.conv, name)
 
         c = self.channels
         if self.bottleneck:  # torchvision v1.5: the stride is on the 3x3 convolution
@@ -128,11 +114,11 @@ class ImageNetResNet(nn.Module):
         kind, blocks = LAYOUTS[self.depth]
         x = jnp.asarray(x, self.dtype)
         if self.stem == "imagenet":
-            x = _conv(64, 7, 2, self.dtype, self.conv, "conv1")(x)
+            x = torch_padded_conv(64, 7, 2, self.dtype, self.conv, "conv1")(x)
             x = nn.relu(make_norm(self.norm, self.groups, "bn1", self.dtype)(x))
             x = max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         else:
-            x = _conv(64, 3, 1, self.dtype, self.conv, "conv1")(x)
+            x = torch_padded_conv(64, 3, 1, self.dtype, self.conv, "conv1")(x)
             x = nn.relu(make_norm(self.norm, self.groups, "bn1", self.dtype)(x))
         for s, n in enumerate(blocks):
             for i in range(n):

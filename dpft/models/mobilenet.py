@@ -36,7 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dpft.models.conv import conv_impl
+from dpft.models.conv import conv_impl, torch_padded_conv
 from dpft.models.resnet import NORMS, make_norm
 
 Array = jax.Array
@@ -66,19 +66,8 @@ class _Layers:
         self.m = module
 
     def conv(self, features: int, kernel: int, stride: int, groups: int, name: str) -> nn.Conv:
-        impl = "xla" if groups > 1 and self.m.conv == "im2col" else self.m.conv
-        pad = kernel // 2
-        return nn.Conv(
-            features,
-            (kernel, kernel),
-            strides=(stride, stride),
-            padding=((pad, pad), (pad, pad)),
-            feature_group_count=groups,
-            use_bias=False,
-            dtype=self.m.dtype,
-            name=name,
-            conv_general_dilated=conv_impl(impl),
-        )
+        m = self.m
+        return torch_padded_conv(features, kernel, stride, m.dtype, m.conv, name, groups)
 
     def norm(self, name: str) -> nn.Module:
         return make_norm(self.m.norm, self.m.groups, name, self.m.dtype)
