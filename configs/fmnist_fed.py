@@ -1,4 +1,4 @@
-"""Federated DP on Fashion-MNIST split over 100 clients (issue 7), FedAvg, delta 1e-5.
+"""Federated DP on Fashion-MNIST split over 100 clients, FedAvg, delta 1e-5.
 
     python -m dpft --config configs/fmnist_fed.py --workdir runs/fed_head          # HT, ~1 min
     python -m dpft --config configs/fmnist_fed.py:smoke --workdir /tmp/fed_smoke   # seconds
