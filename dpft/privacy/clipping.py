@@ -15,7 +15,9 @@ Two things are swappable:
 * the clipping rule (`Clipper`): flat L2, per-layer, automatic and global clipping
   (`dpft.privacy.clippers`, re-exported here);
 * how per-example norms are obtained (`NormStrategy`): materialised per-example gradients with
-  ``jax.vmap`` today (`VmapNorms`); a ghost-norm strategy can plug in without touching the rules.
+  ``jax.vmap`` (`VmapNorms`) or ghost norms (`dpft.privacy.ghost.GhostNorms`). Both vmap with
+  `vmap_per_example`, which keeps a non-finite example from spreading to the others of its
+  microbatch through grouped convolutions.
 
 Sensitivity is always stated for the SUM returned here. Dividing by the (public) expected batch
 size happens later, in the optimizer chain.
@@ -29,6 +31,7 @@ from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jax_core
 
 from dpft.privacy import keys as keys_lib
 from dpft.privacy.clippers import (
@@ -60,6 +63,7 @@ __all__ = [
     "clip_factors",
     "clipped_grad",
     "leaf_paths",
+    "vmap_per_example",
 ]
 
 
@@ -113,11 +117,54 @@ def clip_factors(clipper, group_sq: jax.Array, mask: jax.Array):
     return f, keep, norms, real & ~finite, clipped
 
 
+def _has_batch_grouped_conv(jaxpr) -> bool:
+    """Whether ``jaxpr`` (or a jaxpr nested in it) has a convolution with batch groups."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated" and eqn.params["batch_group_count"] > 1:
+            return True
+    return any(_has_batch_grouped_conv(sub) for sub in jax_core.subjaxprs(jaxpr))
+
+
+def vmap_per_example(fn, xs, mask):
+    """``jax.vmap(fn)(xs)`` over a leading example axis, one non-finite example kept apart.
+
+    The gradient of a grouped convolution's kernel (``feature_group_count > 1``) is a
+    convolution with batch groups, and ``jax.vmap`` folds the examples into those groups: ONE
+    convolution for all examples. XLA rewrites it (unless each group has a single output
+    feature) into an ungrouped convolution over an extra window dimension whose zero holes
+    multiply the other groups' output gradients, so a non-finite example makes every example's
+    result NaN (``0 * NaN``). When ``fn``'s jaxpr has a convolution with batch groups (decided
+    when traced) and some real row (``mask > 0``) of the result is not finite, the result is
+    recomputed one example at a time (``lax.map`` under ``lax.cond``): the non-finite example
+    stays the only one. Results without a non-finite value are the vmapped ones; other
+    functions are only vmapped. (Under an outer ``jax.vmap`` the ``lax.cond`` becomes a select
+    and both branches run.)
+
+    Privacy:
+        Without this, one example could zero the contribution of every example that shares its
+        microbatch (all of them dropped as non-finite), and the sum's sensitivity would be that
+        of the whole microbatch instead of one example.
+    """
+    out = jax.vmap(fn)(xs)
+    one = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), xs)
+    if not _has_batch_grouped_conv(jax.make_jaxpr(fn)(one).jaxpr):
+        return out
+    m = mask.shape[0]
+    finite = jnp.ones((m,), bool)
+    for leaf in jax.tree_util.tree_leaves(out):
+        finite &= jnp.all(jnp.isfinite(leaf.reshape(m, -1)), axis=1)
+    bad = jnp.any(~finite & (mask > 0))
+    return jax.lax.cond(bad, lambda: jax.lax.map(fn, xs), lambda: out)
+
+
 @dataclasses.dataclass(frozen=True)
 class VmapNorms:
     """Materialise per-example gradients with ``jax.vmap(jax.grad)``, then clip and sum.
 
-    Memory is O(microbatch x params) for the per-example gradients.
+    Memory is O(microbatch x params) for the per-example gradients. They are computed by
+    `vmap_per_example`: with grouped convolutions, a microbatch in which some example's
+    gradient is not finite is recomputed one example at a time, so that example is dropped
+    alone.
     """
 
     def __call__(self, loss_fn, clipper, params, examples, mask, keys):
@@ -126,7 +173,7 @@ class VmapNorms:
             return loss, (loss, aux)
 
         grad_fn = jax.grad(wrapped, has_aux=True)
-        grads, (loss, aux) = jax.vmap(lambda e, k: grad_fn(params, e, k))(examples, keys)
+        grads, (loss, aux) = vmap_per_example(lambda x: grad_fn(params, *x), (examples, keys), mask)
         leaves, treedef = jax.tree_util.tree_flatten(grads)
         groups = clipper.leaf_groups(params)
         m = mask.shape[0]

@@ -63,6 +63,7 @@ from dpft.privacy.clipping import (
     PerLayerClip,
     clip_factors,
     leaf_paths,
+    vmap_per_example,
 )
 from dpft.privacy.unfold import conv_kernel_grads, patches
 
@@ -345,7 +346,9 @@ class GhostNorms:
             return loss, (loss, aux, icpt.inputs)
 
         grad_fn = jax.grad(one, argnums=(0, 1), has_aux=True)
-        (g_fallback, g_out), (loss, aux, inputs) = jax.vmap(grad_fn)(per_ex, probes, examples, keys)
+        (g_fallback, g_out), (loss, aux, inputs) = vmap_per_example(
+            lambda x: grad_fn(*x), (per_ex, probes, examples, keys), mask
+        )
 
         groups = clipper.leaf_groups(params)
         group_sq = jnp.zeros((m, clipper.num_groups(params)), jnp.float32)
