@@ -154,6 +154,10 @@ def test_get_model_registry():
         "resnet50",
         "linear",
         "mobilenet_v2",
+        "vit_ti16",
+        "vit_s16",
+        "vit_b16",
+        "vit_l16",
     }
     assert models.get_model("resnet44", 3).depth == 44
     assert models.get_model("resnet50", 5).depth == 50

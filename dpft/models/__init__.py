@@ -12,12 +12,14 @@ name                   model
 ``resnet18/34/50``     `ImageNetResNet` (torchvision layout; GroupNorm; kwargs ``norm``, ``stem``)
 ``mobilenet_v2``       `MobileNetV2` (torchvision layout; frozen BatchNorm; kwarg ``norm``)
 ``linear``             `LinearHead`: one Dense on flattened inputs (training on features)
+``vit_ti16/s16/b16``   `ViT` ViT-Ti/S/B/16 (kwargs ``pool_type`` tok|gap, ``gelu``, ...)
+``vit_l16``            `ViT` ViT-L/16
 =====================  ==============================================================
 
 Every model's output layer is a submodule named ``linear`` (parameters ``linear/kernel``,
 ``linear/bias``), so a trainer can select or re-initialise the head by name. Pretrained CIFAR-10
 ResNets and the ImageNet MobileNetV2 are in `dpft.models.pretrained` (imported on first use: it
-needs safetensors).
+needs safetensors), which also reads ViT checkpoints (`dpft.models.vit_import`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from dpft.models.resnet import (
     resnet56,
     wrn16_4,
 )
+from dpft.models.vit import ViT, vit
 
 
 class LinearHead(nn.Module):
@@ -76,6 +79,10 @@ def _imagenet_resnet(depth: int) -> Callable[..., nn.Module]:
     return lambda num_classes, **kw: ImageNetResNet(depth=depth, num_classes=num_classes, **kw)
 
 
+def _vit(size: str) -> Callable[..., nn.Module]:
+    return lambda num_classes, **kw: vit(size, num_classes, **kw)
+
+
 # name -> (class, constructor(num_classes, **kwargs), attributes fixed by the name)
 _REGISTRY: dict[str, tuple[type[nn.Module], Callable[..., nn.Module], tuple[str, ...]]] = {
     "sample_convnet": (SampleConvNet, lambda k, **kw: SampleConvNet(num_classes=k, **kw), ()),
@@ -94,6 +101,10 @@ _REGISTRY: dict[str, tuple[type[nn.Module], Callable[..., nn.Module], tuple[str,
     "resnet50": (ImageNetResNet, _imagenet_resnet(50), ("depth",)),
     "mobilenet_v2": (MobileNetV2, lambda k, **kw: MobileNetV2(num_classes=k, **kw), ()),
     "linear": (LinearHead, lambda k, **kw: LinearHead(num_classes=k, **kw), ()),
+    **{
+        f"vit_{size}16": (ViT, _vit(size), ("patch_size", "width", "depth", "mlp_dim", "num_heads"))
+        for size in ("ti", "s", "b", "l")
+    },
 }
 
 #: Registry names accepted by `get_model`.
@@ -152,6 +163,7 @@ __all__ = [
     "MobileNetV2",
     "SampleConvNet",
     "TramerBonehCNN",
+    "ViT",
     "WideResNet",
     "count_params",
     "get_model",

@@ -17,7 +17,10 @@ Three families (`load`):
   into `dpft.models.mobilenet.MobileNetV2`. Its BatchNorm is folded into the convolutions
   (gamma 1, mean 0, var 1 - eps, beta = the folded bias), so it only works frozen.
 
-Both are converted for ``norm='frozen_bn'``::
+ViTs (``'vit'``, `VIT_NAMES`) from big_vision / AugReg ``.npz`` or timm / Hugging Face
+safetensors files are read by `dpft.models.vit_import` (``load('vit', path, image_size=S)``).
+
+The ResNets and MobileNetV2 are converted for ``norm='frozen_bn'``::
 
     conv weight [out, in, kh, kw]   -> params  .../kernel [kh, kw, in, out]
     linear.weight [out, in]         -> params  linear/kernel [in, out]; linear.bias -> linear/bias
@@ -56,6 +59,7 @@ import numpy as np
 from dpft.models.imagenet_resnet import LAYOUTS, ImageNetResNet
 from dpft.models.mobilenet import MobileNetV2
 from dpft.models.resnet import BLOCKS_PER_STAGE, CifarResNet
+from dpft.models.vit import ViT
 from dpft.paths import DataError, data_file
 
 #: CIFAR-10 ResNets in the data directory: resnet20, resnet32, resnet44, resnet56.
@@ -65,6 +69,8 @@ TORCHVISION_NAMES: tuple[str, ...] = tuple(f"resnet{d}" for d in sorted(LAYOUTS)
 #: MobileNetV2 in torchvision's layout; ImageNet weights in the data directory (`MOBILENET_FILE`).
 MOBILENET_NAMES: tuple[str, ...] = ("mobilenet_v2",)
 MOBILENET_FILE = "pretrained/imagenet/mobilenet_v2.safetensors"
+#: Vision Transformers from a checkpoint file given to `load` (`dpft.models.vit_import`).
+VIT_NAMES: tuple[str, ...] = ("vit",)
 #: Folder of the weights inside the data directory.
 SUBDIR = "pretrained/resnet-cifar10"
 #: Number of classes of the pretrained heads (CIFAR-10).
@@ -262,9 +268,9 @@ def convert_state_dict(
 
 
 def load(
-    name: str, path: str | os.PathLike | None = None
-) -> tuple[CifarResNet | ImageNetResNet | MobileNetV2, dict[str, Any]]:
-    """``(model, variables)`` of a pretrained ResNet or MobileNetV2 with frozen BatchNorm.
+    name: str, path: str | os.PathLike | None = None, image_size: int | None = None
+) -> tuple[CifarResNet | ImageNetResNet | MobileNetV2 | ViT, dict[str, Any]]:
+    """``(model, variables)`` of a pretrained ResNet or MobileNetV2 with frozen BatchNorm, or ViT.
 
     Args:
       name: 'resnet20', 'resnet32', 'resnet44' or 'resnet56' (CIFAR-10 weights, `NAMES`), or
@@ -273,6 +279,10 @@ def load(
       path: the safetensors file, or a directory holding ``{name}.safetensors``; default the
         data directory's ``pretrained/resnet-cifar10/`` or `MOBILENET_FILE` (required for
         the torchvision ResNets).
+      image_size: 'vit' only: the images' side; the position embeddings are interpolated to
+        it (default the checkpoint's). ``name='vit'`` returns `dpft.models.vit_import.load`'s
+        ``(ViT, {'params': ...})``; its inputs are normalised as `dpft.models.vit_import`
+        says (mean = std = 0.5 for big_vision / AugReg weights).
 
     Returns:
       ``CifarResNet(depth, 10, norm='frozen_bn')`` (or ``ImageNetResNet(depth, K,
@@ -286,6 +296,12 @@ def load(
       ValueError: unknown ``name``.
       DataError: missing, unreadable or mismatching weights file (one-line message).
     """
+    if name in VIT_NAMES:
+        from dpft.models import vit_import
+
+        return vit_import.load(path, image_size=image_size)
+    if image_size is not None:
+        raise ValueError(f"image_size is only for {list(VIT_NAMES)}, not {name!r}")
     depth = _check_name(name)
     file = weights_path(name, path)
     tensors = read_safetensors(file)
@@ -343,11 +359,12 @@ def load_head_reinit(
     head_init: str = "zero",
     seed: int = 0,
     path: str | os.PathLike | None = None,
-) -> tuple[CifarResNet | ImageNetResNet | MobileNetV2, dict[str, Any]]:
+    image_size: int | None = None,
+) -> tuple[CifarResNet | ImageNetResNet | MobileNetV2 | ViT, dict[str, Any]]:
     """`load` with the head replaced by a fresh ``num_classes``-way ``linear`` (`replace_head`).
 
     The returned model is ``load``'s with ``num_classes`` outputs.
     """
-    model, variables = load(name, path)
+    model, variables = load(name, path, image_size)
     variables = replace_head(variables, num_classes, head_init, seed)
     return model.clone(num_classes=num_classes), variables
