@@ -46,13 +46,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.pretrained_path = ""
 
     c.finetune = ml_collections.ConfigDict()
-    c.finetune.mode = ""  # scratch | full | head | partial | lp_ft ("" = train `trainable`)
+    c.finetune.mode = ""  # scratch | full | head | partial | lp_ft | bitfit ("" = `trainable`)
     c.finetune.trainable = (".*",)  # regexes over parameter paths, e.g. ("linear/.*",)
     c.finetune.head_init = "keep"  # keep | zero | random (pretrained models)
     c.finetune.lp_fraction = 0.5  # lp_ft: share of the steps (= of the budget) spent in LP
     c.finetune.lp_learning_rate = 0.0  # lp_ft: LP phase learning rate (0 = train.learning_rate)
     c.finetune.feature_cache = True  # head / LP phases train on cached backbone features
     c.finetune.cache_dir = ""  # "" = WORKDIR/features; share one across runs of a study
+    # Parameter-efficient fine-tuning (docs/finetune.md): bitfit trains the biases; LoRA adds
+    # adapters y = base(x) + (alpha / r) B(A(x)) (B zero-initialised) and trains only those.
+    c.finetune.train_head = True  # bitfit / LoRA: also train the head linear/*
+    c.finetune.lora_rank = 0  # r; 0 = no adapters
+    c.finetune.lora_alpha = 0.0  # scale alpha / r; 0 = alpha = r (scale 1)
+    c.finetune.lora_targets = ()  # module-path regexes; () = every Dense and 1x1 Conv but the head
 
     c.dp = ml_collections.ConfigDict()
     c.dp.epsilon = float("inf")  # target; the run stops before exceeding it

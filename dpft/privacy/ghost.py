@@ -19,7 +19,10 @@ are in `dpft.privacy.unfold` (built a cache-sized chunk of examples at a time).
 The inputs ``a_i`` and the output gradients ``g_i`` are captured with
 ``flax.linen.intercept_methods``: every ``nn.Dense`` / ``nn.Conv`` call (subclasses included)
 records its input and adds a zero "probe" to its output; the gradient w.r.t. example ``i``'s
-probe is ``g_i``. One vmapped backward pass w.r.t. the probes yields every ``g_i`` without any
+probe is ``g_i``. Calls of other Dense/Conv modules made inside a layer's call (e.g. the LoRA
+adapters of `dpft.models.lora`, added to the layer's output) are intercepted as calls of their
+own; only a module re-entering its own ``__call__`` (a subclass calling ``super().__call__``)
+is counted once. One vmapped backward pass w.r.t. the probes yields every ``g_i`` without any
 kernel gradient.
 
 The clipped SUM is then formed from the same captured tensors, ``sum_i f_i a_i^T g_i`` (one
@@ -143,7 +146,7 @@ class _Interceptor:
         self.plan = None if plan is None else {c.index: j for j, c in enumerate(plan)}
         self.probes = probes
         self.count = 0
-        self.active = 0
+        self.active: set[int] = set()  # ids of the modules whose intercepted call is running
         self.calls: list[_Call] = []
         self.unsupported: list[tuple[str, str, list[int]]] = []
         self.inputs: list[jax.Array] = []
@@ -157,7 +160,7 @@ class _Interceptor:
         mod = context.module
         if (
             context.method_name != "__call__"
-            or self.active
+            or id(mod) in self.active  # a subclass re-entering its own __call__
             or not isinstance(mod, (nn.Dense, nn.Conv))
         ):
             return next_fun(*args, **kwargs)
@@ -166,11 +169,11 @@ class _Interceptor:
         x = args[0] if args else kwargs["inputs"]
         if self.plan is None:
             kernel, bias = self._leaf(mod, "kernel"), self._leaf(mod, "bias")
-        self.active += 1
+        self.active.add(id(mod))
         try:
             out = next_fun(*args, **kwargs)
         finally:
-            self.active -= 1
+            self.active.discard(id(mod))
         if self.plan is None:
             if kernel is not None or bias is not None:
                 self._describe(mod, index, kernel, bias, x, out)

@@ -88,7 +88,20 @@ def build_model(config, num_classes: int, example_image: np.ndarray):
 
     The head (submodule ``linear``) is re-initialised per ``config.finetune.head_init``
     ('keep' | 'zero' | 'random'); a pretrained head with another number of classes is never kept.
+    With ``config.finetune.lora_rank > 0`` the model is a `dpft.models.lora.LoRAModel` and the
+    variables hold its zero-initialised adapters too (the same function as without them).
     """
+    from dpft.models import lora
+
+    spec = lora.from_config(config.finetune)
+    model, variables = _base_model(config, num_classes, example_image)
+    if spec is None:
+        return model, variables
+    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
+    return lora.attach(model, variables, spec, jnp.asarray(example_image[None]), key)
+
+
+def _base_model(config, num_classes: int, example_image: np.ndarray):
     from dpft.models.init import reinit
 
     m = config.model

@@ -13,7 +13,17 @@
   the share of the run's steps, all at the one noise multiplier calibrated for the whole run,
   spent in the LP phase; so it is the share of the privacy budget, and the accountant composes
   both phases into the run's (epsilon, delta), never above the target.
+* ``bitfit`` (BiTFiT, Ben Zaken et al. 2022): train every bias (every parameter named
+  ``bias``, normalisation layers' included) and, with ``finetune.train_head`` (default), the
+  head ``linear``; everything else is frozen. Pretrained weights are expected, not required.
 * ``""`` (default): one phase training ``finetune.trainable``, with no mode-specific checks.
+
+LoRA (``finetune.lora_rank = r > 0``, `dpft.models.lora`): the model gets zero-initialised
+adapters on the layers ``finetune.lora_targets`` selects and every phase that is not a head
+phase trains the adapters (plus the head with ``finetune.train_head``, plus the biases in mode
+``bitfit``, plus ``finetune.trainable`` in mode ``partial``) with the base frozen. Modes ``''``,
+``scratch``, ``partial``, ``bitfit`` and ``lp_ft`` (LP on the base features, then the adapters)
+take it; ``full`` and ``head`` refuse it (they would train the base / never the adapters).
 
 Each phase is trained with the same pure step function (jitted once per phase, since the set of
 trainable parameters fixes its shapes); the sampler, step counter and privacy ledger run on
@@ -25,9 +35,12 @@ from __future__ import annotations
 import dataclasses
 import math
 
-MODES = ("", "scratch", "full", "head", "partial", "lp_ft")
+from dpft.models import lora as lora_lib
+
+MODES = ("", "scratch", "full", "head", "partial", "lp_ft", "bitfit")
 HEAD = (r"linear/.*",)
 ALL = (".*",)
+BIASES = (r"(?:.*/)?bias",)  # every parameter named bias
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +68,7 @@ def plan_phases(config, total_steps: int) -> list[Phase]:
     spec = tuple(ft.trainable)
     if mode not in MODES:
         raise ValueError(f"config.finetune.mode must be one of {'|'.join(MODES[1:])}, got {mode!r}")
+    lora = lora_lib.from_config(ft)
     if mode in ("full", "head", "partial", "lp_ft") and not pretrained:
         raise ValueError(
             f"config.finetune.mode={mode!r} tunes a pretrained model: set config.model.pretrained"
@@ -64,7 +78,18 @@ def plan_phases(config, total_steps: int) -> list[Phase]:
             "config.finetune.mode='scratch' trains from a fresh init: "
             f"config.model.pretrained must be empty, got {config.model.pretrained!r}"
         )
-    if mode in ("", "scratch", "partial"):
+    head = HEAD if ft.get("train_head", True) else ()
+    if mode == "bitfit":
+        spec = BIASES + head
+    if lora is not None:
+        if mode in ("full", "head"):
+            raise ValueError(
+                f"config.finetune.lora_rank={lora.rank} adds adapters that mode {mode!r} does not "
+                "train alone: use finetune.mode ''|partial|bitfit|lp_ft, or lora_rank=0"
+            )
+        extra = spec if mode in ("partial", "bitfit") else ()
+        spec = tuple(dict.fromkeys(lora_lib.ADAPTERS + head + extra))
+    if mode in ("", "scratch", "partial", "bitfit"):
         return [Phase(mode or "train", spec, 0, total_steps)]
     if mode == "full":
         return [Phase("full", ALL, 0, total_steps)]
