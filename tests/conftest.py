@@ -1,10 +1,46 @@
+"""Set-up and helpers shared by the test files.
+
+* The tests run on the CPU with 8 host devices, so that multi-device tests run on one machine.
+* `needs_data` / `have_data`: skip a test when the public data directory (or a file in it) is
+  not there.
+* The ``compilation_cache`` fixture turns on JAX's persistent compilation cache for a module
+  whose tests train the same programs several times (a resumed run next to an uninterrupted one,
+  the same model on another code path): a program already compiled in this pytest worker is
+  loaded instead of being compiled again. The cache is keyed by the lowered program and the
+  compiler options, so every run still traces and lowers its own program and executes the same
+  machine code it would have compiled; subprocesses share the same cache through `cli_env`.
+* The ``shared_run`` fixture trains a config once per module, for the tests that compare with
+  the same uninterrupted run.
+* `latest_checkpoint` and `crash_at_metrics` are the checkpoint reader and the simulated crash
+  that the resume tests use.
+"""
+
+from __future__ import annotations
+
+import contextlib
 import os
+import pathlib
 
 import pytest
 
-# Tests run on the CPU; 8 host devices let multi-device tests run on one machine.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+
+def have_data(*files: str) -> bool:
+    """True if the data directory is there and holds ``files`` (relative paths in it)."""
+    from dpft import paths
+
+    try:
+        paths.data_dir()
+        for f in files:
+            paths.data_file(f)
+    except paths.DataError:
+        return False
+    return True
+
+
+needs_data = pytest.mark.skipif(not have_data(), reason="no data dir (set DPFT_DATA_DIR)")
 
 
 @pytest.fixture
@@ -21,3 +57,104 @@ def ghost_traces(monkeypatch):
 
     monkeypatch.setattr(GhostNorms, "__call__", counting)
     return traced
+
+
+@pytest.fixture(scope="session")
+def xla_cache_dir(tmp_path_factory) -> pathlib.Path:
+    """The persistent compilation cache of this pytest worker (in- and out-of-process runs)."""
+    return tmp_path_factory.mktemp("xla_cache")
+
+
+_CACHE_OPTIONS = {
+    "jax_persistent_cache_min_compile_time_secs": 0.0,
+    "jax_persistent_cache_min_entry_size_bytes": -1,
+}
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(xla_cache_dir):
+    """JAX's persistent compilation cache in `xla_cache_dir` while the module's tests run.
+
+    Restored on exit (cache off again), so other modules compile as they would alone.
+    """
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    names = ["jax_compilation_cache_dir", *_CACHE_OPTIONS]
+    before = {name: getattr(jax.config, name) for name in names}
+    for name, value in {"jax_compilation_cache_dir": str(xla_cache_dir), **_CACHE_OPTIONS}.items():
+        jax.config.update(name, value)
+    cc.reset_cache()  # re-read the settings at the next compilation
+    yield xla_cache_dir
+    for name, value in before.items():
+        jax.config.update(name, value)
+    cc.reset_cache()
+
+
+@pytest.fixture
+def cli_env(xla_cache_dir) -> dict:
+    """Environment for a ``python -m dpft`` subprocess: this one's, on the CPU, sharing the
+    worker's compilation cache."""
+    return {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COMPILATION_CACHE_DIR": str(xla_cache_dir),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+    }
+
+
+@pytest.fixture(scope="module")
+def shared_run(tmp_path_factory):
+    """``run(name, config)``: ``(summary, workdir)`` of ``train_and_evaluate(config, ...)``,
+    trained on the first call with that ``name`` in the module and reused afterwards.
+
+    The first call runs inside the calling test, under its monkeypatches. A later call with the
+    same name must pass the same config (checked), so a shared run is what each test asks for.
+    """
+    runs: dict = {}
+
+    def run(name: str, config):
+        from dpft.train import train_and_evaluate
+
+        as_json = config.to_json_best_effort(sort_keys=True)
+        if name not in runs:
+            workdir = tmp_path_factory.mktemp(name)
+            runs[name] = (as_json, train_and_evaluate(config, workdir), workdir)
+        saved, summary, workdir = runs[name]
+        assert saved == as_json, f"shared run {name!r} was trained with another config"
+        return summary, workdir
+
+    return run
+
+
+def latest_checkpoint(workdir) -> tuple[list, dict]:
+    """(arrays, meta) of the newest checkpoint in ``workdir`` (the trainer's layout)."""
+    from dpft.train.checkpoint import Checkpointer
+
+    ck = Checkpointer(workdir)
+    try:
+        return ck.load_arrays(ck.latest_step())
+    finally:
+        ck.close()
+
+
+@contextlib.contextmanager
+def crash_at_metrics(step: int):
+    """A simulated crash: inside the block, the run raises KeyboardInterrupt when it writes the
+    metrics of ``step`` (after the step ran, before its checkpoint); the block must crash."""
+    from dpft.train import report
+
+    original = report.MetricsWriter.write
+
+    def write(self, at, record):
+        if at == step:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self, at, record)
+
+    report.MetricsWriter.write = write
+    try:
+        with pytest.raises(KeyboardInterrupt, match="simulated crash"):
+            yield
+    finally:
+        report.MetricsWriter.write = original

@@ -1,4 +1,4 @@
-"""Crash safety and randomness modes of a run (issue 9 sections 2 and 4).
+"""Crash safety and randomness modes of a run.
 
 The crash harness runs the CLI as a subprocess and SIGKILLs it at targeted points (through the
 trainer's test hook ``DPFT_TEST_KILL_AT=POINT:STEP``: inside a step, after an eval, after a
@@ -12,7 +12,10 @@ workdir after every kill. It then checks that
   metrics.jsonl is below the ledger's epsilon for that step;
 * metrics.jsonl has each step exactly once, with the uninterrupted run's values.
 
-The subprocesses share a persistent XLA compilation cache so that only the first compiles.
+The subprocesses share the pytest worker's persistent XLA compilation cache (conftest
+``cli_env``) with the in-process runs of this module, which train the same program: the harness,
+last in the module, then compiles nothing. The runs use noise multiplier 2, for which each PLD
+epsilon (one per logged step) costs a quarter of what it costs at 1.
 """
 
 import json
@@ -27,21 +30,18 @@ import time
 
 import numpy as np
 import pytest
+from conftest import crash_at_metrics, latest_checkpoint, needs_data
 
-from dpft import paths
 from dpft.privacy import accounting, keys
 from dpft.train import trainer
 from dpft.train.checkpoint import Checkpointer
 
-try:
-    paths.data_dir()
-    HAVE_DATA = True
-except paths.DataError:
-    HAVE_DATA = False
-needs_data = pytest.mark.skipif(not HAVE_DATA, reason="no data dir (set DPFT_DATA_DIR)")
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 STEPS = 6
 DELTA = 1e-4
+SIGMA = 2.0
+CAP = 48  # the Poisson batch cap of every run here (not left to depend on the steps)
 CONFIG = f"""
 from dpft.config import base_config
 
@@ -53,9 +53,10 @@ def get_config():
     c.data.name = "mnist"
     c.data.train_subset = 600
     c.data.eval_subset = 100
-    c.dp.noise_multiplier = 1.0
+    c.dp.noise_multiplier = {SIGMA}
     c.dp.delta = {DELTA}
     c.train.batch_size = 16
+    c.train.max_batch_size = {CAP}
     c.train.steps = {STEPS}
     c.train.learning_rate = 0.5
     c.train.log_every = 1
@@ -69,17 +70,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESUME = re.compile(r"resuming \S+ from step (\d+)")
 
 
-def _env(cache: pathlib.Path, kill_at: str = "") -> dict:
-    env = dict(os.environ)
+def _env(cli_env: dict, kill_at: str = "") -> dict:
+    env = dict(cli_env)
     env.pop(trainer._KILL_ENV, None)
     if kill_at:
         env[trainer._KILL_ENV] = kill_at
-    env.update(
-        JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=str(cache),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
     return env
 
 
@@ -129,85 +124,6 @@ def _checkpoint(workdir: pathlib.Path, step: int):
         ck.close()
 
 
-@needs_data
-def test_sigkill_anywhere_then_resume_equals_uninterrupted(tmp_path):
-    config = tmp_path / "crash_config.py"
-    config.write_text(CONFIG)
-    cache = tmp_path / "xla_cache"
-    seed = int(os.environ.get("DPFT_CRASH_SEED", time.time_ns() % 10_000))
-    rng = random.Random(seed)
-    print(f"crash harness seed {seed} (rerun with DPFT_CRASH_SEED={seed})")
-
-    reference = _cli(config, tmp_path / "reference", _env(cache))  # runs alongside the kills
-    work = tmp_path / "crashed"
-    # targeted points (step numbers are those of the run's 1-based steps), then random ones
-    plan = ["step:2", "checkpoint:2", "eval:4", "metrics:5", "checkpoint:5", "random"]
-    kills, resumed_from, mid_write = [], [], 0
-    for point in plan:
-        before = _complete_steps(work)
-        if point == "random":
-            proc = _cli(config, work, _env(cache))
-            target = rng.randint(min(max(before, default=0) + 1, STEPS), STEPS)
-            if _wait_for_checkpoint(proc, work, target):
-                time.sleep(rng.uniform(0.0, 0.3))
-            proc.send_signal(signal.SIGKILL)
-        else:
-            proc = _cli(config, work, _env(cache, point))
-        _, err = proc.communicate(timeout=600)
-        if proc.returncode == -signal.SIGKILL:
-            kills.append(point)
-        else:
-            assert proc.returncode == 0, err[-3000:]
-        m = RESUME.search(err)
-        if before and (m or point != "random" or proc.returncode == 0):
-            # resumed from the newest complete checkpoint there was when it started (a random
-            # kill may come before the process got that far)
-            assert m and int(m.group(1)) == before[-1], (point, before, err[-2000:])
-            resumed_from.append(int(m.group(1)))
-        elif not before:
-            assert m is None, err[-2000:]
-        mid_write += bool(_tmp_dirs(work))
-        if proc.returncode == 0:
-            break
-    print(f"killed at {kills}; resumed from {resumed_from}; {mid_write} kill(s) mid-write")
-    assert len(kills) >= 5, kills
-
-    final = _cli(config, work, _env(cache))
-    _, err = final.communicate(timeout=600)
-    assert final.returncode == 0, err[-3000:]
-    _, ref_err = reference.communicate(timeout=600)
-    assert reference.returncode == 0, ref_err[-3000:]
-
-    ref_dir = tmp_path / "reference"
-    assert _complete_steps(ref_dir) == list(range(1, STEPS + 1))
-    steps = _complete_steps(work)
-    assert steps[-1] == STEPS
-    for step in steps:  # every complete checkpoint ever left in the workdir is the reference's
-        arrays, meta = _checkpoint(work, step)
-        ref_arrays, ref_meta = _checkpoint(ref_dir, step)
-        assert meta == ref_meta, step
-        assert len(arrays) == len(ref_arrays)
-        for a, b in zip(arrays, ref_arrays, strict=True):
-            np.testing.assert_array_equal(a, b)
-        # the ledger covers exactly the updates in the arrays (leaf 0: TrainState.step)
-        ledger = accounting.PrivacyLedger.from_dict(meta["ledger"])
-        assert ledger.steps == meta["step"] == meta["sampler"]["step"] == int(arrays[0]) == step
-
-    summary = json.loads((work / "summary.json").read_text())
-    ref_summary = json.loads((ref_dir / "summary.json").read_text())
-    assert summary["epsilon"] == ref_summary["epsilon"] and summary["steps"] == STEPS
-    assert summary["test_accuracy"] == ref_summary["test_accuracy"]
-
-    records = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
-    ref_records = [json.loads(x) for x in (ref_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # each step once
-    assert records == ref_records
-    for r in records:  # a logged epsilon never under-reports the ledger of its step
-        _, meta = _checkpoint(ref_dir, r["step"])
-        ledger_eps = accounting.PrivacyLedger.from_dict(meta["ledger"]).epsilon(DELTA, "pld")
-        assert r["epsilon"] >= ledger_eps
-
-
 # --------------------------------------------------------------------------- randomness modes
 
 
@@ -220,10 +136,11 @@ def _tiny(steps=2, secure=False):
     c.data.name = "mnist"
     c.data.train_subset = 600
     c.data.eval_subset = 100
-    c.dp.noise_multiplier = 1.0
+    c.dp.noise_multiplier = SIGMA
     c.dp.delta = DELTA
     c.dp.secure_noise = secure
     c.train.batch_size = 16
+    c.train.max_batch_size = CAP
     c.train.steps = steps
     c.train.learning_rate = 0.5
     c.train.log_every = 1
@@ -234,13 +151,7 @@ def _tiny(steps=2, secure=False):
     return c
 
 
-def _params(workdir):
-    ck = Checkpointer(workdir)
-    try:
-        arrays, meta = ck.load_arrays(ck.latest_step())
-    finally:
-        ck.close()
-    return arrays, meta
+_params = latest_checkpoint
 
 
 def _same(a, b) -> bool:
@@ -283,25 +194,97 @@ def test_secure_noise_runs_differ_reproducible_runs_match(tmp_path, monkeypatch)
 
 @needs_data
 def test_secure_run_resumes_exactly_with_its_checkpointed_secret(tmp_path, monkeypatch):
-    from dpft.train import report, train_and_evaluate
+    from dpft.train import train_and_evaluate
 
     secrets_ = iter([12345678901234567890, 12345678901234567890, 98765432109876543210])
     monkeypatch.setattr(keys.secrets, "randbits", lambda k: next(secrets_))
     train_and_evaluate(_tiny(steps=3, secure=True), tmp_path / "full")
-    original = report.MetricsWriter.write
-
-    def crash_at_step_2(self, step, metrics):
-        if step == 2:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self, step, metrics)
-
-    monkeypatch.setattr(report.MetricsWriter, "write", crash_at_step_2)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_at_metrics(2):
         train_and_evaluate(_tiny(steps=3, secure=True), tmp_path / "resumed")
-    monkeypatch.setattr(report.MetricsWriter, "write", original)
     assert _complete_steps(tmp_path / "resumed") == [0, 1]  # the secret persisted before step 1
     # the resume draws a different secret from the OS but must use the checkpointed one
     train_and_evaluate(_tiny(steps=3, secure=True), tmp_path / "resumed")
     (a, ma), (b, mb) = _params(tmp_path / "full"), _params(tmp_path / "resumed")
     assert ma["step"] == mb["step"] == 3 and ma["secure_seed"] == mb["secure_seed"]
     assert _same(a, b)
+
+
+# ------------------------------------------------------------------------------ crash harness
+
+
+@needs_data
+def test_sigkill_anywhere_then_resume_equals_uninterrupted(tmp_path, cli_env):
+    config = tmp_path / "crash_config.py"
+    config.write_text(CONFIG)
+    seed = int(os.environ.get("DPFT_CRASH_SEED", time.time_ns() % 10_000))
+    rng = random.Random(seed)
+    print(f"crash harness seed {seed} (rerun with DPFT_CRASH_SEED={seed})")
+
+    reference = _cli(config, tmp_path / "reference", _env(cli_env))  # runs alongside the kills
+    work = tmp_path / "crashed"
+    # targeted points (step numbers are those of the run's 1-based steps), then random ones
+    plan = ["step:2", "checkpoint:2", "eval:4", "metrics:5", "checkpoint:5", "random"]
+    kills, resumed_from, mid_write = [], [], 0
+    for point in plan:
+        before = _complete_steps(work)
+        if point == "random":
+            proc = _cli(config, work, _env(cli_env))
+            target = rng.randint(min(max(before, default=0) + 1, STEPS), STEPS)
+            if _wait_for_checkpoint(proc, work, target):
+                time.sleep(rng.uniform(0.0, 0.3))
+            proc.send_signal(signal.SIGKILL)
+        else:
+            proc = _cli(config, work, _env(cli_env, point))
+        _, err = proc.communicate(timeout=600)
+        if proc.returncode == -signal.SIGKILL:
+            kills.append(point)
+        else:
+            assert proc.returncode == 0, err[-3000:]
+        m = RESUME.search(err)
+        if before and (m or point != "random" or proc.returncode == 0):
+            # resumed from the newest complete checkpoint there was when it started (a random
+            # kill may come before the process got that far)
+            assert m and int(m.group(1)) == before[-1], (point, before, err[-2000:])
+            resumed_from.append(int(m.group(1)))
+        elif not before:
+            assert m is None, err[-2000:]
+        mid_write += bool(_tmp_dirs(work))
+        if proc.returncode == 0:
+            break
+    print(f"killed at {kills}; resumed from {resumed_from}; {mid_write} kill(s) mid-write")
+    assert len(kills) >= 5, kills
+
+    final = _cli(config, work, _env(cli_env))
+    _, err = final.communicate(timeout=600)
+    assert final.returncode == 0, err[-3000:]
+    _, ref_err = reference.communicate(timeout=600)
+    assert reference.returncode == 0, ref_err[-3000:]
+
+    ref_dir = tmp_path / "reference"
+    assert _complete_steps(ref_dir) == list(range(1, STEPS + 1))
+    steps = _complete_steps(work)
+    assert steps[-1] == STEPS
+    for step in steps:  # every complete checkpoint ever left in the workdir is the reference's
+        arrays, meta = _checkpoint(work, step)
+        ref_arrays, ref_meta = _checkpoint(ref_dir, step)
+        assert meta == ref_meta, step
+        assert len(arrays) == len(ref_arrays)
+        for a, b in zip(arrays, ref_arrays, strict=True):
+            np.testing.assert_array_equal(a, b)
+        # the ledger covers exactly the updates in the arrays (leaf 0: TrainState.step)
+        ledger = accounting.PrivacyLedger.from_dict(meta["ledger"])
+        assert ledger.steps == meta["step"] == meta["sampler"]["step"] == int(arrays[0]) == step
+
+    summary = json.loads((work / "summary.json").read_text())
+    ref_summary = json.loads((ref_dir / "summary.json").read_text())
+    assert summary["epsilon"] == ref_summary["epsilon"] and summary["steps"] == STEPS
+    assert summary["test_accuracy"] == ref_summary["test_accuracy"]
+
+    records = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    ref_records = [json.loads(x) for x in (ref_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # each step once
+    assert records == ref_records
+    for r in records:  # a logged epsilon never under-reports the ledger of its step
+        _, meta = _checkpoint(ref_dir, r["step"])
+        ledger_eps = accounting.PrivacyLedger.from_dict(meta["ledger"]).epsilon(DELTA, "pld")
+        assert r["epsilon"] >= ledger_eps

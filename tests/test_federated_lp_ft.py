@@ -3,7 +3,9 @@ the LP phase's head, lp_fraction 1 == head, resume in either phase.
 
 A tiny "pretrained" model (one Dense backbone with ``features`` and a zero head ``linear``)
 stands in for the ResNet-20 so that every run compiles in seconds; the data, the feature cache,
-the phases and the federated runner are the real ones.
+the phases and the federated runner are the real ones. The runs share their compiled programs
+(the same phases at another lp_fraction, a crashed and resumed run) through the
+``compilation_cache`` fixture.
 """
 
 import functools
@@ -14,8 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import crash_at_metrics
 
 from tests.test_federated import checkpoint_arrays, fed_smoke, needs_data
+
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 class TinyPretrained(nn.Module):
@@ -181,22 +186,16 @@ def test_resume_after_lp_or_mid_ft_equals_uninterrupted(
     from dpft.train import report, train_and_evaluate
 
     full, full_dir = uninterrupted(tmp_path_factory, lp_fraction)
-    original = report.MetricsWriter.write
-    written = []
-
-    def crash_at_round_3(self, step, record):
-        if step == 3:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self, step, record)
-
-    monkeypatch.setattr(report.MetricsWriter, "write", crash_at_round_3)
     c = lp_ft_config(lp_fraction=lp_fraction)  # checkpoints every 2 rounds and at LP's end
-    with pytest.raises(KeyboardInterrupt):
+    with crash_at_metrics(3):
         train_and_evaluate(c, tmp_path / "resumed")
     lp_rounds = round(lp_fraction * 4)
     assert checkpoint_arrays(tmp_path / "resumed" / "lp")[1]["round"] == lp_rounds
     ft_ckpt = tmp_path / "resumed" / "ft" / "checkpoints"
     assert sorted(p.name for p in ft_ckpt.iterdir()) == ([] if lp_rounds == 2 else ["2"])
+
+    original = report.MetricsWriter.write
+    written = []
 
     def record(self, step, rec):
         written.append(step)

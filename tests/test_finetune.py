@@ -1,24 +1,29 @@
-"""Fine-tuning modes: phase plans, the feature cache, and LP-FT on the pretrained ResNet-20."""
+"""Fine-tuning modes: phase plans, the feature cache, and LP-FT on the pretrained ResNet-20.
+
+The ResNet-20 runs share compiled programs through the ``compilation_cache`` fixture (the
+backbone's feature extractor, the head on features, the FT phase of the crashed and the resumed
+run), so each program is compiled once.
+"""
 
 import json
 
 import numpy as np
 import pytest
+from conftest import crash_at_metrics, have_data, latest_checkpoint
 
-from dpft import paths
 from dpft.config import base_config
 from dpft.privacy import accounting
 from dpft.train import feature_store, train_and_evaluate
-from dpft.train.checkpoint import Checkpointer
 from dpft.train.phases import phase_index, plan_phases
 
-try:
-    paths.data_file("pretrained/resnet-cifar10/resnet20.safetensors")
-    paths.data_file("fashion-mnist/train-images-idx3-ubyte.gz")
-    HAVE_DATA = True
-except paths.DataError:
-    HAVE_DATA = False
-needs_data = pytest.mark.skipif(not HAVE_DATA, reason="no data dir (set DPFT_DATA_DIR)")
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+needs_data = pytest.mark.skipif(
+    not have_data(
+        "pretrained/resnet-cifar10/resnet20.safetensors",
+        "fashion-mnist/train-images-idx3-ubyte.gz",
+    ),
+    reason="no data dir (set DPFT_DATA_DIR)",
+)
 
 
 def mode_config(mode, pretrained="resnet20", **finetune):
@@ -84,11 +89,7 @@ def resnet_config(mode, **finetune):
     return c
 
 
-def head_params(workdir):
-    ck = Checkpointer(workdir)
-    arrays, meta = ck.load_arrays(ck.latest_step())
-    ck.close()
-    return arrays, meta
+head_params = latest_checkpoint
 
 
 @needs_data
@@ -120,7 +121,7 @@ def test_head_on_cached_features_equals_head_on_images(tmp_path):
 
 
 @needs_data
-def test_lp_ft_composes_both_phases_and_resumes_across_them(tmp_path, monkeypatch):
+def test_lp_ft_composes_both_phases_and_resumes_across_them(tmp_path):
     c = resnet_config("lp_ft", lp_fraction=0.5, lp_learning_rate=2.0)
     c.finetune.trainable = (r"layer3_2/.*", r"linear/.*")
     full = train_and_evaluate(c, tmp_path / "full")
@@ -131,19 +132,8 @@ def test_lp_ft_composes_both_phases_and_resumes_across_them(tmp_path, monkeypatc
     lines = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").open()]
     assert [r["phase"] for r in lines] == [0, 0, 1, 1]
 
-    from dpft.train import report
-
-    original = report.MetricsWriter.write
-
-    def crash_at_step_3(self, step, metrics):
-        if step == 3:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self, step, metrics)
-
-    monkeypatch.setattr(report.MetricsWriter, "write", crash_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_at_metrics(3):
         train_and_evaluate(c, tmp_path / "resumed")
-    monkeypatch.setattr(report.MetricsWriter, "write", original)
     # the checkpoint at the phase boundary holds the LP phase's (head-only) state
     _, meta = head_params(tmp_path / "resumed")
     assert meta["step"] == 2 and meta["phase"] == 0

@@ -1,7 +1,15 @@
-"""The trainer: end to end on real MNIST, resume == uninterrupted, no retrace, budget stop."""
+"""The trainer: end to end on real MNIST, resume == uninterrupted, no retrace, budget stop.
+
+The tiny MNIST runs of this module share one uninterrupted reference run (`reference`) and,
+through the ``compilation_cache`` fixture, the programs compiled for it: a run of the same
+config on another path (resumed, on 8 devices, in host chunks, with ghost norms) compiles only
+what differs. Their noise multiplier is 2: what is checked does not depend on it, and the PLD
+epsilon logged every other step is much cheaper to compute than at 1.
+"""
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 
@@ -9,20 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import crash_at_metrics, latest_checkpoint, needs_data
 
-from dpft import paths
 from dpft.config import base_config
-from dpft.privacy import clipping, sampling
+from dpft.privacy import accounting, clipping, ledger, sampling
 from dpft.train import accumulate, train_and_evaluate
 from dpft.train import step as step_lib
-from dpft.train.checkpoint import Checkpointer
 
-try:
-    paths.data_dir()
-    HAVE_DATA = True
-except paths.DataError:
-    HAVE_DATA = False
-needs_data = pytest.mark.skipif(not HAVE_DATA, reason="no data dir (set DPFT_DATA_DIR)")
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 def tiny_config(**dp):
@@ -33,10 +35,11 @@ def tiny_config(**dp):
     c.data.train_subset = 600
     c.data.eval_subset = 200
     c.model.name = "sample_convnet"
-    c.dp.noise_multiplier = 1.0
+    c.dp.noise_multiplier = 2.0
     c.dp.clip_norm = 1.0
     c.dp.delta = 1e-4
     c.train.batch_size = 32
+    c.train.max_batch_size = 96  # 6 microbatches of 16 (2 per host chunk of 32)
     c.train.steps = 6
     c.train.microbatch_size = 16
     c.train.learning_rate = 0.5
@@ -49,18 +52,24 @@ def tiny_config(**dp):
     return c
 
 
-def final_arrays(workdir):
-    ck = Checkpointer(workdir)
-    arrays, meta = ck.load_arrays(ck.latest_step())
-    ck.close()
-    return arrays, meta
+def reference_config():
+    c = tiny_config()
+    c.tensorboard = True
+    return c
+
+
+@pytest.fixture
+def reference(shared_run):
+    """(summary, workdir) of the uninterrupted `reference_config` run, trained once."""
+    return shared_run("reference", reference_config())
+
+
+final_arrays = latest_checkpoint
 
 
 @needs_data
-def test_end_to_end_outputs(tmp_path):
-    c = tiny_config()
-    c.tensorboard = True
-    summary = train_and_evaluate(c, tmp_path)
+def test_end_to_end_outputs(reference):
+    summary, workdir = reference
     for key in (
         "test_accuracy",
         "epsilon",
@@ -75,45 +84,33 @@ def test_end_to_end_outputs(tmp_path):
     # throughput outside debug/ comes from the public expected batch size, not realised sizes
     public = summary["steps"] * summary["expected_batch_size"] / summary["train_seconds"]
     assert summary["examples_per_second"] == pytest.approx(public, rel=1e-9)
-    saved = json.loads((tmp_path / "summary.json").read_text())
+    saved = json.loads((workdir / "summary.json").read_text())
     assert saved["test_accuracy"] == summary["test_accuracy"]
-    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [2, 4, 6]
     assert all("epsilon" in r and "debug/train_loss" in r for r in lines)
     assert lines[0]["epsilon"] < lines[-1]["epsilon"]
     assert "test_accuracy" in lines[-1]
-    assert json.loads((tmp_path / "config.json").read_text())["name"] == "tiny"
-    assert (tmp_path / "training_curves.png").stat().st_size > 1000
-    assert list(tmp_path.glob("events.out.tfevents*"))
+    assert json.loads((workdir / "config.json").read_text())["name"] == "tiny"
+    assert (workdir / "training_curves.png").stat().st_size > 1000
+    assert list(workdir.glob("events.out.tfevents*"))
 
 
 @needs_data
-def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
-    c = tiny_config()
-    train_and_evaluate(c, tmp_path / "full")
-    from dpft.train import report
-
-    original = report.MetricsWriter.write
-
-    def crash_at_step_4(self, step, metrics):
-        if step == 4:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self, step, metrics)
-
-    monkeypatch.setattr(report.MetricsWriter, "write", crash_at_step_4)
-    with pytest.raises(KeyboardInterrupt):
+def test_resume_equals_uninterrupted(tmp_path, reference):
+    full_summary, full_dir = reference
+    c = reference_config()
+    with crash_at_metrics(4):
         train_and_evaluate(c, tmp_path / "resumed")
-    monkeypatch.setattr(report.MetricsWriter, "write", original)
     partial, meta = final_arrays(tmp_path / "resumed")
     assert meta["step"] == 3
     summary = train_and_evaluate(c, tmp_path / "resumed")
-    full, full_meta = final_arrays(tmp_path / "full")
+    full, full_meta = final_arrays(full_dir)
     resumed, resumed_meta = final_arrays(tmp_path / "resumed")
     assert resumed_meta["step"] == 6 and resumed_meta["ledger"] == full_meta["ledger"]
     assert len(full) == len(resumed)
     for a, b in zip(full, resumed, strict=True):
         np.testing.assert_array_equal(a, b)
-    full_summary = json.loads((tmp_path / "full" / "summary.json").read_text())
     assert summary["epsilon"] == full_summary["epsilon"]
     assert summary["test_accuracy"] == full_summary["test_accuracy"]
     steps = [json.loads(x)["step"] for x in (tmp_path / "resumed" / "metrics.jsonl").open()]
@@ -122,22 +119,30 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
 
 @needs_data
 def test_budget_stops_before_exceeding_target(tmp_path):
-    c = tiny_config(epsilon=1.0, noise_multiplier=1.5)
+    c = tiny_config(epsilon=0.2)  # the reference's program; its 6 steps spend epsilon 0.25
     c.train.steps = 200
     summary = train_and_evaluate(c, tmp_path)
     assert summary["stop_reason"] == "budget"
     assert 0 < summary["steps"] < 200
-    assert summary["epsilon"] <= 1.0
+    assert summary["epsilon"] <= 0.2
+    # it stopped at the last step within the target: one more would have exceeded it
+    _, meta = final_arrays(tmp_path)
+    spent = ledger.PrivacyLedger.from_dict(meta["ledger"])
+    assert meta["step"] == spent.steps == summary["steps"]
+    spent.record(spent.entries[-1], 1)
+    assert accounting.compute_epsilon(spent.entries, 1e-4) > 0.2
 
 
 @needs_data
-def test_other_config_in_workdir_is_refused(tmp_path):
-    train_and_evaluate(tiny_config(), tmp_path)
-    before = sorted(p.name for p in tmp_path.iterdir())
-    other = tiny_config(clip_norm=2.0)
+def test_other_config_in_workdir_is_refused(tmp_path, reference):
+    shutil.copytree(reference[1], tmp_path / "run")
+    workdir = tmp_path / "run"
+    before = sorted(p.name for p in workdir.iterdir())
+    other = reference_config()
+    other.dp.clip_norm = 2.0
     with pytest.raises(ValueError, match="different config") as info:
-        train_and_evaluate(other, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == before
+        train_and_evaluate(other, workdir)
+    assert sorted(p.name for p in workdir.iterdir()) == before
     # the message names what differs and how to resume the run that is there
     msg = str(info.value)
     assert "\n" not in msg and "dp.clip_norm: 1.0 there, 2.0 now" in msg, msg
@@ -184,14 +189,15 @@ def test_step_is_traced_once_for_every_poisson_batch():
     assert int(state.step) == 26 and np.isfinite(float(metrics["debug/train_loss"]))
 
 
-def run_cli(*args):
+def run_cli(env, *args):
     return subprocess.run(
-        [sys.executable, "-m", "dpft", *args], capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "dpft", *args], env=env, capture_output=True, text=True, timeout=600
     )
 
 
-def test_cli_unknown_config_key_is_one_line_error(tmp_path):
+def test_cli_unknown_config_key_is_one_line_error(tmp_path, cli_env):
     out = run_cli(
+        cli_env,
         "--config",
         "configs/mnist_cnn.py:smoke",
         "--workdir",
@@ -205,8 +211,9 @@ def test_cli_unknown_config_key_is_one_line_error(tmp_path):
 
 
 @needs_data
-def test_cli_smoke_config(tmp_path):
+def test_cli_smoke_config(tmp_path, cli_env):
     out = run_cli(
+        cli_env,
         "--config",
         "configs/mnist_cnn.py:smoke",
         "--workdir",
@@ -219,17 +226,14 @@ def test_cli_smoke_config(tmp_path):
 
 
 @needs_data
-def test_eight_devices_equal_one(tmp_path):
+def test_eight_devices_equal_one(tmp_path, reference):
     assert jax.device_count() >= 8, "conftest sets 8 host devices"
-    one = tiny_config()
-    one.train.max_batch_size = 96
+    s1, one_dir = reference
     eight = tiny_config()
-    eight.train.max_batch_size = 96
     eight.train.microbatch_size = 0
     eight.parallel.data = 8
-    s1 = train_and_evaluate(one, tmp_path / "one")
     s8 = train_and_evaluate(eight, tmp_path / "eight")
-    a, meta_a = final_arrays(tmp_path / "one")
+    a, meta_a = final_arrays(one_dir)
     b, meta_b = final_arrays(tmp_path / "eight")
     assert meta_a["ledger"] == meta_b["ledger"] and s1["epsilon"] == s8["epsilon"]
     assert len(a) == len(b)
@@ -242,14 +246,13 @@ def test_eight_devices_equal_one(tmp_path):
 @needs_data
 def test_noise_is_drawn_once_for_the_logical_batch(tmp_path):
     """Zero data signal (lr on clipped sums only through noise): 8 devices give one draw."""
-    c = tiny_config(clip_norm=1e-9, noise_multiplier=1.0)  # noise std 1e-9: compare shapes
-    c.train.max_batch_size = 96
+    c = tiny_config(clip_norm=1e-9)  # noise std 2e-9: compare shapes
     c.train.microbatch_size = 0
     c.parallel.data = 8
     c.train.steps = 1
     train_and_evaluate(c, tmp_path / "eight")
-    c1 = tiny_config(clip_norm=1e-9, noise_multiplier=1.0)
-    c1.train.max_batch_size = 96
+    c1 = tiny_config(clip_norm=1e-9)
+    c1.train.microbatch_size = 0  # the whole batch in one call, as on the 8 devices together
     c1.train.steps = 1
     train_and_evaluate(c1, tmp_path / "one")
     a, _ = final_arrays(tmp_path / "one")
@@ -262,8 +265,8 @@ def test_noise_is_drawn_once_for_the_logical_batch(tmp_path):
 def test_host_chunked_steps_equal_one_array_steps(tmp_path, monkeypatch, caplog):
     """A logical batch accumulated over host chunks is the same step (bounded memory path), and
     so is the microbatch loop unrolled (``train.microbatch_unroll``), by hand or automatically
-    (0, the default: on CPU all 6 microbatches of a step). An unroll that leaves a loop on CPU
-    is warned about."""
+    (0, the default: on CPU all 6 microbatches of a step, or both of a host chunk), as the step
+    of the microbatch loop. An unroll that leaves a loop on CPU is warned about."""
     unrolls = []
     scan = jax.lax.scan
 
@@ -273,10 +276,9 @@ def test_host_chunked_steps_equal_one_array_steps(tmp_path, monkeypatch, caplog)
 
     monkeypatch.setattr(jax.lax, "scan", recording)
     runs = {}
-    cases = (("one", 0, 1, 1), ("chunked", 32, 1, 1), ("unrolled", 0, 2, 2), ("auto", 0, 0, 6))
+    cases = (("one", 0, 1, 1), ("chunked", 32, 0, 2), ("unrolled", 0, 2, 2), ("auto", 0, 0, 6))
     for name, chunk, unroll, expected in cases:
-        c = tiny_config()
-        c.train.max_batch_size = 96  # 6 microbatches of 16 (2 per host chunk)
+        c = tiny_config()  # 6 microbatches of 16 (2 per host chunk)
         c.train.host_chunk_size = chunk
         c.train.microbatch_unroll = unroll
         unrolls.clear()
@@ -295,7 +297,7 @@ def test_host_chunked_steps_equal_one_array_steps(tmp_path, monkeypatch, caplog)
         assert meta_a["ledger"] == meta_b["ledger"] and eps == eps_b
         # Same step up to summation order, amplified over 6 steps; a different step (a chunk
         # lost or counted twice, noise drawn per chunk) moves parameters by the noise scale,
-        # lr * sigma * C / expected batch = 0.5 / 32 = 1.6e-2, far above this tolerance.
+        # lr * sigma * C / expected batch = 0.5 * 2 / 32 = 3.1e-2, far above this tolerance.
         for x, y in zip(a, b, strict=True):
             np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-4, err_msg=name)
 
@@ -346,13 +348,13 @@ def test_unrolled_microbatches_keep_the_memory_of_one():
 @needs_data
 def test_ghost_norms_train_the_same_model_as_vmap_norms(tmp_path, ghost_traces):
     """``config.dp.norms='ghost'`` reaches every step path (one array, host chunks) and gives the
-    run of the default per-example-gradient norms, up to float rounding."""
+    run of the per-example-gradient norms, up to float rounding. (The ghost runs are the configs
+    of `reference` and of host_chunked's "chunked": their programs are compiled already.)"""
     traced = ghost_traces
     runs = {}
     for norms in ("vmap", "ghost"):
         for chunk in (0, 32):
             c = tiny_config(norms=norms)
-            c.train.max_batch_size = 64
             c.train.host_chunk_size = chunk
             before = len(traced)
             s = train_and_evaluate(c, tmp_path / f"{norms}{chunk}")
