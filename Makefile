@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint format bench bench-peers clean
+.PHONY: venv run test lint format bench bench-peers bench-device device-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,18 @@ bench-peers: $(STAMP)
 	  print('bench-peers: torch', torch.__version__, 'opacus', opacus.__version__, \
 	  'jax_privacy', jp.__version__)" || echo "bench-peers: some peers do not import"
 	$(PY) -m bench.run --peers
+
+# The accelerator check (bench/device.sh): one JSON line of examples/s for ViT-B/16 and ResNet-50,
+# non-private vs DP (ghost, vmap) vs huge-batch DP-LAMB vs Opacus. On a machine without network,
+# run `make device-wheels` first where pip works and carry .whl/ along.
+bench-device:
+	bash bench/device.sh $(BENCH_ARGS)
+
+# Wheels bench/device.sh installs on an offline accelerator machine that has JAX, PyTorch and
+# timm but not Opacus (pure Python; its other needs are there).
+device-wheels:
+	python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp -d .whl 'opacus==1.6.*'
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
