@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import have_data, needs_data
 from test_ghost import compare
-from test_train import HAVE_DATA, final_arrays, needs_data, tiny_config
+from test_train import final_arrays, tiny_config
 
 from dpft import optim
 from dpft.config import base_config
@@ -233,7 +234,7 @@ def test_bad_augment_keys_are_one_line_errors(key, value, needle, tmp_path):
     c = tiny_config()
     c.data.augmult = 2
     c.data[key] = value
-    if key == "augment_pad" and value > 0 and not HAVE_DATA:
+    if key == "augment_pad" and value > 0 and not have_data():
         pytest.skip("checked against the images: needs the data dir")
     with pytest.raises(ValueError) as err:
         train_and_evaluate(c, tmp_path / "w")  # refused before the workdir is touched

@@ -164,7 +164,7 @@ class ViT(nn.Module):
                     f"({h}x{w} patches of {p}) need [1, {tokens}, {d}]: load the checkpoint "
                     "with image_size= the images' size (dpft.models.vit_import.load)"
                 )
-        pos = self.param("pos_embedding", nn.initializers.normal(0.02), (1, tokens, d))
+        pos = self.param("pos_embedding", nn.initializers.truncated_normal(0.02), (1, tokens, d))
         x = x + pos.astype(x.dtype)
         for i in range(self.depth):
             x = EncoderBlock(
