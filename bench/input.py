@@ -1,22 +1,30 @@
 """Throughput and memory of the streaming input pipeline (`dpft.data.stream`) on synthetic JPEGs.
 
     python -m bench.input --num-examples 10000 --steps 20 [--batch-size 256] [--image-size 224]
-        [--workers W] [--output float32|uint8] [--content smooth|textured]
+        [--workers W] [--output uint8|float32] [--content smooth|textured]
         [--cache-dir DIR]
 
 Builds once (cached in ``--cache-dir``, default ``~/.cache/dpft/bench_input``) an ArrayRecord
 file of N JPEGs with sides drawn from [150, 500] px and photo-like content (noise summed over
 octaves, so it compresses like a photograph), then streams S Poisson batches (expected size B)
-through the training transform (random-resized crop to the image size, flip, ImageNet
-normalisation; ``--output uint8`` stops before the normalisation, for a consumer that
-normalises on device) and prints one JSON line:
+through the training transform (random-resized crop to the image size, flip; uint8 pixels,
+which the trainer normalises on the device; ``--output float32`` normalises on the host) and
+prints one JSON line:
 
 * ``images_per_second``: sampled (mask 1) images per second of wall time after the first batch
   (the first includes starting the workers);
-* ``images_per_cpu_second``: the same images per CPU second spent by this process and its
-  workers together: the rate per core, independent of what else runs on the machine;
-* ``decode_images_per_second``: JPEG decode alone (PIL, to an RGB array) of the same files, per
-  CPU second of this process: the roof per core; ``ratio``: ``images_per_cpu_second`` over it;
+* ``images_per_cpu_second``: every streamed image per CPU second spent on the stream by this
+  process (from the first batch on: starting the workers is left out) and its workers (from
+  each one's first read of an example on, leaving out its imports and unpickling): the rate per
+  core in the steady state, independent of what else runs on the machine; ``cpu_seconds_main`` and
+  ``cpu_seconds_workers`` split it;
+* ``decode_images_per_second``: full JPEG decode alone (PIL, to an RGB array) of the same files,
+  per CPU second of this process (the mean of a measurement before and one after the stream, as
+  other jobs on the machine slow both alike): the roof per core; ``ratio``:
+  ``images_per_cpu_second`` over it. The pipeline decodes with OpenCV (its libjpeg-turbo build
+  is faster than PIL's) and, for a crop box at least twice the output, at a reduced scale, so
+  it can do less work per image than the roof: ``decode_cv2_images_per_second`` and
+  ``ratio_cv2`` give OpenCV's full decode of the same files and the ratio to it;
 * ``peak_rss_mb``: the peak over time of the summed RSS of this process and its worker processes
   (shared pages count once per process), ``peak_rss_main_mb`` of this process alone.
 """
@@ -27,11 +35,15 @@ import argparse
 import functools
 import io
 import json
+import math
 import os
 import pathlib
+import shutil
+import tempfile
 import threading
 import time
 
+import cv2
 import numpy as np
 import psutil
 from PIL import Image
@@ -83,50 +95,93 @@ def build(path: pathlib.Path, n: int, workers: int, content: str = "smooth") -> 
 
 
 class PeakRss:
-    """Samples the RSS and CPU time of this process and its children every 50 ms, in a thread.
+    """Samples the RSS and CPU time of this process and its children every 0.2 s, in a thread.
 
     ``cpu`` keeps the last CPU seconds seen of every process, so a worker that has exited (its
-    part of the stream done) still counts.
+    part of the stream done) still counts. The list of children is refreshed once a second
+    only: finding them scans every process of the machine, and a sampler that runs often slows
+    the workers it measures.
     """
 
-    def __init__(self):
+    def __init__(self, period: float = 0.2):
         self.total = self.main = 0
         self.cpu: dict[int, float] = {}
+        self._me, self._children, self._found = psutil.Process(), [], -math.inf
+        self._period = period
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self):
-        me = psutil.Process()
-        while not self._stop.wait(0.05):
-            main = total = 0
-            for proc in [me, *me.children(recursive=True)]:
-                try:
-                    with proc.oneshot():
-                        rss, cpu = proc.memory_info().rss, sum(proc.cpu_times()[:2])
-                except psutil.Error:
-                    continue
-                main = main or rss
-                total += rss
-                self.cpu[proc.pid] = cpu
-            self.main, self.total = max(self.main, main), max(self.total, total)
+        while not self._stop.wait(self._period):
+            self.sample()
 
-    def cpu_seconds(self) -> float:
-        """CPU seconds of every process seen so far (sampled, at most 50 ms stale)."""
-        return sum(dict(self.cpu).values())
+    def thread_cpu(self) -> float:
+        """CPU seconds of the sampling thread (part of this process's, but not the stream's)."""
+        return time.clock_gettime(time.pthread_getcpuclockid(self._thread.ident))
+
+    def sample(self, refresh: bool = False) -> None:
+        """One sample now; ``refresh``: look for new children first."""
+        if refresh or time.monotonic() - self._found > 1.0:
+            self._children = self._me.children(recursive=True)
+            self._found = time.monotonic()
+        main = total = 0
+        for proc in [self._me, *self._children]:
+            try:
+                with proc.oneshot():
+                    rss, cpu = proc.memory_info().rss, sum(proc.cpu_times()[:2])
+            except psutil.Error:
+                continue
+            main = main or rss
+            total += rss
+            self.cpu[proc.pid] = cpu
+        self.main, self.total = max(self.main, main), max(self.total, total)
 
     def stop(self):
         self._stop.set()
         self._thread.join()
 
 
-def decode_rate(source: ArrayRecordSource, count: int) -> float:
-    """JPEG decodes per second (PIL, to an RGB array) of the first records, one core."""
+class FirstReadCpu:
+    """``source`` that writes, in each process, its CPU seconds at its first read to DIR/PID."""
+
+    def __init__(self, source, directory: pathlib.Path):
+        self.source, self.directory, self._seen = source, directory, False
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_seen": False}
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index):
+        if not self._seen:
+            self._seen = True
+            (self.directory / str(os.getpid())).write_text(repr(time.process_time()))
+        return self.source[index]
+
+
+def workers_cpu(rss: PeakRss, directory: pathlib.Path) -> float:
+    """CPU seconds of the worker processes since their first read (their latest samples)."""
+    pids = [int(f.name) for f in directory.iterdir() if int(f.name) != os.getpid()]
+    return sum(rss.cpu[p] - float((directory / str(p)).read_text()) for p in pids)
+
+
+def decode_rate(source: ArrayRecordSource, count: int, library: str = "pil") -> float:
+    """Full JPEG decodes per CPU second (to an RGB array) of the first records, one core."""
     blobs = [source[i]["image"] for i in range(min(count, len(source)))]
     t = time.process_time()
     for b in blobs:
-        np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
+        if library == "pil":
+            np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
+        else:
+            cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR_RGB)
     return len(blobs) / (time.process_time() - t)
+
+
+def decode_rates(source: ArrayRecordSource, count: int) -> dict[str, float]:
+    cv2.setNumThreads(1)  # as in the workers
+    return {lib: decode_rate(source, count, lib) for lib in ("pil", "cv2")}
 
 
 def main(argv=None) -> dict:
@@ -136,7 +191,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--workers", type=int, default=-1, help="-1: one per core")
-    p.add_argument("--output", choices=("float32", "uint8"), default="float32")
+    p.add_argument("--output", choices=("uint8", "float32"), default="uint8")
     p.add_argument("--content", choices=sorted(CONTENTS), default="smooth")
     p.add_argument("--decode-samples", type=int, default=300)
     p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/dpft/bench_input"))
@@ -148,9 +203,10 @@ def main(argv=None) -> dict:
     if not path.exists():
         build(path, a.num_examples, max(workers, 1), a.content)
     source = ArrayRecordSource(str(path), what=str(path))
-    roof = decode_rate(source, a.decode_samples)
+    before = decode_rates(source, a.decode_samples)
+    first_reads = pathlib.Path(tempfile.mkdtemp(prefix="bench_input_"))
     split = StreamSplit(
-        source,
+        FirstReadCpu(source, first_reads),
         ImageTransform("imagenet", a.image_size, train=True),
         1000,
         num_workers=workers,
@@ -158,19 +214,31 @@ def main(argv=None) -> dict:
     )
     q = a.batch_size / a.num_examples
     sampler = PoissonSampler(a.num_examples, q, 0, poisson_batch_cap(a.num_examples, q))
+    split.example_pixels  # noqa: B018 - example 0 read before the clock starts
     rss = PeakRss()
-    images, t0, cpu0 = 0, None, None
+    images, wall_images, t0, main_start = 0, 0, None, None
+
+    def main_cpu() -> float:  # this process's CPU seconds, less the sampling thread's
+        return time.process_time() - rss.thread_cpu()
+
     with StreamLoader(split, sampler, 0, a.steps) as loader:
         for step, _, mask in loader:
-            if step == 0:  # steady state: after the workers started
-                t0, cpu0 = time.perf_counter(), rss.cpu_seconds()
-                continue
             images += int(mask.sum())
+            if step == 0:  # after the workers started
+                t0, main_start = time.perf_counter(), main_cpu()
+            else:
+                wall_images += int(mask.sum())
         seconds = time.perf_counter() - t0
-    time.sleep(0.1)  # one more sample
+        main_end = main_cpu()
+        rss.sample(refresh=True)  # every step consumed: the workers are done
     rss.stop()
-    cpu = rss.cpu_seconds() - cpu0
-    ips = images / seconds
+    cpu_workers = workers_cpu(rss, first_reads)
+    cpu_main = main_end - main_start
+    shutil.rmtree(first_reads, ignore_errors=True)
+    cpu = cpu_main + cpu_workers
+    after = decode_rates(source, a.decode_samples)
+    roof, roof_cv2 = ((before[k] + after[k]) / 2 for k in ("pil", "cv2"))
+    ips = wall_images / seconds
     per_core = images / cpu
     result = {
         "num_examples": a.num_examples,
@@ -185,6 +253,10 @@ def main(argv=None) -> dict:
         "images_per_cpu_second": round(per_core, 1),
         "decode_images_per_second": round(roof, 1),
         "ratio": round(per_core / roof, 3),
+        "decode_cv2_images_per_second": round(roof_cv2, 1),
+        "ratio_cv2": round(per_core / roof_cv2, 3),
+        "cpu_seconds_main": round(cpu_main, 2),
+        "cpu_seconds_workers": round(cpu_workers, 2),
         "peak_rss_mb": round(rss.total / 2**20, 1),
         "peak_rss_main_mb": round(rss.main / 2**20, 1),
         "file_mb": round(path.stat().st_size / 2**20, 1),

@@ -29,7 +29,7 @@ from dpft.data.sources import (
     TfdsSource,
     write_array_record,
 )
-from dpft.data.stream import StreamLoader, StreamSplit, stream_eval_batches
+from dpft.data.stream import StreamLoader, StreamSplit, normalizing_apply, stream_eval_batches
 from dpft.data.stream_config import stream_splits
 from dpft.data.transforms import ImageTransform
 
@@ -42,6 +42,7 @@ __all__ = [
     "StreamSplit",
     "Subset",
     "TfdsSource",
+    "normalizing_apply",
     "stream_eval_batches",
     "stream_splits",
     "write_array_record",

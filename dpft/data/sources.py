@@ -6,8 +6,8 @@ uint8 array ``[H, W]`` / ``[H, W, C]``. Sources are pickled into the worker proc
 one opens its files lazily and holds no per-example state: memory follows the batch.
 
 * `ArraySource`: uint8 arrays kept in memory (MNIST, Fashion-MNIST, small subsets).
-* `ArrayRecordSource`: ArrayRecord files written by `write_array_record`, read through grain's
-  ``ArrayRecordDataSource`` (one positioned read per example, no readahead).
+* `ArrayRecordSource`: ArrayRecord files written by `write_array_record`, read through
+  array_record's ``ArrayRecordDataSource`` (one positioned read per example, no readahead).
 * `TfdsSource`: a prepared TFDS dataset, read through ``tfds.data_source`` (ArrayRecord shards;
   no TensorFlow needed), which decodes each image to uint8 itself.
 * `Subset`: the examples of another source at given indices (``config.data.train_subset``).
@@ -121,10 +121,10 @@ class ArrayRecordSource:
             missing = [p for p in files if not os.path.isfile(p)]
             if not files or missing:
                 raise DataError(f"{what}: expected existing ArrayRecord files, missing {missing}")
-        import grain
+        from array_record.python.array_record_data_source import ArrayRecordDataSource
 
         self.paths, self.what = files, what
-        self._data = grain.sources.ArrayRecordDataSource(files)
+        self._data = ArrayRecordDataSource(files)  # grain's subclass adds per-read statistics
         if len(self._data) == 0:
             raise DataError(f"{what}: expected at least one example, the files are empty")
 

@@ -8,11 +8,18 @@ counterpart of `dpft.data.BatchLoader`: for steps ``start..stop`` it yields
 are zeros and are never read. With ``rows=(lo, hi)`` only that slice of the padded batch is
 read (a process's own devices).
 
-The pipeline is a grain ``MapDataset`` over the (step, row) slots of the requested steps,
-mapped per example (read, decode, crop: uint8 pixels) and batched per step (stacked and
-normalised at once, `_Collate`), then ``to_iter_dataset`` and ``mp_prefetch``: worker
-``w`` of ``W`` prepares the steps ``start + w, start + w + W, ...`` (one whole batch at a time,
-``prefetch`` ready batches each) and grain hands them back in step order.
+The pipeline is a grain ``MapDataset`` with one element per step (`dpft.data.stream_batches`):
+the step's
+batch is allocated once, as one contiguous uint8 array (in shared memory when it is made in a
+worker process, so grain hands it to the calling process without a copy), and each sampled
+example is read, decoded and resized straight into its row. ``to_iter_dataset`` and
+``mp_prefetch`` then spread the steps over the workers: worker ``w`` of ``W`` prepares the steps
+``start + w, start + w + W, ...`` (``prefetch`` ready batches each) and grain hands them back in
+step order.
+
+Output: ``'uint8'`` (the default) ships the pixels and leaves the normalisation to the consumer
+(the trainer normalises on the device, inside its jitted step: `normalizing_apply`); ``'float32'``
+normalises on the host (`dpft.data.transforms.normalize_batch`, bit for bit `preprocess`).
 
 Determinism: the batch of a step is a pure function of ``(sampler seed, step)``, the random crop
 and flip of one view a pure function of ``(seed, step, example index, view)`` (a numpy
@@ -30,15 +37,24 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
+from dpft.data import shm_pool
+from dpft.data.preprocess import preprocess
 from dpft.data.sources import Source
-from dpft.data.transforms import ImageTransform, normalize_batch
+from dpft.data.stream_batches import _EvalBatches, _StepBatches
+from dpft.data.transforms import ImageTransform, normalize_on_device
 
-__all__ = ["StreamLoader", "StreamSplit", "default_workers", "stream_eval_batches"]
+__all__ = [
+    "StreamLoader",
+    "StreamSplit",
+    "default_workers",
+    "normalizing_apply",
+    "stream_eval_batches",
+]
 
 
 def default_workers() -> int:
@@ -57,8 +73,8 @@ class StreamSplit:
         num_workers: Worker processes (0: everything in the calling process; -1: one per core).
         augmult: Views per training example (K); 1 gives images ``[rows, H, W, C]``.
         name: For messages.
-        output: 'float32' (normalised model inputs) or 'uint8' (the cropped pixels before
-            normalisation, a quarter of the bytes, for a consumer that normalises on device).
+        output: 'uint8' (the pixels; the consumer normalises, e.g. on device with
+            `normalizing_apply`) or 'float32' (normalised on the host).
     """
 
     source: Source
@@ -67,7 +83,7 @@ class StreamSplit:
     num_workers: int = 0
     augmult: int = 1
     name: str = "stream"
-    output: str = "float32"
+    output: str = "uint8"
 
     def __post_init__(self):
         if not (isinstance(self.augmult, int) and self.augmult >= 1):
@@ -83,97 +99,66 @@ class StreamSplit:
         return len(self.source)
 
     @functools.cached_property
-    def example_image(self) -> np.ndarray:
-        """Example 0 through the evaluation transform, ``[H, W, C]`` (model shapes)."""
+    def example_pixels(self) -> np.ndarray:
+        """Example 0 through the evaluation transform: uint8 ``[H, W, C]``."""
         transform = dataclasses.replace(self.transform, train=False)
-        image, where = self.source[0]["image"], f"{self.name} example 0"
-        return transform.pixels(image, None, where) if self.output == "uint8" else transform(image)
+        return transform.pixels(self.source[0]["image"], None, f"{self.name} example 0")
+
+    @property
+    def example_image(self) -> np.ndarray:
+        """The float32 model input of example 0 (model shapes, e.g. after 32x32 padding)."""
+        return preprocess(self.example_pixels[None], self.transform.preset)[0]
+
+    @property
+    def pinned_transform(self) -> ImageTransform:
+        """The transform with every image converted to example 0's channel count."""
+        channels = self.transform.channels or self.example_pixels.shape[-1]
+        return dataclasses.replace(self.transform, channels=channels)
+
+    def batch_spec(self, rows: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """``{key: (shape, dtype)}`` of a batch of ``rows`` as `StreamLoader` yields it."""
+        shape = self.example_pixels.shape
+        if self.output == "float32":
+            shape = self.example_image.shape
+        if self.augmult > 1:
+            shape = (self.augmult, *shape)
+        dtype = np.dtype(np.uint8 if self.output == "uint8" else np.float32)
+        return {"image": ((rows, *shape), dtype), "label": ((rows,), np.dtype(np.int32))}
 
     @property
     def workers(self) -> int:
         return default_workers() if self.num_workers == -1 else self.num_workers
 
 
-class _Collate:
-    """Stacks a step's examples (uint8 pixels) and normalises the whole batch at once.
+def normalizing_apply(apply_fn: Callable, preset) -> Callable:
+    """``apply_fn`` whose uint8 image inputs are first normalised with ``preset`` (in JAX, so
+    inside the caller's jit: `dpft.data.transforms.normalize_on_device`); float inputs pass."""
 
-    Normalising the stacked batch in place (`normalize_batch`) writes each float32 image once,
-    where per-example normalisation would allocate and copy it several times. Padding rows
-    (mask 0) are zeros in the output.
-    """
+    def apply(variables, x, *args, **kwargs):
+        if x.dtype == np.uint8:
+            x = normalize_on_device(x, preset)
+        return apply_fn(variables, x, *args, **kwargs)
 
-    def __init__(self, transform: ImageTransform, output: str):
-        self.preset, self.output = transform.preset, output
-
-    def __call__(self, elements: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        out = {k: np.stack([e[k] for e in elements]) for k in elements[0]}
-        if self.output == "float32":
-            image = normalize_batch(out["image"], self.preset)
-            image[out["mask"] == 0] = 0
-            out["image"] = image
-        return out
+    return apply
 
 
-class _TrainSlot:
-    """Slot ``j`` -> the transformed example of row ``lo + j % R`` of step ``start + j // R``."""
+def _init_worker(worker_index: int, worker_count: int) -> None:
+    """grain worker init: its index for the block pool; OpenCV in one thread (the parallelism
+    is across the workers)."""
+    import cv2
 
-    def __init__(self, split: StreamSplit, sampler: Any, seed: int, start: int, rows):
-        self.source, self.transform = split.source, split.transform.pixels
-        self.sampler, self.seed, self.start = sampler, int(seed), int(start)
-        self.lo, self.hi, self.augmult, self.name = rows[0], rows[1], split.augmult, split.name
-        shape = split.example_image.shape
-        self.shape = (self.augmult, *shape) if self.augmult > 1 else shape
-        self._batches: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_batches": {}}
-
-    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """``sampler.batch_at(step)``, memoised for the few steps a worker is on."""
-        if step not in self._batches:
-            if len(self._batches) >= 4:
-                self._batches.pop(next(iter(self._batches)))
-            indices, mask = self.sampler.batch_at(step)
-            self._batches[step] = (np.asarray(indices), np.asarray(mask, bool))
-        return self._batches[step]
-
-    def example(self, step: int, row: int) -> dict[str, np.ndarray]:
-        indices, mask = self.batch(step)
-        out = {"step": np.int64(step), "mask": np.float32(mask[row])}
-        if not mask[row]:
-            out.update(image=np.zeros(self.shape, np.uint8), label=np.int32(0))
-            return out
-        index = int(indices[row])
-        item = self.source[index]
-        where = f"{self.name} example {index}"
-        views = [
-            self.transform(item["image"], np.random.default_rng([self.seed, step, index, v]), where)
-            for v in range(self.augmult)
-        ]
-        out["image"] = np.stack(views) if self.augmult > 1 else views[0]
-        out["label"] = np.int32(item["label"])
-        return out
-
-    def __call__(self, slot: int) -> dict[str, np.ndarray]:
-        r = self.hi - self.lo
-        return self.example(self.start + slot // r, self.lo + slot % r)
+    cv2.setNumThreads(1)
+    shm_pool.set_worker(worker_index)
 
 
-class _EvalSlot:
-    """Slot ``j`` -> example ``j`` through the eval transform (zeros and mask 0 past the end)."""
-
-    def __init__(self, split: StreamSplit):
-        self.source, self.name = split.source, split.name
-        self.transform = split.transform.pixels
-        self.n, self.shape = len(split.source), split.example_image.shape
-
-    def __call__(self, slot: int) -> dict[str, np.ndarray]:
-        if slot >= self.n:
-            zeros = np.zeros(self.shape, np.uint8)
-            return {"image": zeros, "label": np.int32(0), "mask": np.float32(0)}
-        item = self.source[slot]
-        image = self.transform(item["image"], None, f"{self.name} example {slot}")
-        return {"image": image, "label": np.int32(item["label"]), "mask": np.float32(1.0)}
+def _pool(split: StreamSplit, workers: int, rows: int, prefetch: int):
+    """The block pool of a stream in ``workers`` processes (None for none): enough blocks per
+    worker for its batches in flight (``prefetch`` ready in the worker, as many queued, one
+    being written, two held by the consumer)."""
+    if workers == 0:
+        return None
+    shape, dtype = split.batch_spec(rows)["image"]
+    return shm_pool.BlockPool(workers, 2 * prefetch + 3, shape, dtype)
 
 
 def _iterate(dataset, workers: int, prefetch: int):
@@ -189,8 +174,19 @@ def _iterate(dataset, workers: int, prefetch: int):
         options = grain.MultiprocessingOptions(
             num_workers=workers, per_worker_buffer_size=max(1, prefetch)
         )
-        ds = ds.mp_prefetch(options)
+        ds = ds.mp_prefetch(options, worker_init_fn=_init_worker)
     return iter(ds)
+
+
+def _arrays(item: dict, pool) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """``({'image', 'label'}, mask)`` of an element (a pool block's name -> the array over that
+    block; labels and masks from worker processes come as bytes)."""
+    image, label, mask = item["image"], item["label"], item["mask"]
+    if isinstance(image, str):
+        image = pool.view(image)
+    if isinstance(label, bytes):
+        label, mask = np.frombuffer(label, np.int32), np.frombuffer(mask, np.float32)
+    return {"image": image, "label": label}, mask
 
 
 class StreamLoader:
@@ -203,11 +199,16 @@ class StreamLoader:
         start_step: First step to yield (e.g. the step restored from a checkpoint).
         stop_step: Iteration stops before this step; None: ``start_step + 2**31`` steps.
         rows: ``(lo, hi)``: read and yield only these rows of each padded batch.
-        prefetch: Ready batches per worker (and per read in the calling process).
+        prefetch: Ready batches (or chunks) per worker (and per read in the calling process).
         seed: Augmentation seed; default ``sampler.seed``.
+        chunk_size: Read each batch in chunks of this many rows (a divisor of ``hi - lo``), so
+            that memory follows a chunk (``config.train.host_chunk_size``).
 
-    Yields ``step``, ``{'image': f32 [rows, (K,) H, W, C], 'label': i32 [rows]}`` and the float32
-    ``mask [rows]``. Call `close` (or use it as a context manager) to stop the workers.
+    Yields ``step``, ``{'image': [rows, (K,) H, W, C], 'label': i32 [rows]}`` (images uint8 or
+    float32 as ``split.output`` says) and the float32 ``mask [rows]``; with ``chunk_size`` the
+    batch is instead an iterator over ``(offset, {'image', 'label', 'mask'})``, its chunks in
+    order, to consume before the next step. Call `close` (or use it as a context manager) to
+    stop the workers.
     """
 
     def __init__(
@@ -219,6 +220,7 @@ class StreamLoader:
         rows: tuple[int, int] | None = None,
         prefetch: int = 2,
         seed: int | None = None,
+        chunk_size: int | None = None,
     ):
         n, cap = len(split), int(sampler.max_batch_size)
         num_examples = getattr(sampler, "num_examples", None)
@@ -231,20 +233,27 @@ class StreamLoader:
             raise ValueError(
                 f"start_step must be >= 0 and prefetch >= 1, got {start_step}, {prefetch}"
             )
+        chunk = int(chunk_size or hi - lo)
+        if not 0 < chunk <= hi - lo or (hi - lo) % chunk:
+            raise ValueError(f"chunk_size must divide the {hi - lo} rows read, got {chunk_size}")
         stop = start_step + 2**31 if stop_step is None else int(stop_step)
         self.split, self.sampler, self.stop_step = split, sampler, stop
         self.rows = (lo, hi)
         seed = getattr(sampler, "seed", 0) if seed is None else seed
-        self._slot = _TrainSlot(split, sampler, seed, start_step, self.rows)
+        self._seed = seed
         self._next_step = int(start_step)
-        self._it = None
+        self._it = self._pool = None
+        self._chunk, self._pending = (chunk if chunk_size else None), 0
         if stop > start_step:
             import grain
 
-            dataset = grain.MapDataset.range((stop - start_step) * (hi - lo))
-            self._collate = _Collate(split.transform, split.output)
-            dataset = dataset.map(self._slot).batch(hi - lo, batch_fn=self._collate)
-            self._it = _iterate(dataset, split.workers, prefetch)
+            workers = split.workers
+            self._pool = _pool(split, workers, chunk, prefetch)
+            spec = self._pool.spec if self._pool is not None else None
+            batches = _StepBatches(split, sampler, seed, start_step, self.rows, spec, chunk)
+            per_step = (hi - lo) // chunk
+            dataset = grain.MapDataset.range((stop - start_step) * per_step).map(batches)
+            self._it = _iterate(dataset, workers, prefetch)
 
     @property
     def step(self) -> int:
@@ -253,17 +262,14 @@ class StreamLoader:
 
     def gather(self, step: int) -> tuple[int, dict[str, np.ndarray], np.ndarray]:
         """The ``(step, batch, mask)`` of any step, computed now in the calling process."""
-        out = _Collate(self.split.transform, self.split.output)(
-            [self._slot.example(step, r) for r in range(*self.rows)]
-        )
+        out = _StepBatches(self.split, self.sampler, self._seed, step, self.rows)(0)
         return step, {"image": out["image"], "label": out["label"]}, out["mask"]
 
     def __iter__(self) -> Iterator[tuple[int, dict[str, np.ndarray], np.ndarray]]:
         return self
 
-    def __next__(self) -> tuple[int, dict[str, np.ndarray], np.ndarray]:
-        if self._it is None or self._next_step >= self.stop_step:
-            raise StopIteration
+    def _pull(self, step: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The next element (batch or chunk) of ``step``."""
         try:
             item = next(self._it)
         except StopIteration:
@@ -271,20 +277,40 @@ class StreamLoader:
             raise
         except Exception as e:
             self.close()
-            e.add_note(f"(raised by the StreamLoader while preparing step {self._next_step})")
+            e.add_note(f"(raised by the StreamLoader while preparing step {step})")
             raise
-        step = int(item["step"][0])
-        if step != self._next_step:  # cannot happen: grain keeps the dataset's order
-            raise RuntimeError(f"StreamLoader expected step {self._next_step}, got {step}")
+        if int(item["step"]) != step:  # cannot happen: grain keeps the dataset's order
+            raise RuntimeError(f"StreamLoader expected step {step}, got {item['step']}")
+        return _arrays(item, self._pool)
+
+    def _chunks(self, step: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        for c in range((self.rows[1] - self.rows[0]) // self._chunk):
+            self._pending -= 1
+            batch, mask = self._pull(step)
+            yield c * self._chunk, {**batch, "mask": mask}
+
+    def __next__(self) -> tuple[int, Any, np.ndarray]:
+        while self._pending and self._it is not None:  # chunks of the last step left unread
+            self._pending -= 1
+            self._pull(self._next_step - 1)
+        if self._it is None or self._next_step >= self.stop_step:
+            raise StopIteration
+        step = self._next_step
         self._next_step += 1
-        batch = {"image": item["image"], "label": item["label"]}
-        return step, batch, np.asarray(item["mask"], np.float32)
+        if self._chunk is None:
+            return step, *self._pull(step)
+        self._pending = (self.rows[1] - self.rows[0]) // self._chunk
+        mask = np.asarray(self.sampler.batch_at(step)[1], np.float32)[slice(*self.rows)]
+        return step, self._chunks(step), mask
 
     def close(self) -> None:
         """Stops the worker processes; idempotent."""
         it, self._it = self._it, None
         if it is not None and hasattr(it, "close"):
             it.close()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
 
     @property
     def closed(self) -> bool:
@@ -315,12 +341,15 @@ def stream_eval_batches(
     import grain
 
     num_batches = -(-len(split) // int(batch_size))
-    dataset = grain.MapDataset.range(num_batches * int(batch_size)).map(_EvalSlot(split))
-    dataset = dataset.batch(int(batch_size), batch_fn=_Collate(split.transform, split.output))
-    it = _iterate(dataset, min(split.workers, num_batches), prefetch)
+    workers = min(split.workers, num_batches)
+    pool = _pool(split, workers, int(batch_size), prefetch)
+    batches = _EvalBatches(split, int(batch_size), pool.spec if pool is not None else None)
+    it = _iterate(grain.MapDataset.range(num_batches).map(batches), workers, prefetch)
     try:
         for item in it:
-            yield {"image": item["image"], "label": item["label"]}, item["mask"].astype(np.float32)
+            yield _arrays(item, pool)
     finally:
         if hasattr(it, "close"):
             it.close()
+        if pool is not None:
+            pool.close()

@@ -15,9 +15,10 @@ model, `default_preprocessing`).
 
 With ``config.data.augmult = K > 1`` every training example arrives as K views of that transform
 (``[K, H, W, C]``), which the loss averages before clipping (`dpft.train.step.cross_entropy_loss`
-with ``input_ndim``). Not combined with the streaming pipeline (refused with one line): the
-on-device ``config.data.augment`` views, cached backbone features, host-chunked steps,
-``microbatch_size = -1`` and multi-process runs.
+with ``input_ndim``). Both splits ship uint8 pixels, normalised on the device inside the jitted
+step (`dpft.data.normalizing_apply`). Cached backbone features (head / LP phases) are
+extracted from the streamed splits (`dpft.train.features.feature_shards`). Not combined with
+the streaming pipeline (refused with one line): the on-device ``config.data.augment`` views.
 """
 
 from __future__ import annotations
@@ -36,22 +37,12 @@ _GRAIN = "config.data.pipeline='grain'"
 
 
 def _refuse_unsupported(config) -> None:
-    c, tr, ft = config.data, config.train, config.get("finetune", {})
+    c = config.data
     if c.get("augment", "") not in ("", "none"):
         raise ValueError(
             f"{_GRAIN} makes its own views (random-resized crop + flip, config.data.image_size;"
             " config.data.augmult of them per example): set config.data.augment=''"
         )
-    if ft.get("mode", "") in ("head", "lp_ft") and ft.get("feature_cache", True):
-        raise ValueError(f"{_GRAIN} streams images: set config.finetune.feature_cache=False")
-    if tr.get("host_chunk_size", 0):
-        raise ValueError(f"{_GRAIN} streams whole batches: set config.train.host_chunk_size=0")
-    if tr.get("microbatch_size", 0) == -1:
-        raise ValueError(f"{_GRAIN}: set config.train.microbatch_size to a size (not -1)")
-    import jax
-
-    if jax.process_count() > 1:
-        raise ValueError(f"{_GRAIN} is single-process for now: use config.data.pipeline='memory'")
 
 
 def _sources(config):

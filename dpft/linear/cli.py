@@ -163,16 +163,32 @@ def load_data(config) -> tuple[dict, dict, int]:
 def load_features(config, workdir: pathlib.Path, data: tuple) -> tuple[dict, dict]:
     """(train {'x','y'}, eval {'x','y'}): backbone features of ``data`` (`load_data`) as sharded
     readers (`dpft.train.features.feature_shards`: the methods read them shard by shard) from
-    the cache, written under the workdir unless ``finetune.cache_dir`` is set."""
+    the cache, written under the workdir unless ``finetune.cache_dir`` is set. The splits may be
+    arrays or streamed (``config.data.pipeline='grain'``: the labels stored in the shards)."""
     from dpft.train import build
     from dpft.train.features import feature_shards  # the trainer's cache and key
     from dpft.train.step import flatten
 
     train, evaluation, k = data
-    model, variables = build.build_model(config, k, train["image"][0])
+    model, variables = build.build_model(config, k, _example_image(train))
     feats = feature_shards(config, workdir, model, flatten(variables), train, evaluation)
-    train_features = {"x": feats["train"], "y": train["label"]}
-    return train_features, {"x": feats["eval"], "y": evaluation["label"]}
+
+    def labels(split, reader):  # a streamed split's labels are read with its features
+        return reader.labels if hasattr(split, "example_image") else split["label"]
+
+    return (
+        {"x": feats["train"], "y": labels(train, feats["train"])},
+        {"x": feats["eval"], "y": labels(evaluation, feats["eval"])},
+    )
+
+
+def _example_image(split) -> np.ndarray:
+    """The first model input of a split: arrays, or a streamed `dpft.data.StreamSplit`."""
+    return split.example_image if hasattr(split, "example_image") else split["image"][0]
+
+
+def _num_rows(split) -> int:
+    return len(split) if hasattr(split, "example_image") else len(split["label"])
 
 
 def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
@@ -192,7 +208,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
             log.info("%s is finished: returning its summary", workdir)
             return json.loads(done.read_text())
     data = load_data(config)
-    accounting.check_delta(config.dp.delta, len(data[0]["label"]), name="config.dp.delta")
+    accounting.check_delta(config.dp.delta, _num_rows(data[0]), name="config.dp.delta")
     if not claimed:  # the inputs are valid: now the workdir is written
         claim_workdir(workdir, text)
     root = run_key(config, workdir)  # secure mode: the secret is saved before it is used

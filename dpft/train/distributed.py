@@ -140,6 +140,38 @@ def gather_global(
     return out
 
 
+def local_rows(mesh: Mesh, rows: int, axis: str = "data") -> tuple[int, int]:
+    """``(lo, hi)``: the rows of a ``rows``-row batch sharded over ``axis`` that land on this
+    process's devices (a streamed input reads only those, `global_from_rows`)."""
+    index = NamedSharding(mesh, P(axis)).addressable_devices_indices_map((rows,))
+    spans = sorted({(range(rows)[i[0]].start, range(rows)[i[0]].stop) for i in index.values()})
+    lo, hi = spans[0][0], spans[-1][1]
+    if sum(b - a for a, b in spans) != hi - lo:
+        raise ValueError(
+            f"the devices of process {jax.process_index()} hold rows {spans} of the batch, not "
+            "one contiguous range: order config.parallel's mesh by process"
+        )
+    return lo, hi
+
+
+def global_from_rows(
+    mesh: Mesh, local: Mapping[str, np.ndarray], rows: tuple[int, int], total: int, axis="data"
+) -> dict:
+    """Global arrays of ``total`` rows sharded over ``axis`` from this process's rows
+    ``rows = (lo, hi)`` (`local_rows`): ``local[k][i]`` is row ``lo + i`` of ``k``."""
+    sharding = NamedSharding(mesh, P(axis))
+    lo = rows[0]
+
+    def build(v):
+        def part(idx):
+            r = range(total)[idx[0]]
+            return np.asarray(v[r.start - lo : r.stop - lo])
+
+        return jax.make_array_from_callback((total, *np.shape(v)[1:]), sharding, part)
+
+    return {k: build(v) for k, v in local.items()}
+
+
 def global_batch(mesh: Mesh, batch: Mapping[str, np.ndarray], axis: str = "data") -> dict:
     """An already gathered host batch as global arrays sharded over ``axis``."""
     sharding = NamedSharding(mesh, P(axis))

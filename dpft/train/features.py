@@ -19,6 +19,7 @@ DP mechanisms (the clipped, noised head updates). Never publish a cache of train
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -32,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpft import data as dpdata
+from dpft.data.sources import Subset
 from dpft.train import feature_store
 from dpft.train.step import unflatten
 
@@ -127,17 +129,60 @@ def backbone_description(config) -> dict:
     }
 
 
+def _split_description(split) -> list:
+    """What a split contributes to the cache key: its image array's shape, or for a streamed
+    `dpft.data.StreamSplit` its size, model input shape and evaluation transform."""
+    if not isinstance(split, dpdata.StreamSplit):
+        return list(np.shape(split["image"]))
+    t = split.pinned_transform
+    preset = t.preset if isinstance(t.preset, str) else repr(t.preset)
+    shape = [len(split), *np.shape(split.example_image)]
+    return [*shape, {"stream": [preset, t.size, t.crop_fraction, t.channels, split.output]}]
+
+
+def _producer(fn, split, batch_size: int) -> tuple[int, Callable]:
+    """``(rows, produce)`` of a split for `feature_store.write_store`: ``produce(a, b)`` gives
+    the features and labels of rows ``[a, b)``.
+
+    A streamed split is read by its grain workers through the evaluation transform (resize and
+    centre crop, no flip), every row once and in order (`dpft.data.stream_eval_batches` over
+    the rows ``[a, b)``, channels pinned to example 0's as in training); its uint8 pixels are
+    normalised with the split's preset inside ``fn``.
+    """
+    if not isinstance(split, dpdata.StreamSplit):
+        return len(split["label"]), lambda a, b: (
+            compute_features(fn, split["image"][a:b], batch_size),
+            np.asarray(split["label"][a:b]),
+        )
+    base = dataclasses.replace(split, transform=split.pinned_transform, augmult=1)
+
+    def produce(a, b):
+        part = dataclasses.replace(base, source=Subset(split.source, np.arange(a, b)))
+        feats, labels = [], []
+        for batch, mask in dpdata.stream_eval_batches(part, batch_size):
+            keep = mask > 0  # the batch may be a reused shared block: copied out here
+            feats.append(np.asarray(fn(jnp.asarray(batch["image"])), np.float32)[keep])
+            labels.append(np.array(batch["label"])[keep])
+        return np.concatenate(feats), np.concatenate(labels)
+
+    return len(split), produce
+
+
 def feature_shards(config, workdir, model, full, train_arrays, eval_arrays) -> dict:
     """``{'train', 'eval'}``: `FeatureShards` readers of ``model.features`` of the images.
 
-    The backbone runs over this process's rows a shard at a time (``finetune.shard_rows`` rows,
-    default about 128 MiB of features, a multiple of ``config.eval_batch_size``) and each shard
-    is written as it is done (`dpft.train.feature_store`: resumable, checksummed, per host),
-    under ``cache_dir/features-<key>`` with ``cache_dir`` = ``config.finetune.cache_dir`` or
+    The splits are arrays ``{'image', 'label'}`` or streamed `dpft.data.StreamSplit`s
+    (``config.data.pipeline='grain'``: read through the evaluation transform, every example
+    once, in order; `_producer`). The backbone runs over this process's rows a shard at a time
+    (``finetune.shard_rows`` rows, default about 128 MiB of features, a multiple of
+    ``config.eval_batch_size``) and each shard is written as it is done
+    (`dpft.train.feature_store`: resumable, checksummed, per host), under
+    ``cache_dir/features-<key>`` with ``cache_dir`` = ``config.finetune.cache_dir`` or
     ``WORKDIR/features``. The key holds the backbone (name, norm, pretrained weights'
-    identity), the dataset and split choices, the preprocessing and the split sizes, so every
-    driver (centralized head / LP-FT runs, feature methods, federated head tuning) shares one
-    cache per cache directory. ``full`` is the flat variable dict of the backbone.
+    identity), the dataset and split choices, the preprocessing and the split sizes (and a
+    streamed split's transform), so every driver (centralized head / LP-FT runs, feature
+    methods, federated head tuning) shares one cache per cache directory. ``full`` is the flat
+    variable dict of the backbone. The labels are stored with the features (``.labels``).
 
     Privacy:
         Features of private examples are a deterministic function of the private data; they
@@ -147,30 +192,28 @@ def feature_shards(config, workdir, model, full, train_arrays, eval_arrays) -> d
     splits = {"train": train_arrays, "eval": eval_arrays}
     desc = {
         **backbone_description(config),
-        "splits": {k: list(np.shape(v["image"])) for k, v in splits.items()},
+        "splits": {k: _split_description(v) for k, v in splits.items()},
     }
     key = cache_key(desc)
     cache_dir = config.finetune.get("cache_dir", "") or pathlib.Path(workdir) / "features"
     bs = int(config.eval_batch_size)
-    fn = jax.jit(lambda x: model.apply(variables, x, method=model.features))
+    streamed = isinstance(train_arrays, dpdata.StreamSplit)
+    apply = model.apply
+    if streamed:  # uint8 pixels, normalised on the device
+        apply = dpdata.normalizing_apply(model.apply, train_arrays.transform.preset)
+    fn = jax.jit(lambda x: apply(variables, x, method=model.features))
     shard_rows = int(config.finetune.get("shard_rows", 0) or 0)
     if not shard_rows:
-        image = train_arrays["image"]
+        image = train_arrays.example_image[None] if streamed else train_arrays["image"]
         probe = jax.eval_shape(fn, jax.ShapeDtypeStruct((1, *np.shape(image)[1:]), image.dtype))
         shard_rows = feature_store.default_shard_rows(int(np.prod(probe.shape[1:])), bs)
-
-    def producer(arrays):
-        return lambda a, b: (
-            compute_features(fn, arrays["image"][a:b], bs),
-            np.asarray(arrays["label"][a:b]),
-        )
 
     t0 = time.time()
     readers = feature_store.write_store(
         pathlib.Path(cache_dir) / f"features-{key}",
         key,
         desc,
-        {k: (len(v["label"]), producer(v)) for k, v in splits.items()},
+        {k: _producer(fn, v, bs) for k, v in splits.items()},
         shard_rows=shard_rows,
         process_index=jax.process_index(),
         process_count=jax.process_count(),

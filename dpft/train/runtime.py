@@ -69,8 +69,8 @@ def build_runtime(
         variables = unflatten({k: v for k, v in full.items() if k.startswith("params/linear/")})
         # memory-mapped sharded readers: a Poisson batch gathers (np.take) its sampled rows only
         feats = features_lib.feature_shards(config, workdir, model, full, train_arrays, eval_arrays)
-        train_arrays = {"image": feats["train"], "label": train_arrays["label"]}
-        eval_arrays = {"image": feats["eval"], "label": eval_arrays["label"]}
+        train_arrays = {"image": feats["train"], "label": feats["train"].labels}
+        eval_arrays = {"image": feats["eval"], "label": feats["eval"].labels}
         model = head
     else:
         variables = unflatten(full)
@@ -84,17 +84,22 @@ def build_runtime(
         config, plan, sensitivity, key, steps=phase.steps, learning_rate=phase.learning_rate
     )
     state = TrainState(jnp.asarray(phase.start, jnp.int32), trainable, tx.init(trainable), frozen)
-    if isinstance(train_arrays, dpdata.StreamSplit):  # the grain pipeline made the K views
-        loss = cross_entropy_loss(model.apply, None, input_ndim=3)
+    streamed = isinstance(train_arrays, dpdata.StreamSplit)
+    apply = model.apply
+    if streamed:  # the grain pipeline made the K views; uint8 batches normalised in the step
+        apply = dpdata.normalizing_apply(model.apply, train_arrays.transform.preset)
+        loss = cross_entropy_loss(apply, None, input_ndim=3)
     else:
         loss = cross_entropy_loss(model.apply, build.build_augment(config, phase.use_features))
     unroll = config.train.get("microbatch_unroll", 0)
     rows = chunk or plan.max_batch_size // (mesh.size if mesh is not None else 1)
     backend = jax.default_backend()
     if mb == -1:  # the largest power of two whose compiled step fits half the free memory
-        spec = {
-            k: jax.ShapeDtypeStruct((rows, *v.shape[1:]), v.dtype) for k, v in train_arrays.items()
-        }
+        if streamed:
+            shapes = train_arrays.batch_spec(rows)
+        else:
+            shapes = {k: ((rows, *v.shape[1:]), v.dtype) for k, v in train_arrays.items()}
+        spec = {k: jax.ShapeDtypeStruct(*v) for k, v in shapes.items()}
         spec["mask"] = jax.ShapeDtypeStruct((rows,), jnp.float32)
         rng_spec = jax.ShapeDtypeStruct((2,), jnp.uint32)
 
@@ -131,7 +136,7 @@ def build_runtime(
         out = (shardings, NamedSharding(mesh, P()))
         step_fn = jax.jit(step, donate_argnums=0, out_shardings=out, compiler_options=options)
     state = place(state, shardings)
-    eval_fn = jax.jit(make_eval_step(model.apply))
+    eval_fn = jax.jit(make_eval_step(apply))
     return Runtime(phase, state, step_fn, eval_fn, train_arrays, eval_arrays, chunked, shardings)
 
 

@@ -119,6 +119,18 @@ class _IndexLoader:
         pass
 
 
+def _run_streamed_chunks(jitted, state, chunks, rng):
+    """`accumulate.run_chunked` over a streamed batch's ``(offset, chunk)`` pairs: the same
+    accumulation, each chunk read (by the grain workers) only when the device takes it."""
+    acc = jitted.init(state)
+    for offset, part in chunks:
+        if not part["mask"].any():
+            continue  # padding only: contributes exactly zero
+        jax.block_until_ready(acc)  # one chunk ahead of the device at most
+        acc = jitted.accumulate(acc, state, part, rng, np.uint32(offset))
+    return jitted.finish(state, acc)
+
+
 def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     """Trains with DP per ``config``, writing metrics, checkpoints and summary.json to workdir."""
     t_start = time.time()
@@ -243,13 +255,23 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     try:
         while stop_reason == "steps" and step < plan.steps:
             if step >= rt.phase.end:  # next phase: carry the trained parameters over
-                full.update(distributed.to_host(rt.state.params) if multi else rt.state.params)
+                live = {**rt.state.frozen, **rt.state.params}  # the step donated the old ones
+                full.update(distributed.to_host(live) if multi else live)
                 current += 1
                 rt = runtime(current)
                 last_eval, calibration = {}, None
+            rows = None  # a multi-process stream reads the rows of this process's devices
+            streamed = isinstance(rt.train_arrays, dpdata.StreamSplit)  # not cached features
             if streamed:  # read, decoded and transformed by grain worker processes
+                if multi:
+                    rows = distributed.local_rows(mesh, plan.max_batch_size)
                 loader = dpdata.StreamLoader(
-                    rt.train_arrays, sampler, start_step=step, stop_step=rt.phase.end
+                    rt.train_arrays,
+                    sampler,
+                    start_step=step,
+                    stop_step=rt.phase.end,
+                    rows=rows,
+                    chunk_size=chunk or None,  # host-chunked: the batch read chunk by chunk
                 )
             elif rt.chunked is None and not multi:
                 loader = dpdata.BatchLoader(
@@ -268,10 +290,18 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
                         stop_reason = "budget"
                         break
                     rng = examples_key(root, step_idx)
-                    if multi:  # each process gathers the rows of its own devices
-                        batch = distributed.gather_global(mesh, rt.train_arrays, batch, mask)
+                    if multi:  # each process reads or gathers the rows of its own devices
+                        if streamed:
+                            local = {**batch, "mask": mask}
+                            batch = distributed.global_from_rows(
+                                mesh, local, rows, plan.max_batch_size
+                            )
+                        else:
+                            batch = distributed.gather_global(mesh, rt.train_arrays, batch, mask)
                         rng = distributed.replicated(mesh, rng)
                         rt.state, metrics = rt.step_fn(rt.state, batch, rng)
+                    elif rt.chunked is not None and streamed:  # batch: its streamed chunks
+                        rt.state, metrics = _run_streamed_chunks(rt.chunked, rt.state, batch, rng)
                     elif rt.chunked is not None:
                         rt.state, metrics = accumulate.run_chunked(
                             rt.chunked, rt.state, rt.train_arrays, batch, mask, chunk, rng
