@@ -105,6 +105,8 @@ def _base_model(config, num_classes: int, example_image: np.ndarray):
     from dpft.models.init import reinit
 
     m = config.model
+    if m.pretrained == "vit":
+        return _pretrained_vit(config, num_classes, example_image)
     if m.pretrained and (m.pretrained != m.name or m.norm not in ("", "frozen_bn")):
         raise ValueError(
             f"config.model.pretrained={m.pretrained!r} loads that model with frozen BatchNorm: "
@@ -158,6 +160,62 @@ def _base_model(config, num_classes: int, example_image: np.ndarray):
         params["linear"] = head
         variables = {**variables, "params": params}
         model = fresh if type(fresh) is type(model) else model
+    return model, variables
+
+
+VIT_ARCH = ("patch_size", "width", "depth", "mlp_dim", "num_heads")
+
+
+def _pretrained_vit(config, num_classes: int, example_image: np.ndarray):
+    """``config.model.pretrained='vit'``: the ViT checkpoint ``config.model.pretrained_path``.
+
+    ``config.model.name`` is ``'vit'`` (any architecture the file holds) or a registry ViT
+    (``vit_ti16`` ...), which the file's architecture must then match. The position embeddings
+    are interpolated to the images' side (``config.data.image_size`` when streamed: the example
+    image's shape). The head becomes ``num_classes`` wide per ``config.finetune.head_init``
+    (`dpft.models.pretrained.replace_head`); the inputs must be normalised as the checkpoint's
+    source expects (`dpft.models.vit_import`: ``config.data.preprocessing='standard'`` for
+    big_vision / AugReg, ``'imagenet'`` for timm models trained in PyTorch).
+    """
+    from dpft.models import pretrained
+
+    m = config.model
+    vit_names = [k for k in models.MODEL_NAMES if k.startswith("vit_")]
+    if m.name != "vit" and m.name not in vit_names:
+        raise ValueError(
+            f"config.model.pretrained='vit' loads a ViT checkpoint: expected config.model.name "
+            f"'vit' or one of {vit_names}, got {m.name!r}"
+        )
+    if m.norm:
+        raise ValueError(f"config.model.norm must be '' for a ViT (LayerNorm), got {m.norm!r}")
+    dtype = m.get("dtype", "float32")
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"config.model.dtype must be float32|bfloat16, got {dtype!r}")
+    shape = tuple(example_image.shape)
+    model, variables = pretrained.load("vit", m.pretrained_path or None, image_size=shape[:2])
+    if m.name != "vit":
+        want = models.get_model(m.name, num_classes)
+        got = {k: getattr(model, k) for k in VIT_ARCH}
+        if got != {k: getattr(want, k) for k in VIT_ARCH}:
+            raise ValueError(
+                f"config.model.name={m.name!r} but {m.pretrained_path} holds a ViT with "
+                f"{got}: set config.model.name='vit' or give a {m.name} checkpoint"
+            )
+    head_init = config.finetune.head_init
+    head = variables["params"]["linear"]["kernel"].shape[-1]
+    if head_init == "keep" and head != num_classes:
+        raise ValueError(
+            f"config.finetune.head_init='keep' but the pretrained head has {head} classes and "
+            f"the data {num_classes}: use 'zero' or 'random'"
+        )
+    if head_init not in pretrained.HEAD_INITS:
+        raise ValueError(f"config.finetune.head_init must be keep|zero|random, got {head_init!r}")
+    variables = pretrained.replace_head(variables, num_classes, head_init, config.seed)
+    model = model.clone(num_classes=num_classes)
+    if dtype != "float32":  # activations in bf16; parameters, clipped sums and noise stay fp32
+        model = model.clone(dtype=jnp.bfloat16)
+    with _shape_errors(f"{m.name} (pretrained vit)", shape):
+        jax.eval_shape(model.apply, variables, jnp.asarray(example_image[None]))
     return model, variables
 
 
