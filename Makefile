@@ -14,10 +14,11 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# The main job: DP fine-tuning of the CIFAR-10-pretrained ResNet-20 on Fashion-MNIST
-# at (epsilon 3, delta 1e-5). Override with CONFIG=... WORKDIR=...
-CONFIG ?= configs/fmnist_resnet20.py
-WORKDIR ?= runs/fmnist_resnet20
+# The main job: a DP-SGD linear head on ScatterNet features (fixed scattering transform,
+# kymatio J=2 L=8, GroupNorm) of Fashion-MNIST at (epsilon 3, delta 1e-5): ~89.8% test, ~5 min.
+# Override with CONFIG=... WORKDIR=...
+CONFIG ?= configs/fmnist_best.py:run
+WORKDIR ?= runs/fmnist_best_run
 run: $(STAMP)
 	$(PY) -m dpft --config $(CONFIG) --workdir $(WORKDIR)
 

@@ -158,6 +158,8 @@ def test_get_model_registry():
         "vit_s16",
         "vit_b16",
         "vit_l16",
+        "scatternet",
+        "scatternet_mobilenet",
     }
     assert models.get_model("resnet44", 3).depth == 44
     assert models.get_model("resnet50", 5).depth == 50

@@ -14,6 +14,9 @@ name                   model
 ``linear``             `LinearHead`: one Dense on flattened inputs (training on features)
 ``vit_ti16/s16/b16``   `ViT` ViT-Ti/S/B/16 (kwargs ``pool_type`` tok|gap, ``gelu``, ...)
 ``vit_l16``            `ViT` ViT-L/16
+``scatternet``         `ScatterNetLinear`: fixed scattering transform + GroupNorm + Dense
+``scatternet_mob...``  ``scatternet_mobilenet``: `ScatterNetMobileNet`, those features beside
+                       an ImageNet MobileNetV2's (frozen weights from the data directory)
 =====================  ==============================================================
 
 Every model's output layer is a submodule named ``linear`` (parameters ``linear/kernel``,
@@ -46,6 +49,7 @@ from dpft.models.resnet import (
     resnet56,
     wrn16_4,
 )
+from dpft.models.scatternet import ScatterNetLinear, ScatterNetMobileNet
 from dpft.models.vit import ViT, vit
 
 
@@ -101,11 +105,22 @@ _REGISTRY: dict[str, tuple[type[nn.Module], Callable[..., nn.Module], tuple[str,
     "resnet50": (ImageNetResNet, _imagenet_resnet(50), ("depth",)),
     "mobilenet_v2": (MobileNetV2, lambda k, **kw: MobileNetV2(num_classes=k, **kw), ()),
     "linear": (LinearHead, lambda k, **kw: LinearHead(num_classes=k, **kw), ()),
+    "scatternet": (ScatterNetLinear, lambda k, **kw: ScatterNetLinear(num_classes=k, **kw), ()),
+    "scatternet_mobilenet": (
+        ScatterNetMobileNet,
+        lambda k, **kw: ScatterNetMobileNet(num_classes=k, **kw),
+        (),
+    ),
     **{
         f"vit_{size}16": (ViT, _vit(size), ("patch_size", "width", "depth", "mlp_dim", "num_heads"))
         for size in ("ti", "s", "b", "l")
     },
 }
+
+#: Models whose only parameters are the head ``linear``: their features are a fixed public
+#: function (any weights it uses are constants the model loads itself), so
+#: ``finetune.mode='head'`` trains them on cached features without ``model.pretrained``.
+FIXED_FEATURES: tuple[str, ...] = ("scatternet", "scatternet_mobilenet")
 
 #: Registry names accepted by `get_model`.
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
@@ -156,12 +171,15 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "FIXED_FEATURES",
     "MODEL_NAMES",
     "CifarResNet",
     "ImageNetResNet",
     "LinearHead",
     "MobileNetV2",
     "SampleConvNet",
+    "ScatterNetLinear",
+    "ScatterNetMobileNet",
     "TramerBonehCNN",
     "ViT",
     "WideResNet",

@@ -4,7 +4,8 @@
 
 * ``scratch``: train every parameter of a freshly initialised model (``model.pretrained`` empty).
 * ``full``  (FT): train every parameter of a pretrained model.
-* ``head``  (HT / LP): train only the output layer ``linear`` of a pretrained model. With
+* ``head``  (HT / LP): train only the output layer ``linear`` of a pretrained model (or of a
+  fixed public feature extractor, `dpft.models.FIXED_FEATURES`, which needs no weights). With
   ``finetune.feature_cache`` (default) the frozen backbone's features are computed once and the
   head is trained on them, so a DP step costs a matmul, not a forward pass of the backbone.
 * ``partial``: train the parameters matching ``finetune.trainable`` (e.g. last stage + head).
@@ -35,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from dpft.models import FIXED_FEATURES
 from dpft.models import lora as lora_lib
 
 MODES = ("", "scratch", "full", "head", "partial", "lp_ft", "bitfit")
@@ -69,7 +71,8 @@ def plan_phases(config, total_steps: int) -> list[Phase]:
     if mode not in MODES:
         raise ValueError(f"config.finetune.mode must be one of {'|'.join(MODES[1:])}, got {mode!r}")
     lora = lora_lib.from_config(ft)
-    if mode in ("full", "head", "partial", "lp_ft") and not pretrained:
+    fixed = mode == "head" and config.model.name in FIXED_FEATURES
+    if mode in ("full", "head", "partial", "lp_ft") and not (pretrained or fixed):
         raise ValueError(
             f"config.finetune.mode={mode!r} tunes a pretrained model: set config.model.pretrained"
         )
