@@ -191,3 +191,7 @@ def test_smoke_config_trains_within_its_budget(tmp_path):
     assert summary["test_accuracy"] > 0.3  # 10 classes: well above chance after 6 steps
     saved = json.loads((tmp_path / "work" / "summary.json").read_text())
     assert saved["epsilon"] == summary["epsilon"]
+    # the run says what it trained: only the head, 3969 scattering features x 10 classes + bias
+    trained = saved["trained"]["head"]
+    assert f"DP-trains {3969 * 10 + 10:,} parameters (linear) of scatternet" in trained
+    assert "fixed public feature extractor" in trained

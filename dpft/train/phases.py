@@ -117,3 +117,36 @@ def phase_index(phases: list[Phase], step: int) -> int:
         if p.start < step <= p.end:
             return i
     return 0
+
+
+def describe_phase(config, phase: Phase, trainable: dict, full: dict) -> str:
+    """One line saying what ``phase`` trains: which parameters (the top-level modules of the
+    flat ``trainable`` dict and their count), of which model, and what stays fixed (pretrained
+    weights, a fixed public feature extractor, or nothing); ``full`` is the model's flat
+    variable dict."""
+    import numpy as np
+
+    def size(v) -> int:
+        return int(np.prod(np.shape(v)))
+
+    def module(key: str) -> str:
+        parts = key.split("/")
+        return parts[1] if parts[0] == "params" and len(parts) > 1 else parts[0]
+
+    modules = sorted({module(k) for k in trainable})
+    shown = ", ".join(modules[:6]) + (f" and {len(modules) - 6} more" if len(modules) > 6 else "")
+    n_train = sum(size(v) for v in trainable.values())
+    fixed = [v for k, v in full.items() if k.startswith("params/") and k not in trainable]
+    n_fixed = sum(size(v) for v in fixed)
+    m = config.model
+    if m.pretrained:
+        source = f"pretrained {m.pretrained} weights ({m.pretrained_path or 'the data directory'})"
+    elif m.name in FIXED_FEATURES:
+        source = "a fixed public feature extractor (no trained weights)"
+    else:
+        source = "a fresh initialisation"
+    where = " on cached backbone features" if phase.use_features else ""
+    return (
+        f"phase {phase.name}: DP-trains {n_train:,} parameters ({shown}) of {m.name}{where}; "
+        f"{n_fixed:,} parameters fixed; backbone: {source}"
+    )

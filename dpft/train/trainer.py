@@ -33,6 +33,7 @@ import math
 import os
 import pathlib
 import signal
+import sys
 import threading
 import time
 
@@ -47,7 +48,7 @@ from dpft.metrics import CalibrationAccumulator, reliability_diagram
 from dpft.privacy import keys, ledger, sampling
 from dpft.train import accumulate, build, distributed, report
 from dpft.train.checkpoint import Checkpointer, config_fingerprint
-from dpft.train.phases import phase_index, plan_phases
+from dpft.train.phases import describe_phase, phase_index, plan_phases
 from dpft.train.runtime import Runtime, build_runtime, noise_key, place
 from dpft.train.step import flatten
 from dpft.train.workdir import ConfigMismatchError, eval_data_description, write_summary
@@ -200,6 +201,16 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     start = 0
     current = phase_index(phases, latest) if latest is not None else 0
     rt = runtime(current)
+    trained = {}  # phase name -> what it trains (printed, and kept in summary.json)
+
+    def announce() -> None:
+        trained[rt.phase.name] = describe_phase(config, rt.phase, rt.state.params, full)
+        if primary:  # above the progress bar (stderr), on stdout
+            from tqdm.auto import tqdm
+
+            tqdm.write(trained[rt.phase.name], file=sys.stdout)
+
+    announce()
     if latest is not None:
         try:
             state, meta = ckpt.restore(latest, rt.state)
@@ -259,6 +270,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
                 full.update(distributed.to_host(live) if multi else live)
                 current += 1
                 rt = runtime(current)
+                announce()
                 last_eval, calibration = {}, None
             rows = None  # a multi-process stream reads the rows of this process's devices
             streamed = isinstance(rt.train_arrays, dpdata.StreamSplit)  # not cached features
@@ -370,6 +382,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         "steps": steps_done,
         "planned_steps": plan.steps,
         "phases": {p.name: p.steps for p in phases},
+        "trained": trained,
         "stop_reason": stop_reason,
         "num_train_examples": n,
         "wall_seconds": time.time() - t_start,
