@@ -8,6 +8,8 @@ Fashion-MNIST at (epsilon 3, delta 1e-5).
     python -m dpft --config configs/fmnist_linear.py:single_step --workdir runs/lin_1step
     python -m dpft --config configs/fmnist_linear.py:dp_gd,smoke --workdir /tmp/lin_smoke  # secs
 
+Expected: dp_gd 73.2% test accuracy at epsilon 3 (seed 0, all 60k), dp_least_squares 70.2%.
+
 The argument picks ``linear.method`` (default ``dp_gd``); ``smoke`` shrinks the data to a subset.
 The 64-d pooled features of the frozen backbone are computed once (about 1-2 minutes for the
 70k images on 2 CPU cores) and cached in WORKDIR/features, or in ``finetune.cache_dir`` (shared

@@ -1,11 +1,14 @@
 """DP fine-tuning of the CIFAR-10-pretrained ResNet-20 on Fashion-MNIST at (epsilon 3, 1e-5).
 
-    python -m dpft --config configs/fmnist_resnet20.py --workdir runs/fmnist_resnet20   # make run
+    python -m dpft --config configs/fmnist_resnet20.py --workdir runs/fmnist_resnet20
     python -m dpft --config configs/fmnist_resnet20.py:smoke --workdir /tmp/r20_smoke    # seconds
     python -m dpft --config configs/fmnist_resnet20.py:last_block --workdir runs/r20_lb  # slower
     python -m dpft --config configs/fmnist_resnet20.py:full --workdir runs/r20_full      # slowest
 
-The default (`make run`, `finetune.mode='head'`) tunes a zero-initialised head on the frozen
+Expected: default (head) 76.2% test accuracy at epsilon 3.00 (293 steps, one seed); the
+CIFAR-10 features transfer weakly: configs/fmnist_best.py is the recipe that leads.
+
+The default (`finetune.mode='head'`) tunes a zero-initialised head on the frozen
 pretrained backbone (frozen BatchNorm statistics): the backbone's 64-d features of the 70k images
 are computed once, cached in WORKDIR/features, and the DP-SGD steps train the head on them, on
 the whole training set, well within 15 minutes on 2 CPU cores. `:lp_ft` spends half the steps
