@@ -10,6 +10,17 @@ Each model has the same layers, shapes and parameter count as its flax twin in `
 - ``resnet20``: option-A CIFAR ResNet-20, ``norm='frozen_bn'`` (BatchNorm in inference mode:
   scale and bias trainable, running statistics fixed) or ``'group_norm'`` (``groups`` groups).
 - ``linear``: one Linear layer on flattened inputs.
+- ``vit_ti16`` (and ``vit_s16`` / ``vit_b16``): `ViTTwin`, the architecture of timm's
+  ``vit_tiny_patch16_224`` (``_small_``, ``_base_``) with ``img_size`` the images' side: a
+  16 x 16 stride-16 Conv2d patch embedding, class token and position embedding, pre-norm blocks
+  (LayerNorm eps 1e-6, Linear qkv / proj / fc1 / fc2, erf GELU), final LayerNorm, class-token
+  pooling, Linear head; dpft's twin runs with ``gelu='exact'``. It is written here (not
+  imported from timm, whose torchvision dependency has no CPU build on PyPI) so that the class
+  token and position embedding live in a module of their own, `TokenEmbed`, with its own Opacus
+  grad sampler: Opacus has none for parameters held directly by a model, and would refuse
+  timm's ViT unless they were frozen. With it every parameter is trained and clipped: Linear
+  layers get Opacus ghost norms, the Conv2d, LayerNorms and `TokenEmbed` per-example gradients
+  from grad samplers.
 
 Frozen BatchNorm is the module `FrozenBatchNorm2d` with its own Opacus grad sampler: Opacus
 rejects ``nn.BatchNorm2d`` even in eval mode, and a per-channel affine map with fixed statistics
@@ -182,7 +193,70 @@ def get_model(name: str, num_classes: int, input_shape: tuple[int, ...], **kwarg
         )
     if name == "linear":
         return LinearHead(int(np.prod(input_shape)), num_classes)
+    if name in VIT_SIZES:
+        h, w = input_shape[:2]
+        if h != w:
+            raise ValueError(f"the ViT twin needs square images, got {h}x{w}")
+        return ViTTwin(h, num_classes, *VIT_SIZES[name])
     raise ValueError(f"no PyTorch twin for model {name!r}")
+
+
+#: dpft's ViT registry name -> (width, depth, heads), as in `dpft.models.vit.SIZES`.
+VIT_SIZES = {"vit_ti16": (192, 12, 3), "vit_s16": (384, 12, 6), "vit_b16": (768, 12, 12)}
+VIT_PATCH = 16
+VIT_LN_EPS = 1e-6
+
+
+class TokenEmbed(nn.Module):
+    """``[N, T-1, D]`` patch tokens -> ``[N, T, D]``: the class token first, plus ``pos``."""
+
+    def __init__(self, tokens: int, width: int):
+        super().__init__()
+        self.cls = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos = nn.Parameter(torch.randn(1, tokens, width) * 0.02)
+
+    def forward(self, x):
+        return torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+
+
+class ViTBlock(nn.Module):
+    """Pre-norm Transformer block: ``x + proj(attention(norm1(x)))``, ``x + mlp(norm2(x))``."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width, eps=VIT_LN_EPS)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width, eps=VIT_LN_EPS)
+        self.fc1 = nn.Linear(width, 4 * width)
+        self.fc2 = nn.Linear(4 * width, width)
+
+    def forward(self, x):
+        n, t, d = x.shape
+        qkv = self.qkv(self.norm1(x)).reshape(n, t, 3, self.heads, d // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [N, heads, T, head_dim]
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, d)
+        x = x + self.proj(attended)
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class ViTTwin(nn.Module):
+    """ViT with class-token pooling for NCHW square images, like `dpft.models.vit.ViT`."""
+
+    def __init__(self, image: int, num_classes: int, width: int, depth: int, heads: int):
+        super().__init__()
+        if image % VIT_PATCH:
+            raise ValueError(f"image side {image} is not a multiple of the patch {VIT_PATCH}")
+        self.embedding = nn.Conv2d(3, width, VIT_PATCH, VIT_PATCH)
+        self.tokens = TokenEmbed((image // VIT_PATCH) ** 2 + 1, width)
+        self.blocks = nn.Sequential(*(ViTBlock(width, heads) for _ in range(depth)))
+        self.norm = nn.LayerNorm(width, eps=VIT_LN_EPS)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        x = self.tokens(self.embedding(x).flatten(2).transpose(1, 2))
+        return self.head(self.norm(self.blocks(x))[:, 0])
 
 
 def count_params(model: nn.Module) -> int:
@@ -197,7 +271,8 @@ _REGISTERED = False
 
 
 def _register_opacus_samplers() -> None:
-    """Per-example gradients of `FrozenBatchNorm2d`: per-channel sums over H, W."""
+    """Per-example gradients of `FrozenBatchNorm2d` (per-channel sums over H, W) and of
+    `TokenEmbed` (the class token's output row; the position embedding's whole output)."""
     global _REGISTERED
     if _REGISTERED:
         return
@@ -212,6 +287,15 @@ def _register_opacus_samplers() -> None:
             )
         if layer.bias.requires_grad:
             ret[layer.bias] = torch.einsum("nchw->nc", backprops)
+        return ret
+
+    @register_grad_sampler(TokenEmbed)
+    def _token_embed_grad_sample(layer, activations, backprops):
+        ret = {}
+        if layer.cls.requires_grad:
+            ret[layer.cls] = backprops[:, :1, :].unsqueeze(1)
+        if layer.pos.requires_grad:
+            ret[layer.pos] = backprops.unsqueeze(1)
         return ret
 
     _REGISTERED = True
@@ -292,12 +376,19 @@ def versions() -> dict[str, str]:
 
 
 def build_steps(
-    name: str, kwargs: dict, x: np.ndarray, y: np.ndarray, num_classes: int
+    name: str,
+    kwargs: dict,
+    x: np.ndarray,
+    y: np.ndarray,
+    num_classes: int,
+    opacus_modes: tuple[str, ...] = ("hooks", "ghost"),
 ) -> tuple[dict, dict]:
-    """``({step_name: callable}, info)`` for one workload; Opacus steps only if it imports.
+    """``({step_name: callable}, info)`` for one workload; Opacus steps (one per
+    ``grad_sample_mode`` in ``opacus_modes``) only if it imports.
 
     ``x`` is dpft's batch (NHWC images or [N, D] features), ``y`` integer labels.
-    ``info`` has the parameter count and any step that could not be built (with the reason).
+    ``info`` has the trainable parameter count, any step that could not be built (with the
+    reason) and notes (frozen parameters).
     """
     set_threads()
     quiet_warnings()
@@ -305,13 +396,20 @@ def build_steps(
     base = get_model(name, num_classes, x.shape[1:], **kwargs)
     xt, yt = _to_torch(x), torch.from_numpy(np.asarray(y, dtype=np.int64))
     steps = {"torch_non_private": _plain_step(copy.deepcopy(base), xt, yt)}
-    info: dict = {"torch_params": count_params(base), "skipped": {}}
+    info: dict = {"torch_params": count_params(base), "skipped": {}, "notes": []}
+    frozen = sum(p.numel() for p in base.parameters() if not p.requires_grad)
+    if frozen:
+        names = [n for n, p in base.named_parameters() if not p.requires_grad]
+        info["notes"].append(
+            f"PyTorch/Opacus rows: {frozen:,} parameters frozen ({', '.join(names)}: Opacus "
+            "has no per-example gradient rule for them); dpft trains them"
+        )
     try:
         import opacus  # noqa: F401
     except ImportError as e:
         info["skipped"]["opacus"] = f"not importable: {e}"
         return steps, info
-    for mode in ("hooks", "ghost"):
+    for mode in opacus_modes:
         try:
             steps[f"opacus_{mode}"] = _opacus_step(copy.deepcopy(base), xt, yt, mode)
         except Exception as e:  # a peer that cannot run this model is reported, not fatal

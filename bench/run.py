@@ -22,13 +22,19 @@ call after an idle pause. Every DP step clips at 1.0 and adds noise with multipl
 Reports median and spread (min-max) of repeats, ratios of every dpft DP row to dpft's
 non-private step and to each peer, achieved GFLOP/s of the JAX steps (XLA's cost analysis of
 the compiled step) against a measured matmul roof, and the issue's goals as a checklist.
-Writes bench/results.json (raw times, versions, CPU) and bench/results.md.
+Writes bench/results.json (raw times, versions, CPU) and bench/results.md (``--out`` another
+stem), with only this run's workloads in them.
+
+A workload may be restricted (`bench.steps.LIMITS`): ``vit_ti16`` (ViT-Ti/16 at 224 px, batch
+8) times only the flat clipper with ghost and vmap norms, dpft's non-private step, PyTorch's
+and Opacus ghost clipping, since each ViT step on a few CPU cores takes seconds.
 
 This module times the steps, records the machine and runs the CLI; the workloads and their
 steps are built in `bench.steps`, and the report is made in `bench.report`.
 
     python -m bench.run [--repeats 5] [--only mnist_cnn,linear_head] [--peers | --no-peers]
                         [--clippers flat,per_layer,auto,global] [--min-sample 0.1]
+                        [--out results]
 """
 
 from __future__ import annotations
@@ -48,7 +54,16 @@ import jax
 import jax.numpy as jnp
 
 from bench.report import headline, markdown, summarize
-from bench.steps import CLIPPERS, Step, jax_steps, norm_strategies, torch_steps, workloads
+from bench.steps import (
+    CLIPPERS,
+    LIMITS,
+    Limits,
+    Step,
+    jax_steps,
+    norm_strategies,
+    torch_steps,
+    workloads,
+)
 from dpft.host import tune_host_allocator
 
 OUT = pathlib.Path(__file__).parent
@@ -198,6 +213,12 @@ def main(argv=None):
         default=True,
         help="dpft.host.tune_host_allocator() for the whole process, peers included (default: on)",
     )
+    ap.add_argument(
+        "--out",
+        default="results",
+        help="file stem of the results under bench/ (default: results -> results.json, .md); "
+        "they are replaced, so a run of some workloads (--only) may want its own",
+    )
     args = ap.parse_args(argv)
     malloc_tuned = bool(args.tune_malloc) and tune_host_allocator()
     only = [w for w in args.only.split(",") if w]
@@ -245,11 +266,14 @@ def main(argv=None):
             continue
         wnotes: list[str] = []
         info: dict = {}
-        steps = jax_steps(
-            mname, kwargs, x, classes, clippers, norms, use["jax_privacy"], wnotes, info
-        )
+        limits = LIMITS.get(wname, Limits())
+        if limits.describe():
+            wnotes.append(limits.describe())
+        wclippers, wnorms = limits.apply(clippers, norms)
+        jp = use["jax_privacy"] and limits.jax_privacy
+        steps = jax_steps(mname, kwargs, x, classes, wclippers, wnorms, jp, wnotes, info)
         if use["torch"]:
-            steps.update(torch_steps(mname, kwargs, x, classes, wnotes, info))
+            steps.update(torch_steps(mname, kwargs, x, classes, wnotes, info, limits.opacus_modes))
         print(f"{wname}: timing {len(steps)} steps", flush=True)
         times = time_steps(steps, args.repeats, args.warmup, args.settle, args.min_sample)
         rows = summarize(steps, times, roof)
@@ -265,23 +289,25 @@ def main(argv=None):
             "notes": wnotes,
         }
         print(wname, {k: round(r["median_ms"], 2) for k, r in rows.items()}, flush=True)
-        write(results)  # after every workload, so a long run that is cut short keeps its rows
+        # after every workload, so a long run that is cut short keeps its rows
+        write(results, args.out)
         # Free this workload's compiled programs: XLA:CPU maps each one's code into memory, and
         # dozens of ResNet variants in one process exhausted vm.max_map_count (65530) here
         # ("LLVM compilation error: Cannot allocate memory") in the GroupNorm workload.
         del steps, times
         jax.clear_caches()
         gc.collect()
-    print(write(results))
+    print(write(results, args.out))
 
 
-def write(results: dict) -> str:
-    """Writes bench/results.json and bench/results.md; returns the markdown."""
+def write(results: dict, stem: str = "results") -> str:
+    """Writes bench/<stem>.json and bench/<stem>.md (all of them, replacing the files: only the
+    workloads of this run are in them); returns the markdown."""
     results["versions"] = versions()
     results["loadavg_end"] = _loadavg()
-    (OUT / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (OUT / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     md = markdown(results)
-    (OUT / "results.md").write_text(md)
+    (OUT / f"{stem}.md").write_text(md)
     return md
 
 

@@ -29,6 +29,45 @@ CLIPPERS = {
     "global": clipping.GlobalClip(CLIP_NORM),
 }
 CONVS = ("xla", "auto", "im2col")  # values of a model's ``conv`` attribute, when it has one
+VIT_IMAGE = 224  # side of the ViT workload's images (pixels; patch 16: 14 x 14 + 1 tokens)
+VIT_BATCH = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What a slow workload times: only these dpft clippers and norm strategies (None: all that
+    the command line asks for), these Opacus ``grad_sample_mode`` rows, and jax_privacy or not.
+    """
+
+    clippers: tuple[str, ...] | None = None
+    norms: tuple[str, ...] | None = None
+    opacus_modes: tuple[str, ...] = ("hooks", "ghost")
+    jax_privacy: bool = True
+
+    def apply(self, clippers: dict, norms: dict) -> tuple[dict, dict]:
+        """The ``clippers`` and ``norms`` (name -> object) this workload times."""
+        keep_c = {k: v for k, v in clippers.items() if self.clippers is None or k in self.clippers}
+        keep_n = {k: v for k, v in norms.items() if self.norms is None or k in self.norms}
+        return keep_c, keep_n
+
+    def describe(self) -> str | None:
+        """One line for the workload's notes, or None when nothing is restricted."""
+        if self == Limits():
+            return None
+        return (
+            f"restricted to dpft clippers {list(self.clippers or ['all'])}, norms "
+            f"{list(self.norms or ['all'])}, Opacus modes {list(self.opacus_modes)}"
+            + ("" if self.jax_privacy else ", no jax_privacy")
+            + " (a slow workload on CPU)"
+        )
+
+
+#: Per-workload restrictions; a workload not listed times everything.
+LIMITS: dict[str, Limits] = {
+    "vit_ti16": Limits(
+        clippers=("flat",), norms=("ghost", "vmap"), opacus_modes=("ghost",), jax_privacy=False
+    ),
+}
 
 
 @dataclasses.dataclass
@@ -56,6 +95,13 @@ def workloads():
         "resnet20_frozen_bn": ("resnet20", {"norm": "frozen_bn"}, images(64, (32, 32, 3)), 10),
         "resnet20_group_norm": ("resnet20", {"norm": "group_norm"}, images(64, (32, 32, 3)), 10),
         "linear_head": ("linear", {}, images(4096, (64,)), 10),
+        # erf GELU, as timm's vit_tiny_patch16_224 and its PyTorch twin (bench.peers_torch)
+        "vit_ti16": (
+            "vit_ti16",
+            {"gelu": "exact"},
+            images(VIT_BATCH, (VIT_IMAGE, VIT_IMAGE, 3)),
+            10,
+        ),
     }
 
 
@@ -241,16 +287,25 @@ def jax_privacy_step(model, params, rest, batch, notes: list[str]) -> Step | Non
 
 
 def torch_steps(
-    name: str, kwargs: dict, x: np.ndarray, classes: int, notes: list[str], info: dict
+    name: str,
+    kwargs: dict,
+    x: np.ndarray,
+    classes: int,
+    notes: list[str],
+    info: dict,
+    opacus_modes: tuple[str, ...] = ("hooks", "ghost"),
 ) -> dict[str, Step]:
-    """PyTorch's non-private step and Opacus' DP steps, if torch imports."""
+    """PyTorch's non-private step and Opacus' DP steps (``opacus_modes``), if torch imports."""
     try:
         from bench import peers_torch
     except ImportError as e:
         notes.append(f"PyTorch/Opacus: skipped (not importable: {e})")
         return {}
-    fns, tinfo = peers_torch.build_steps(name, kwargs, x, labels(len(x), classes), classes)
+    fns, tinfo = peers_torch.build_steps(
+        name, kwargs, x, labels(len(x), classes), classes, opacus_modes
+    )
     info["torch_params"] = tinfo["torch_params"]
+    notes.extend(tinfo.get("notes", []))
     for row, why in tinfo["skipped"].items():
         notes.append(f"{row}: skipped ({why[:200]})")
     out = {}
