@@ -1,9 +1,24 @@
-"""``python -m dpft --config configs/NAME.py[:ARG] --workdir DIR [--config.KEY=VALUE ...]``."""
+"""``python -m dpft --config configs/NAME.py[:ARG] --workdir DIR [--config.KEY=VALUE ...]``.
+
+`train_and_evaluate` is the one place that picks a config's driver from its sections; every
+driver writes the same workdir contract (config.json, metrics.jsonl, TensorBoard events,
+checkpoints, summary.json, plots) and returns the summary:
+
+* ``config.federated`` present: the federated driver (`dpft.federated.experiment`), which wraps
+  the centralized train step to simulate clients;
+* else ``config.linear`` present: a feature-based method on cached backbone features
+  (`dpft.linear.experiment`: single full-batch step, DP-GD, DP least squares, DP-Newton, DP-FC);
+* otherwise the centralized DP trainer (`dpft.train.trainer`).
+
+Library callers that run any config import `train_and_evaluate` from here (importing the module
+defines its ``--config`` and ``--workdir`` absl flags; only `run` parses them).
+"""
 
 from __future__ import annotations
 
 import ast
 import logging
+import pathlib
 import re
 import sys
 
@@ -16,12 +31,22 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "where metrics, checkpoints and summary go")
 
 
+def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
+    """Runs the experiment ``config`` in ``workdir`` (resuming if it holds one) -> summary."""
+    if "federated" in config:
+        from dpft.federated.experiment import train_and_evaluate as driver
+    elif "linear" in config:
+        from dpft.linear.experiment import train_and_evaluate as driver
+    else:
+        from dpft.train.trainer import train_and_evaluate as driver
+    return driver(config, workdir)
+
+
 def main(argv):
     del argv
     from absl import logging as absl_logging
 
     from dpft.host import tune_host_allocator
-    from dpft.train import train_and_evaluate
 
     tune_host_allocator()  # reuse XLA:CPU's per-step host buffers (DPFT_TUNE_MALLOC=0: off)
 

@@ -13,7 +13,7 @@ DP (DP-FedAvg). Arms:
   ResNet-20 with GroupNorm from scratch.
 
 Configs come from ``configs/fmnist_fed.py``; data, fine-tuning mode, the feature cache, the
-client split and the config mapping from `dpft.federated.cli`; runs from
+client split and the config mapping from `dpft.federated.experiment`; runs from
 `dpft.federated.runner.run`. Compute is 2 shared CPU cores, so the study is scaled down (see
 ``SCALE``, also written into the JSON); the local learning rate is tuned per arm and level on a
 validation split carved from the training data. The run is resumable (rows already in the JSON
@@ -42,7 +42,7 @@ import numpy as np
 
 from configs import fmnist_fed
 from dpft import models
-from dpft.federated import cli, driver, runner
+from dpft.federated import driver, experiment, runner
 from dpft.federated import phases as fed_phases
 from dpft.train import build
 from dpft.train import features as features_lib
@@ -201,7 +201,7 @@ def data_for(arm: str) -> dict:
         return _DATA[key]
     if key == ("full", "head"):  # the CLI's head path: cached ResNet-20 features, all 60k
         c = config_for(arm, 1.0, "example", "iid", 1.0)
-        train, test, ncls, model, variables, phase = cli._prepare(c)
+        train, test, ncls, model, variables, phase = experiment.prepare(c)
         old = CACHE / "features-24fc3adc92238644303d.npz"
         features_lib.compute_features, real = _adopting(old), features_lib.compute_features
         try:
@@ -239,7 +239,7 @@ def data_for(arm: str) -> dict:
     elif mode in ("full", "scratch_gn"):  # ResNet-20 on the same 3k images, 32x32x3
         c = config_for(arm, 1.0, "example", "iid", 1.0)
         c.data.train_subset, c.data.validation_fraction = SUBSET, 0.1
-        train, val, _, model, variables, phase = cli._prepare(c)
+        train, val, _, model, variables, phase = experiment.prepare(c)
         c.data.train_subset, c.data.validation_fraction = 0, 0.0
         _, test, _ = build.load_data(c)
         params, frozen = split_params(variables, phase.trainable)
@@ -279,8 +279,8 @@ def run_one(arm, split, eps, level, partition, seed, lr) -> dict:
     c = config_for(arm, eps, level, partition, lr)
     splits, model, params, frozen = data_for(arm)
     train, evaluation = splits[split]
-    clients = cli.split_clients(c, train["label"])  # config seed 0: same clients every seed
-    fc = dataclasses.replace(cli.fed_config(c), noise_multiplier=-1.0)
+    clients = experiment.split_clients(c, train["label"])  # config seed 0: same clients every seed
+    fc = dataclasses.replace(experiment.fed_config(c), noise_multiplier=-1.0)
     sizes = [len(p) for p in clients]
     skey = (level, eps, fc.rounds, fc.local_steps, max(sizes))
     if skey not in _SIGMA:  # q_local = 1: the calibration depends on nothing else

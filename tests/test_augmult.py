@@ -12,6 +12,7 @@ from test_ghost import compare
 from test_train import final_arrays, tiny_config
 
 from dpft import optim
+from dpft.__main__ import train_and_evaluate
 from dpft.config import base_config
 from dpft.data import augment as A
 from dpft.federated import driver, partition, server
@@ -19,7 +20,7 @@ from dpft.models import get_model
 from dpft.privacy import clipping as C
 from dpft.privacy import keys
 from dpft.privacy.ghost import GhostNorms
-from dpft.train import build, train_and_evaluate
+from dpft.train import build
 from dpft.train.step import TrainState, cross_entropy_loss, make_train_step, unflatten
 from dpft.train.step import partition as split_params
 

@@ -138,3 +138,18 @@ def test_public_dp_functions_have_privacy_section(obj):
     section = doc.split("Privacy:")[1]
     # mechanisms state a sensitivity / neighbouring relation; key functions their independence
     assert any(w in section for w in ("neighbour", "neighboring", "sensitivity", "independen"))
+
+
+def test_trainer_package_does_not_import_the_drivers_above_it():
+    """The layers run one way: dpft.train is below the federated and feature-method drivers."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, dpft.train, dpft.train.trainer; "
+        "print(sorted(m for m in sys.modules if m.startswith(('dpft.federated', 'dpft.linear'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert out == "[]", out

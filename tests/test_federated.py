@@ -384,7 +384,8 @@ def checkpoint_arrays(workdir):
 def test_cli_smoke_writes_contract_and_resumes(tmp_path, monkeypatch):
     import json
 
-    from dpft.train import report, train_and_evaluate
+    from dpft.__main__ import train_and_evaluate
+    from dpft.train import report
 
     c = fed_smoke(log_every=1, eval_every=2, checkpoint_every=2)
     c.tensorboard = True
@@ -436,7 +437,7 @@ def test_bad_federated_key_is_one_line_error(tmp_path):
     import subprocess
     import sys
 
-    from dpft.train import train_and_evaluate
+    from dpft.__main__ import train_and_evaluate
 
     out = subprocess.run(
         [sys.executable, "-m", "dpft", "--config", "configs/fmnist_fed.py:smoke"]

@@ -82,7 +82,7 @@ _RUNS: dict = {}
 
 def uninterrupted(tmp_path_factory, lp_fraction):
     """The uninterrupted lp_ft run at ``lp_fraction`` (shared by the tests of this module)."""
-    from dpft.train import train_and_evaluate
+    from dpft.__main__ import train_and_evaluate
 
     if lp_fraction not in _RUNS:
         workdir = tmp_path_factory.mktemp(f"lp_ft_{lp_fraction}")
@@ -95,7 +95,7 @@ def uninterrupted(tmp_path_factory, lp_fraction):
 
 def mode_run(tmp_path_factory, mode):
     """The one-phase ``mode`` run of the same rounds (shared by the tests of this module)."""
-    from dpft.train import train_and_evaluate
+    from dpft.__main__ import train_and_evaluate
 
     if mode not in _RUNS:
         workdir = tmp_path_factory.mktemp(mode)
@@ -161,7 +161,7 @@ def test_lp_ft_one_budget_and_ft_starts_from_lp_head(tmp_path_factory, tiny, mon
 def test_lp_fraction_one_is_head_and_zero_is_full(
     tmp_path, tmp_path_factory, tiny, lp_fraction, mode
 ):
-    from dpft.train import train_and_evaluate
+    from dpft.__main__ import train_and_evaluate
 
     phase = "lp" if lp_fraction == 1.0 else "ft"
     a = train_and_evaluate(lp_ft_config(lp_fraction=lp_fraction), tmp_path / "lp_ft")
@@ -183,7 +183,8 @@ def test_lp_fraction_one_is_head_and_zero_is_full(
 def test_resume_after_lp_or_mid_ft_equals_uninterrupted(
     tmp_path, tmp_path_factory, tiny, monkeypatch, lp_fraction
 ):
-    from dpft.train import report, train_and_evaluate
+    from dpft.__main__ import train_and_evaluate
+    from dpft.train import report
 
     full, full_dir = uninterrupted(tmp_path_factory, lp_fraction)
     c = lp_ft_config(lp_fraction=lp_fraction)  # checkpoints every 2 rounds and at LP's end

@@ -214,7 +214,7 @@ def test_plan_refuses_delta_of_one_over_n(level, sizes, delta):
 @needs_data
 @pytest.mark.parametrize("level, delta", [("client", 0.1), ("example", 1 / 400)])
 def test_cli_refuses_delta_before_the_workdir(tmp_path, level, delta):
-    from dpft.train import train_and_evaluate
+    from dpft.__main__ import train_and_evaluate
 
     c = fed_smoke(level=level)  # 400 examples over 10 clients
     c.dp.delta = delta
@@ -229,7 +229,7 @@ def test_cli_refuses_delta_before_the_workdir(tmp_path, level, delta):
 
 @needs_data
 def test_cli_secure_run_keeps_the_secret_in_checkpoints_only(tmp_path):
-    from dpft.train import train_and_evaluate
+    from dpft.__main__ import train_and_evaluate
 
     c = fed_smoke(rounds=2, log_every=1, eval_every=2, checkpoint_every=2)
     c.dp.secure_noise = True

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from vit_checkpoints import canonical, write_big_vision
 
+from dpft.__main__ import train_and_evaluate
 from dpft.paths import DataError
-from dpft.train import build, train_and_evaluate
+from dpft.train import build
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("compilation_cache")

@@ -1,5 +1,5 @@
-"""The feature-method CLI (`dpft.linear.cli`): workdir contract, rerun, one-line config errors,
-secure keys and their resume."""
+"""The feature-method driver (`dpft.linear.experiment`, run through `dpft.__main__`): workdir
+contract, rerun, one-line config errors, secure keys and their resume."""
 
 import json
 import os
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from dpft import linear
-from dpft.linear import cli
-from dpft.train import train_and_evaluate
+from dpft.__main__ import train_and_evaluate
+from dpft.linear import experiment
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "configs"))
@@ -56,8 +56,8 @@ def fake_features(monkeypatch):
         train, evaluation, _ = data
         return {"x": train["x"], "y": train["label"]}, {"x": evaluation["x"], "y": evaluation["y"]}
 
-    monkeypatch.setattr(cli, "load_data", load_data)
-    monkeypatch.setattr(cli, "load_features", load_features)
+    monkeypatch.setattr(experiment, "load_data", load_data)
+    monkeypatch.setattr(experiment, "load_features", load_features)
     return calls
 
 
@@ -70,7 +70,7 @@ def config(method, **overrides):
     return c
 
 
-@pytest.mark.parametrize("method", cli.METHODS)
+@pytest.mark.parametrize("method", experiment.METHODS)
 def test_each_method_writes_the_contract(method, tmp_path, fake_features):
     summary = train_and_evaluate(config(method, steps=3), tmp_path)
     for name in ("config.json", "metrics.jsonl", "summary.json", "reliability.png"):
@@ -139,14 +139,14 @@ def test_delta_of_1_over_n_or_more_is_refused_before_the_workdir_is_touched(
 def test_secure_root_key_fills_both_words_and_reproducible_mode_keeps_the_seed(tmp_path):
     c = config("dp_gd")
     c.dp.secure_noise = True
-    roots = np.stack([np.asarray(cli.run_key(c, tmp_path / str(i))) for i in range(4)])
+    roots = np.stack([np.asarray(experiment.run_key(c, tmp_path / str(i))) for i in range(4)])
     assert roots.dtype == np.uint32 and roots.shape == (4, 2)
     assert len(set(roots[:, 0])) == 4 and len(set(roots[:, 1])) == 4  # 64 bits of entropy
     for i in range(4):  # saved, and read back by a rerun in the same workdir
-        assert (tmp_path / str(i) / cli.SECRET).stat().st_mode & 0o777 == 0o600
-        np.testing.assert_array_equal(cli.run_key(c, tmp_path / str(i)), roots[i])
+        assert (tmp_path / str(i) / experiment.SECRET).stat().st_mode & 0o777 == 0o600
+        np.testing.assert_array_equal(experiment.run_key(c, tmp_path / str(i)), roots[i])
     c.dp.secure_noise = False
-    np.testing.assert_array_equal(cli.run_key(c, tmp_path / "r"), jax.random.PRNGKey(c.seed))
+    np.testing.assert_array_equal(experiment.run_key(c, tmp_path / "r"), jax.random.PRNGKey(c.seed))
     assert not (tmp_path / "r").exists()
 
 
@@ -183,7 +183,7 @@ def test_secure_run_killed_after_its_metrics_reruns_with_the_same_noise(
     c = config("dp_least_squares")
     c.dp.secure_noise = True
     fitted = []
-    real_fit, real_plot = cli.fit, cli.reliability_diagram
+    real_fit, real_plot = experiment.fit, experiment.reliability_diagram
 
     def recording_fit(*args, **kwargs):
         out = real_fit(*args, **kwargs)
@@ -193,12 +193,12 @@ def test_secure_run_killed_after_its_metrics_reruns_with_the_same_noise(
     def killed(*args, **kwargs):  # after metrics.jsonl, before summary.json
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(cli, "fit", recording_fit)
-    monkeypatch.setattr(cli, "reliability_diagram", killed)
+    monkeypatch.setattr(experiment, "fit", recording_fit)
+    monkeypatch.setattr(experiment, "reliability_diagram", killed)
     with pytest.raises(RuntimeError, match="killed"):
         train_and_evaluate(c, tmp_path)
     assert (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "summary.json").exists()
-    monkeypatch.setattr(cli, "reliability_diagram", real_plot)
+    monkeypatch.setattr(experiment, "reliability_diagram", real_plot)
     summary = train_and_evaluate(c, tmp_path)
     assert len(fitted) == 2
     np.testing.assert_array_equal(fitted[1], fitted[0])  # the same release, not a second one
@@ -207,7 +207,7 @@ def test_secure_run_killed_after_its_metrics_reruns_with_the_same_noise(
     # a fresh secure run draws other noise; the secret is nowhere but in its file
     train_and_evaluate(c, tmp_path / "other")
     assert not np.array_equal(fitted[2], fitted[0])
-    secret = str(json.loads((tmp_path / cli.SECRET).read_text())["secure_seed"])
+    secret = str(json.loads((tmp_path / experiment.SECRET).read_text())["secure_seed"])
     for name in ("config.json", "metrics.jsonl", "summary.json"):
         assert secret not in (tmp_path / name).read_text(), name
     assert secret not in json.dumps(summary)

@@ -3,7 +3,7 @@
 Modules: `partition` (seeded client splits), `driver` (config, plan, keys, vectorized rounds),
 `server` (non-private weighted mean, server optimizer), `accounting` (epsilon at each level,
 named from the DP core), `runner` (rounds with checkpoints, resume, secure seeds and eval
-callbacks), `phases` (fine-tuning modes, LP-FT included, over the runner; used by `cli`). The
+callbacks), `phases` (fine-tuning modes, LP-FT included, over the runner; used by `experiment`). The
 DP mechanisms over clients (update clipping, the noisy client-level mean) and the accounting of
 both levels are in the DP core, `dpft.privacy.clients`.
 """

@@ -36,21 +36,21 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=False
         )
-        self._mgr = ocp.CheckpointManager(self.directory, options=options)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
-        return self._mgr.latest_step()
+        return self.manager.latest_step()
 
     def save(self, step: int, state: Any, meta: dict) -> None:
         leaves = jax.tree_util.tree_leaves(state)
         arrays = {f"{i:05d}": x if _is_global(x) else np.asarray(x) for i, x in enumerate(leaves)}
-        self._mgr.save(
+        self.manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)
             ),
         )
-        self._mgr.wait_until_finished()
+        self.manager.wait_until_finished()
 
     def restore(self, step: int, like: Any) -> tuple[Any, dict]:
         """Restores into the structure (and dtypes) of ``like``."""
@@ -63,7 +63,7 @@ class Checkpointer:
             )
             for i, x in enumerate(leaves)
         }
-        out = self._mgr.restore(
+        out = self.manager.restore(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
@@ -90,7 +90,7 @@ class Checkpointer:
             k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device)
             for k, v in getattr(stored, "tree", stored).items()
         }
-        out = self._mgr.restore(
+        out = self.manager.restore(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
@@ -100,7 +100,7 @@ class Checkpointer:
         return [np.asarray(arrays[k]) for k in sorted(arrays)], dict(out["meta"])
 
     def close(self) -> None:
-        self._mgr.close()
+        self.manager.close()
 
 
 def _is_global(x) -> bool:

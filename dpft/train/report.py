@@ -14,7 +14,8 @@ from collections.abc import Mapping
 import numpy as np
 
 
-def _jsonable(v):
+def jsonable(v):
+    """``v`` (a scalar or array) as JSON: a float or nested lists; NaN -> null, +-inf -> strings."""
     v = float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
     if isinstance(v, float) and not math.isfinite(v):
         return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
@@ -45,7 +46,7 @@ class MetricsWriter:
             self._tb = SummaryWriter(str(workdir), purge_step=resume_step + 1 or None)
 
     def write(self, step: int, metrics: Mapping[str, float]) -> dict:
-        record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
+        record = {"step": int(step), **{k: jsonable(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self._tb is not None:
@@ -63,7 +64,7 @@ class NullWriter:
     """The `MetricsWriter` of a process that writes nothing (every process but 0)."""
 
     def write(self, step: int, metrics: Mapping[str, float]) -> dict:
-        return {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
+        return {"step": int(step), **{k: jsonable(v) for k, v in metrics.items()}}
 
     def close(self) -> None:
         pass

@@ -45,7 +45,7 @@ from jax.sharding import PartitionSpec as P
 
 from dpft import data as dpdata
 from dpft.metrics import CalibrationAccumulator, reliability_diagram
-from dpft.privacy import keys, ledger, sampling
+from dpft.privacy import keys, ledger
 from dpft.train import accumulate, build, distributed, report
 from dpft.train.checkpoint import Checkpointer, config_fingerprint
 from dpft.train.phases import describe_phase, phase_index, plan_phases
@@ -188,9 +188,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         if seed < 0:
             raise other
         seed = keys.run_seed(config.seed, True, seed)
-    sampler = sampling.PoissonSampler(n, plan.sampling_rate, seed, plan.max_batch_size)
+    sampler = build.build_sampler(plan, seed)  # Poisson, or cyclic Poisson (banded_mf)
     root = keys.root_key(seed)
-    budget = ledger.PrivacyBudget(plan.target_epsilon, plan.delta, plan.accountant)
+    budget = build.build_budget(plan)
     data = (train_arrays, eval_arrays)
 
     def runtime(i: int) -> Runtime:
@@ -219,7 +219,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         if meta.get("phase", 0) != current:
             raise other
         rt.state = place(state, rt.shardings)
-        budget.ledger = ledger.PrivacyLedger.from_dict(meta["ledger"])
+        budget.ledger = budget.ledger.from_dict(meta["ledger"])  # of the budget's ledger type
         sampler.load_state_dict(meta["sampler"])
         start = int(meta["step"])
         log.info("resuming %s from step %d (phase %s)", workdir, start, rt.phase.name)
@@ -392,7 +392,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
             steps_run * plan.expected_batch_size / train_seconds if train_seconds > 0 else 0.0
         ),
     }
-    summary = {k: report._jsonable(v) if isinstance(v, float) else v for k, v in summary.items()}
+    summary = {k: report.jsonable(v) if isinstance(v, float) else v for k, v in summary.items()}
     writer.close()
     ckpt.close()
     write_summary(workdir, summary)

@@ -93,7 +93,7 @@ def checkpoint_meta(ckpt: Checkpointer, step: int) -> dict:
     """The JSON record of checkpoint ``step`` alone (no arrays restored)."""
     import orbax.checkpoint as ocp
 
-    out = ckpt._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    out = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return dict(out["meta"])
 
 

@@ -1,6 +1,6 @@
 """``train_and_evaluate(config, workdir)`` for configs with a ``federated`` section.
 
-``python -m dpft --config configs/fmnist_fed.py --workdir DIR`` lands here (`dpft.train`
+``python -m dpft --config configs/fmnist_fed.py --workdir DIR`` lands here (`dpft.__main__`
 dispatches on the section). The run reuses the centralized trainer's pieces: data loading and
 model building (`dpft.train.build`), fine-tuning modes (`dpft.train.phases`: ``scratch``,
 ``full``, ``head`` on cached features, ``partial``, and ``lp_ft``: a head phase for the first
@@ -176,7 +176,7 @@ def _load(config):
     return train, evaluation, num_classes, model, variables, phases
 
 
-def _prepare(config):
+def prepare(config):
     """`_load` for callers that run one phase themselves (e.g. experiments): refuses lp_ft."""
     *loaded, phases = _load(config)
     if len(phases) != 1:
@@ -305,7 +305,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         "wall_seconds": time.time() - t_start,
         "train_seconds": train_seconds,
     }
-    summary = {k: report._jsonable(v) if isinstance(v, float) else v for k, v in summary.items()}
+    summary = {k: report.jsonable(v) if isinstance(v, float) else v for k, v in summary.items()}
     tmp = workdir / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     tmp.replace(workdir / "summary.json")

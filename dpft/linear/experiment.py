@@ -1,7 +1,7 @@
 """``python -m dpft --config configs/fmnist_linear.py:METHOD --workdir DIR``: a feature method.
 
-A config with a ``linear`` section is dispatched here by `dpft.train.train_and_evaluate`. The run
-loads the data (`dpft.train.build.load_data`), the pretrained backbone
+A config with a ``linear`` section is dispatched here by `dpft.__main__.train_and_evaluate`.
+The run loads the data (`dpft.train.build.load_data`), the pretrained backbone
 (`dpft.train.build.build_model`), takes its pooled features from the feature cache shared with
 the head / LP runs of the trainer (`dpft.train.features`, ``finetune.cache_dir``), fits a linear
 head with one of the methods of `dpft.linear` calibrated to ``config.dp.epsilon`` /
@@ -252,7 +252,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         "fit_seconds": fit_seconds,
         "wall_seconds": time.time() - t_start,
     }
-    summary = {k: report._jsonable(v) if isinstance(v, float) else v for k, v in summary.items()}
+    summary = {k: report.jsonable(v) if isinstance(v, float) else v for k, v in summary.items()}
     title = f"{config.name or 'linear'} {config.linear.method}: eps={info['epsilon']:.2f}"
     reliability_diagram(result, workdir / "reliability.png", title=title)
     report.plot_curves(workdir, title=title)
