@@ -183,7 +183,9 @@ def test_secure_run_killed_after_its_metrics_reruns_with_the_same_noise(
     c = config("dp_least_squares")
     c.dp.secure_noise = True
     fitted = []
-    real_fit, real_plot = experiment.fit, experiment.reliability_diagram
+    from dpft.train import report
+
+    real_fit, real_plot = experiment.fit, report.plot_curves
 
     def recording_fit(*args, **kwargs):
         out = real_fit(*args, **kwargs)
@@ -194,11 +196,11 @@ def test_secure_run_killed_after_its_metrics_reruns_with_the_same_noise(
         raise RuntimeError("killed")
 
     monkeypatch.setattr(experiment, "fit", recording_fit)
-    monkeypatch.setattr(experiment, "reliability_diagram", killed)
+    monkeypatch.setattr(report, "plot_curves", killed)
     with pytest.raises(RuntimeError, match="killed"):
         train_and_evaluate(c, tmp_path)
     assert (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "summary.json").exists()
-    monkeypatch.setattr(experiment, "reliability_diagram", real_plot)
+    monkeypatch.setattr(report, "plot_curves", real_plot)
     summary = train_and_evaluate(c, tmp_path)
     assert len(fitted) == 2
     np.testing.assert_array_equal(fitted[1], fitted[0])  # the same release, not a second one

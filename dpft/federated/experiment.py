@@ -28,7 +28,6 @@ and the number of clients at client level.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import pathlib
@@ -41,7 +40,6 @@ from dpft.federated import driver
 from dpft.federated import partition as fed_partition
 from dpft.federated import phases as fed_phases
 from dpft.federated.plan import DP_LEVELS, FedConfig, check_delta
-from dpft.metrics import reliability_diagram
 from dpft.privacy import accounting
 from dpft.train import build, report
 from dpft.train import trainer as central
@@ -305,14 +303,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         "wall_seconds": time.time() - t_start,
         "train_seconds": train_seconds,
     }
-    summary = {k: report.jsonable(v) if isinstance(v, float) else v for k, v in summary.items()}
-    tmp = workdir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(workdir / "summary.json")
     title = f"{config.name} ({fc.dp}-level): eps={result.epsilon:.2f}, delta={fc.delta:g}"
-    report.plot_curves(workdir, title=title)
-    reliability_diagram(calibration, workdir / "reliability.png", title=title)
-    return summary
+    return report.finish_run(workdir, summary, calibration, title, config.get("plots", True))
 
 
 __all__ = ["FEDERATED_KEYS", "fed_config", "split_clients", "train_and_evaluate"]

@@ -47,7 +47,7 @@ import jax
 import numpy as np
 
 from dpft import linear
-from dpft.metrics import CalibrationAccumulator, reliability_diagram
+from dpft.metrics import CalibrationAccumulator
 from dpft.privacy import accounting, keys
 
 log = logging.getLogger("dpft")
@@ -252,11 +252,5 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         "fit_seconds": fit_seconds,
         "wall_seconds": time.time() - t_start,
     }
-    summary = {k: report.jsonable(v) if isinstance(v, float) else v for k, v in summary.items()}
     title = f"{config.name or 'linear'} {config.linear.method}: eps={info['epsilon']:.2f}"
-    reliability_diagram(result, workdir / "reliability.png", title=title)
-    report.plot_curves(workdir, title=title)
-    tmp = done.with_suffix(".json.tmp")  # written last: its presence marks a finished run
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(done)
-    return summary
+    return report.finish_run(workdir, summary, result, title, config.get("plots", True))

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import sys
@@ -224,7 +225,18 @@ def compute_epsilon(
     """
     _check_accountant(accountant)
     _check_delta(delta)
-    entries = [e for e in _as_entries(steps) if e.count]
+    entries = tuple(e for e in _as_entries(steps) if e.count)
+    try:
+        hash(entries)
+    except TypeError:  # e.g. an array-valued field: account without the memo
+        return _epsilon.__wrapped__(entries, float(delta), accountant)
+    return _epsilon(entries, float(delta), accountant)
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon(entries: tuple[GaussianSteps, ...], delta: float, accountant: str) -> float:
+    """`compute_epsilon` of validated, hashable inputs, memoised: the epsilon is a pure function
+    of the (frozen) entries, and calibrations and studies ask for the same ones many times."""
     if not entries:
         return 0.0
     if any(e.noise_multiplier == 0 for e in entries):

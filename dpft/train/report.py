@@ -1,4 +1,5 @@
-"""What a run writes: metrics.jsonl, TensorBoard events, the progress bar and the curves PNG.
+"""What a run writes: metrics.jsonl, TensorBoard events, the progress bar, the curves PNG and
+the shared end of a run (`finish_run`: calibration.json, plots, summary.json).
 
 In a multi-process run only process 0 writes: the others get a `NullWriter` and a disabled bar.
 """
@@ -131,3 +132,40 @@ def plot_curves(workdir: pathlib.Path, title: str = "") -> pathlib.Path | None:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def write_calibration(path: pathlib.Path, result) -> None:
+    """A `CalibrationResult` as JSON: the scalar metrics and the reliability bins."""
+    fields = ("ece", "mce", "nll", "accuracy", "count")
+    bins = ("bin_edges", "bin_counts", "bin_confidence", "bin_accuracy")
+    record = {k: jsonable(getattr(result, k)) for k in fields + bins}
+    path.write_text(json.dumps(record))
+
+
+def finish_run(
+    workdir: pathlib.Path,
+    summary: Mapping,
+    calibration,
+    title: str,
+    plots: bool = True,
+    primary: bool = True,
+) -> dict:
+    """The end every driver shares: the evaluation's reliability bins (``calibration.json``),
+    ``training_curves.png`` and ``reliability.png`` (when ``plots``), then ``summary.json``,
+    written last and atomically, so its presence marks a finished run. Only process 0 writes.
+    Returns the summary with its floats made JSON-safe.
+    """
+    from dpft.metrics import reliability_diagram
+
+    summary = {k: jsonable(v) if isinstance(v, float) else v for k, v in summary.items()}
+    if not primary:
+        return summary
+    workdir = pathlib.Path(workdir)
+    write_calibration(workdir / "calibration.json", calibration)
+    if plots:
+        plot_curves(workdir, title=title)
+        reliability_diagram(calibration, workdir / "reliability.png", title=title)
+    tmp = workdir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(workdir / "summary.json")
+    return summary

@@ -44,14 +44,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dpft import data as dpdata
-from dpft.metrics import CalibrationAccumulator, reliability_diagram
+from dpft.metrics import CalibrationAccumulator
 from dpft.privacy import keys, ledger
 from dpft.train import accumulate, build, distributed, report
 from dpft.train.checkpoint import Checkpointer, config_fingerprint
 from dpft.train.phases import describe_phase, phase_index, plan_phases
 from dpft.train.runtime import Runtime, build_runtime, noise_key, place
 from dpft.train.step import flatten
-from dpft.train.workdir import ConfigMismatchError, eval_data_description, write_summary
+from dpft.train.workdir import ConfigMismatchError, eval_data_description
 from dpft.train.workdir import checkpoint_meta as _checkpoint_meta
 from dpft.train.workdir import claim_workdir as _claim_workdir
 from dpft.train.workdir import config_json as _config_json
@@ -392,12 +392,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
             steps_run * plan.expected_batch_size / train_seconds if train_seconds > 0 else 0.0
         ),
     }
-    summary = {k: report.jsonable(v) if isinstance(v, float) else v for k, v in summary.items()}
     writer.close()
     ckpt.close()
-    write_summary(workdir, summary)
-    if primary:
-        title = f"{config.name}: eps={epsilon:.2f}, delta={plan.delta:g}"
-        report.plot_curves(workdir, title=title)
-        reliability_diagram(calibration, workdir / "reliability.png", title=title)
-    return summary
+    title = f"{config.name}: eps={epsilon:.2f}, delta={plan.delta:g}"
+    plots = config.get("plots", True)
+    return report.finish_run(workdir, summary, calibration, title, plots, primary)

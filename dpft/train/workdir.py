@@ -1,4 +1,4 @@
-"""The workdir contract: config.json (the run's identity), checkpoint records, summary.json.
+"""The workdir contract: config.json (the run's identity) and the checkpoint records.
 
 A workdir belongs to one config: `claim_workdir` writes ``config.json`` on the first run and
 refuses a later run of another config (`ConfigMismatchError`). In a multi-process run every
@@ -108,12 +108,3 @@ def eval_data_description(config) -> str:
     if config.data.validation_fraction > 0:
         return "validation split of the training data (metrics NOT private)"
     return f"public {config.data.eval_split} split"
-
-
-def write_summary(workdir: pathlib.Path, summary: dict) -> None:
-    """summary.json, atomically (process 0 only)."""
-    if not distributed.is_primary():
-        return
-    tmp = workdir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(workdir / "summary.json")
