@@ -17,6 +17,7 @@ from dpft.privacy import (
     rows,
     sampling,
     streaming,
+    tuning,
 )
 
 CORE = pathlib.Path(dpft.__file__).parent / "privacy"
@@ -88,6 +89,10 @@ PUBLIC_DP = [
     sampling.PoissonSampler,
     sampling.ShuffleSampler,
     accounting.compute_epsilon,
+    tuning.draw_repetitions,
+    tuning.total_epsilon,
+    tuning.ledger_total_epsilon,
+    tuning.release_total_epsilon,
     accounting.check_delta,
     accounting.GaussianSteps.event,
     keys.derive,

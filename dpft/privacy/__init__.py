@@ -3,8 +3,8 @@
 Clipping of per-example gradients (`clipping`, `clippers`, `ghost`, `unfold`), of feature rows and
 linear-head gradients (`rows`, shard by shard: `streaming`) and of client updates (`clients`);
 Gaussian noise (`noise`, `rows`); keys and secrets (`keys`); sampling (`sampling`); accounting of
-DP-SGD (`accounting`, `ledger`), of full-batch releases (`releases`) and of federated rounds
-(`clients`).
+DP-SGD (`accounting`, `ledger`), of full-batch releases (`releases`), of federated rounds
+(`clients`) and of hyperparameter tuning with a random number of runs (`tuning`).
 
 Flat and auditable: these modules import nothing else from dpft. Submodules load lazily, so
 ``python -m dpft.privacy.accounting`` runs without importing JAX's clipping code first.
@@ -26,6 +26,7 @@ _SUBMODULES = (
     "rows",
     "sampling",
     "streaming",
+    "tuning",
     "unfold",
 )
 

@@ -1,0 +1,7 @@
+"""``python -m dpft.tune``: see `dpft.tune`."""
+
+import sys
+
+from dpft.tune import main
+
+sys.exit(main())
