@@ -5,13 +5,12 @@ batch; the sum is then divided by the PUBLIC expected batch size (``q * N`` for 
 sampling), never by the realised one, which would depend on private data; the base optimizer
 (SGD, Adam(W), LAMB from optax) is post-processing.
 
-    tx = dpft.optim.dp_adam(1e-3, noise_multiplier=1.1, l2_sensitivity=clipper.sensitivity(p),
+    grad_fn = dpft.privacy.clipping.clipped_grad(loss_fn, FlatClip(1.0))
+    tx = dpft.optim.dp_adam(1e-3, noise_multiplier=1.1, l2_sensitivity=grad_fn.l2_sensitivity(p),
                             expected_batch_size=256.0, key=0)
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import jax
 import optax
@@ -95,41 +94,171 @@ def make_schedule(
     return optax.join_schedules([warm, main], [warmup_steps])
 
 
-def _dp(base_fn: Callable[..., optax.GradientTransformation]):
-    def make(
-        learning_rate: ScalarOrSchedule,
-        *,
-        noise_multiplier: float,
-        l2_sensitivity: float,
-        expected_batch_size: float,
-        key: jax.Array | int,
-        **kwargs,
-    ) -> optax.GradientTransformation:
-        return dp_chain(
-            base_fn(learning_rate, **kwargs),
-            noise_multiplier=noise_multiplier,
-            l2_sensitivity=l2_sensitivity,
-            expected_batch_size=expected_batch_size,
-            key=key,
-        )
+_PRIVACY_ARGS = """
+      noise_multiplier: sigma; the noise std is ``noise_multiplier * l2_sensitivity``.
+      l2_sensitivity: the L2 sensitivity of the sums this optimizer receives, which the function
+        that clips them carries: ``grad_fn.l2_sensitivity(params)`` of a
+        `dpft.privacy.clipping.clipped_grad` function (``clipper.sensitivity(params)``).
+      expected_batch_size: the PUBLIC expected logical batch size the noisy sum is divided by.
+      key: the noise key (an int seed or a PRNG key); each update folds in its step count."""
 
-    make.__doc__ = (
-        f"DP version of ``optax.{base_fn.__name__}``: privatizer, division by the expected batch "
-        f"size, then ``optax.{base_fn.__name__}(learning_rate, **kwargs)``. See `dp_chain`."
+
+def dp_sgd(
+    learning_rate: ScalarOrSchedule,
+    momentum: float | None = None,
+    nesterov: bool = False,
+    *,
+    noise_multiplier: float,
+    l2_sensitivity: float,
+    expected_batch_size: float,
+    key: jax.Array | int,
+) -> optax.GradientTransformation:
+    """DP-SGD: the privatizer, division by the expected batch size, then ``optax.sgd``.
+
+    Args:
+      learning_rate: a float or an optax schedule.
+      momentum: heavy-ball momentum (``None``: none).
+      nesterov: Nesterov momentum.
+    {privacy_args}
+
+    Privacy:
+        One Gaussian mechanism per update on a sum of L2 sensitivity ``l2_sensitivity``; the
+        division and the SGD update are post-processing (see `dp_chain`).
+    """
+    base = optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov)
+    return dp_chain(
+        base,
+        noise_multiplier=noise_multiplier,
+        l2_sensitivity=l2_sensitivity,
+        expected_batch_size=expected_batch_size,
+        key=key,
     )
-    return make
 
 
-dp_sgd = _dp(optax.sgd)  # momentum=..., nesterov=...
-dp_adam = _dp(optax.adam)
-dp_adamw = _dp(optax.adamw)
-dp_lamb = _dp(optax.lamb)
+def dp_adam(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    noise_multiplier: float,
+    l2_sensitivity: float,
+    expected_batch_size: float,
+    key: jax.Array | int,
+) -> optax.GradientTransformation:
+    """DP-Adam: the privatizer, division by the expected batch size, then ``optax.adam``.
 
-_BASES = {"sgd": optax.sgd, "adam": optax.adam, "adamw": optax.adamw, "lamb": optax.lamb}
+    Args:
+      learning_rate: a float or an optax schedule.
+      b1, b2, eps: Adam's moment decays and denominator offset.
+    {privacy_args}
+
+    Privacy:
+        As `dp_sgd`: Adam's moments are functions of the noisy sums only (post-processing).
+    """
+    return dp_chain(
+        optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
+        noise_multiplier=noise_multiplier,
+        l2_sensitivity=l2_sensitivity,
+        expected_batch_size=expected_batch_size,
+        key=key,
+    )
 
 
-def dp_optimizer(name: str, learning_rate: ScalarOrSchedule, **kwargs):
-    """DP optimizer by name: 'sgd' | 'adam' | 'adamw' | 'lamb' (see `dp_chain` for kwargs)."""
-    if name not in _BASES:
-        raise ValueError(f"optimizer must be one of {sorted(_BASES)}, got {name!r}")
-    return _dp(_BASES[name])(learning_rate, **kwargs)
+def dp_adamw(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-4,
+    *,
+    noise_multiplier: float,
+    l2_sensitivity: float,
+    expected_batch_size: float,
+    key: jax.Array | int,
+) -> optax.GradientTransformation:
+    """DP-AdamW: the privatizer, division by the expected batch size, then ``optax.adamw``.
+
+    Args:
+      learning_rate: a float or an optax schedule.
+      b1, b2, eps: Adam's moment decays and denominator offset.
+      weight_decay: decoupled weight decay (a function of the parameters: public).
+    {privacy_args}
+
+    Privacy:
+        As `dp_sgd`: the moments and the decay use the noisy sums and the parameters only.
+    """
+    return dp_chain(
+        optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
+        noise_multiplier=noise_multiplier,
+        l2_sensitivity=l2_sensitivity,
+        expected_batch_size=expected_batch_size,
+        key=key,
+    )
+
+
+def dp_lamb(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    *,
+    noise_multiplier: float,
+    l2_sensitivity: float,
+    expected_batch_size: float,
+    key: jax.Array | int,
+) -> optax.GradientTransformation:
+    """DP-LAMB (Mehta et al. 2022): the privatizer, division by the expected batch size, then
+    ``optax.lamb`` (Adam moments with a layer-wise trust ratio ``||w|| / ||update||``).
+
+    Args:
+      learning_rate: a float or an optax schedule.
+      b1, b2, eps: Adam's moment decays and denominator offset.
+      weight_decay: decoupled weight decay.
+    {privacy_args}
+
+    Privacy:
+        As `dp_sgd`: the trust ratio uses the parameters and the noisy update only.
+    """
+    return dp_chain(
+        optax.lamb(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
+        noise_multiplier=noise_multiplier,
+        l2_sensitivity=l2_sensitivity,
+        expected_batch_size=expected_batch_size,
+        key=key,
+    )
+
+
+for _alias in (dp_sgd, dp_adam, dp_adamw, dp_lamb):
+    _alias.__doc__ = _alias.__doc__.replace("    {privacy_args}", _PRIVACY_ARGS.strip("\n"))
+
+_ALIASES = {"sgd": dp_sgd, "adam": dp_adam, "adamw": dp_adamw, "lamb": dp_lamb}
+
+
+def dp_optimizer(
+    name: str,
+    learning_rate: ScalarOrSchedule,
+    *,
+    noise_multiplier: float,
+    l2_sensitivity: float,
+    expected_batch_size: float,
+    key: jax.Array | int,
+    **base_options,
+) -> optax.GradientTransformation:
+    """The DP optimizer called ``name`` ('sgd' | 'adam' | 'adamw' | 'lamb'), for configs:
+    ``base_options`` are the alias's own (``momentum``, ``weight_decay``, ...).
+
+    Privacy:
+        That of the named alias (`dp_sgd`).
+    """
+    if name not in _ALIASES:
+        raise ValueError(f"optimizer must be one of {sorted(_ALIASES)}, got {name!r}")
+    return _ALIASES[name](
+        learning_rate,
+        noise_multiplier=noise_multiplier,
+        l2_sensitivity=l2_sensitivity,
+        expected_batch_size=expected_batch_size,
+        key=key,
+        **base_options,
+    )

@@ -25,15 +25,16 @@ def run_case(mesh, global_arrays: bool) -> dict:
         "mask": (np.arange(16) < 13).astype(np.float32),
     }
     params = {"w": np.zeros((5, 3), np.float32), "b": np.zeros(3, np.float32)}
+    clipper = clipping.FlatClip(1.0)
     tx = optim.dp_sgd(
         0.5,
         noise_multiplier=1.0,
-        l2_sensitivity=1.0,
+        l2_sensitivity=clipper.sensitivity(params),
         expected_batch_size=12.0,
         key=jax.random.PRNGKey(7),
     )
     state = TrainState(jnp.zeros([], jnp.int32), params, tx.init(params), {})
-    step = jax.jit(make_train_step(loss, clipping.FlatClip(1.0), tx, mesh=mesh))
+    step = jax.jit(make_train_step(loss, clipper, tx, mesh=mesh))
     if global_arrays:
         state = distributed.replicated(mesh, state)
         batch = distributed.global_batch(mesh, batch)

@@ -88,3 +88,32 @@ def test_schedules_and_bad_names():
         )
     with pytest.raises(ValueError, match="expected_batch_size"):
         optim.normalize_by_expected_batch(0)
+
+
+@pytest.mark.parametrize(
+    "clipper",
+    [C.FlatClip(0.7), C.PerLayerClip(0.5), C.AutoClip(scale=2.0), C.GlobalClip(1.5, threshold=3.0)],
+    ids=lambda c: type(c).__name__,
+)
+def test_clipped_grad_carries_the_sensitivity_the_optimizers_take(clipper):
+    """One adversarial example moves the clipped sum by at most ``grad_fn.l2_sensitivity``,
+    and for flat and per-layer clipping by exactly that much: the bound is the right one."""
+    params, batch = setup(8)
+    grad_fn = C.clipped_grad(loss, clipper)
+    bound = grad_fn.l2_sensitivity(params)
+    assert grad_fn.clipper is clipper and bound == clipper.sensitivity(params)
+    mask = jnp.ones(8).at[-1].set(0.0)
+    far = {"x": batch["x"].at[-1].set(50.0), "y": batch["y"].at[-1].set(-1e3)}
+    without = grad_fn(params, far, mask, jax.random.PRNGKey(0)).grad_sum
+    with_it = grad_fn(params, far, jnp.ones(8), jax.random.PRNGKey(0)).grad_sum
+    diff = jnp.sqrt(
+        sum(
+            jnp.sum((a - b) ** 2)
+            for a, b in zip(
+                jax.tree_util.tree_leaves(with_it), jax.tree_util.tree_leaves(without), strict=True
+            )
+        )
+    )
+    assert float(diff) <= bound * (1 + 1e-5)
+    if isinstance(clipper, C.FlatClip | C.PerLayerClip):
+        np.testing.assert_allclose(float(diff), bound, rtol=1e-4)

@@ -157,10 +157,17 @@ def test_step_is_traced_once_for_every_poisson_batch():
     trainable, frozen = step_lib.partition(variables, (".*",))
     from dpft import optim
 
-    tx = optim.dp_sgd(0.1, noise_multiplier=1.0, l2_sensitivity=1.0, expected_batch_size=8, key=0)
+    clipper = clipping.FlatClip(1.0)
+    tx = optim.dp_sgd(
+        0.1,
+        noise_multiplier=1.0,
+        l2_sensitivity=clipper.sensitivity(trainable),
+        expected_batch_size=8,
+        key=0,
+    )
     traces = []
     inner = step_lib.make_train_step(
-        step_lib.cross_entropy_loss(apply_fn), clipping.FlatClip(1.0), tx, microbatch_size=8
+        step_lib.cross_entropy_loss(apply_fn), clipper, tx, microbatch_size=8
     )
 
     def counted(state, batch, rng):

@@ -243,7 +243,10 @@ def clipped_grad(
     (1 = real example, 0 = padding), a PRNG key and optionally ``index_offset`` (default 0);
     example ``i`` gets the key ``keys.derive(rng, "example", index_offset + i)``, so results do
     not depend on the microbatch size, nor on how a logical batch is split over devices or host
-    chunks (pass each shard's position in the logical batch as its offset).
+    chunks (pass each shard's position in the logical batch as its offset). The function
+    carries its sensitivity: ``fn.l2_sensitivity(params)`` is the bound below, which the DP
+    optimizers (`dpft.optim.dp_sgd`, ...) take as their ``l2_sensitivity``; ``fn.clipper`` is
+    the rule.
 
     Privacy:
         ``grad_sum`` has L2 sensitivity ``clipper.sensitivity(params)`` under add/remove-one
@@ -308,4 +311,6 @@ def clipped_grad(
             num_clipped=jnp.sum(clipped),
         )
 
+    fn.clipper = clipper
+    fn.l2_sensitivity = clipper.sensitivity  # (params) -> the sensitivity of grad_sum
     return fn
