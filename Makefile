@@ -42,30 +42,41 @@ bench: $(STAMP)
 	$(PY) -m bench.head_cost
 	$(PY) -m bench.federated
 
-# The bench against its peers: installs PyTorch 2.13 (CPU build), Opacus 1.6 and jax-privacy 2.x
-# into the venv, then runs `python -m bench.run --peers`. jax, jaxlib, flax, optax and numpy are
-# pinned to the installed versions so that no peer can change them. Peers are optional: a failed
-# install is reported and the bench runs with whatever imports (`make bench` needs none of them).
-PEER_PINS := $(VENV)/peer-pins.txt
-TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+# The bench against its peers, in a venv of its own (PEER_VENV, inside .venv by default), so
+# that the dev venv keeps its PyTorch: dpft (editable) with jax, jaxlib, flax, optax and numpy
+# pinned to the dev venv's versions, PyTorch 2.14.1 with torchvision 0.29.1 (timm needs a
+# torchvision built for the installed torch; PyPI's Linux wheels are CUDA builds, about 3.5 GB
+# with their nvidia-* wheels, and run on CPU), timm 1.0 (the ViT workload's PyTorch model),
+# Opacus 1.6 and jax-privacy 2.x; then `python -m bench.run --peers $(BENCH_PEERS_ARGS)`.
+# Peers are optional: a failed install is reported and the bench runs with whatever imports
+# (without timm the ViT rows use bench.peers_torch.ViTTwin; `make bench` needs no peer).
+# e.g. make bench-peers BENCH_PEERS_ARGS="--only vit_ti16 --out results_vit"
+PEER_VENV ?= $(VENV)/peers
+PEER_PY := $(PEER_VENV)/bin/python
+PEER_PINS := $(PEER_VENV)/peer-pins.txt
+BENCH_PEERS_ARGS ?=
 bench-peers: $(STAMP)
+	test -x $(PEER_PY) || $(PYTHON) -m venv $(PEER_VENV)
 	$(PY) -m pip freeze | grep -iE '^(jax|jaxlib|flax|optax|numpy)==' > $(PEER_PINS)
-	@# The default index gives the CPU build here; if it would pull CUDA, use the CPU index.
-	if $(PY) -m pip install --dry-run -c $(PEER_PINS) torch==2.13.0 2>/dev/null \
-	    | grep -qi nvidia; then index="--index-url $(TORCH_CPU_INDEX)"; else index=""; fi; \
-	$(PY) -m pip install --quiet -c $(PEER_PINS) $$index torch==2.13.0 \
-	  || echo "bench-peers: torch 2.13.0 not installed"
-	$(PY) -m pip install --quiet -c $(PEER_PINS) 'opacus==1.6.*' \
-	  || $(PY) -m pip install --quiet -c $(PEER_PINS) 'opacus>=1,<2' \
+	$(PEER_PY) -m pip install --quiet -c $(PEER_PINS) -e '.[dev]'
+	$(PEER_PY) -m pip install --quiet -c $(PEER_PINS) torch==2.14.1 torchvision==0.29.1 \
+	    'timm==1.0.*' \
+	  || $(PEER_PY) -m pip install --quiet -c $(PEER_PINS) torch==2.13.0 \
+	  || echo "bench-peers: torch not installed"
+	$(PEER_PY) -c "import timm" 2>/dev/null \
+	  || echo "bench-peers: timm does not import (the ViT rows use ViTTwin, its rebuild)"
+	$(PEER_PY) -m pip install --quiet -c $(PEER_PINS) 'opacus==1.6.*' \
+	  || $(PEER_PY) -m pip install --quiet -c $(PEER_PINS) 'opacus>=1,<2' \
 	  || echo "bench-peers: opacus not installed"
-	$(PY) -m pip install --quiet -c $(PEER_PINS) 'jax-privacy>=2,<3' \
-	  || ($(PY) -m pip install --quiet --no-deps 'jax-privacy>=2,<3' \
-	      && $(PY) -m pip install --quiet -c $(PEER_PINS) absl-py chex dp-accounting pydantic) \
+	$(PEER_PY) -m pip install --quiet -c $(PEER_PINS) 'jax-privacy>=2,<3' \
+	  || ($(PEER_PY) -m pip install --quiet --no-deps 'jax-privacy>=2,<3' \
+	      && $(PEER_PY) -m pip install --quiet -c $(PEER_PINS) absl-py chex dp-accounting pydantic) \
 	  || echo "bench-peers: jax-privacy not installed"
-	$(PY) -c "import torch, opacus, jax_privacy as jp; \
-	  print('bench-peers: torch', torch.__version__, 'opacus', opacus.__version__, \
-	  'jax_privacy', jp.__version__)" || echo "bench-peers: some peers do not import"
-	$(PY) -m bench.run --peers
+	$(PEER_PY) -c "import torch, timm, opacus, jax_privacy as jp; \
+	  print('bench-peers: torch', torch.__version__, 'timm', timm.__version__, \
+	  'opacus', opacus.__version__, 'jax_privacy', jp.__version__)" \
+	  || echo "bench-peers: some peers do not import"
+	$(PEER_PY) -m bench.run --peers $(BENCH_PEERS_ARGS)
 
 # The accelerator check (bench/device.sh): one JSON line of examples/s for ViT-B/16 and ResNet-50,
 # non-private vs DP (ghost, vmap) vs huge-batch DP-LAMB vs Opacus. On a machine without network,

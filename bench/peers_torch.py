@@ -10,17 +10,9 @@ Each model has the same layers, shapes and parameter count as its flax twin in `
 - ``resnet20``: option-A CIFAR ResNet-20, ``norm='frozen_bn'`` (BatchNorm in inference mode:
   scale and bias trainable, running statistics fixed) or ``'group_norm'`` (``groups`` groups).
 - ``linear``: one Linear layer on flattened inputs.
-- ``vit_ti16`` (and ``vit_s16`` / ``vit_b16``): `ViTTwin`, the architecture of timm's
-  ``vit_tiny_patch16_224`` (``_small_``, ``_base_``) with ``img_size`` the images' side: a
-  16 x 16 stride-16 Conv2d patch embedding, class token and position embedding, pre-norm blocks
-  (LayerNorm eps 1e-6, Linear qkv / proj / fc1 / fc2, erf GELU), final LayerNorm, class-token
-  pooling, Linear head; dpft's twin runs with ``gelu='exact'``. It is written here (not
-  imported from timm, whose torchvision dependency has no CPU build on PyPI) so that the class
-  token and position embedding live in a module of their own, `TokenEmbed`, with its own Opacus
-  grad sampler: Opacus has none for parameters held directly by a model, and would refuse
-  timm's ViT unless they were frozen. With it every parameter is trained and clipped: Linear
-  layers get Opacus ghost norms, the Conv2d, LayerNorms and `TokenEmbed` per-example gradients
-  from grad samplers.
+- ``vit_ti16`` (and ``vit_s16`` / ``vit_b16``): timm's own ViT when timm imports, else a
+  layer-identical rebuild (`bench.peers_torch_vit`, which says how Opacus is made to
+  ghost-clip it).
 
 Frozen BatchNorm is the module `FrozenBatchNorm2d` with its own Opacus grad sampler: Opacus
 rejects ``nn.BatchNorm2d`` even in eval mode, and a per-channel affine map with fixed statistics
@@ -48,8 +40,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.peers_torch_vit import (
+    TIMM_NAMES,
+    VIT_SIZES,
+    TokenEmbed,
+    ViTTwin,
+    count_params,
+    vit_model,
+)
+
 CLIP_NORM = 1.0
 NOISE_MULTIPLIER = 1.0
+#: How the workload note naming the PyTorch model begins (``bench.run`` reads it back).
+MODEL_NOTE = "PyTorch/Opacus model: "
 LEARNING_RATE = 0.1
 BN_EPSILON = 1e-5
 
@@ -197,70 +200,22 @@ def get_model(name: str, num_classes: int, input_shape: tuple[int, ...], **kwarg
         h, w = input_shape[:2]
         if h != w:
             raise ValueError(f"the ViT twin needs square images, got {h}x{w}")
-        return ViTTwin(h, num_classes, *VIT_SIZES[name])
+        return vit_model(name, num_classes, h)
     raise ValueError(f"no PyTorch twin for model {name!r}")
 
 
-#: dpft's ViT registry name -> (width, depth, heads), as in `dpft.models.vit.SIZES`.
-VIT_SIZES = {"vit_ti16": (192, 12, 3), "vit_s16": (384, 12, 6), "vit_b16": (768, 12, 12)}
-VIT_PATCH = 16
-VIT_LN_EPS = 1e-6
+def describe_model(name: str, model: nn.Module) -> str:
+    """What the PyTorch rows of workload model ``name`` run, in words (for the report)."""
+    if getattr(model, "timm_name", None):
+        import timm
 
-
-class TokenEmbed(nn.Module):
-    """``[N, T-1, D]`` patch tokens -> ``[N, T, D]``: the class token first, plus ``pos``."""
-
-    def __init__(self, tokens: int, width: int):
-        super().__init__()
-        self.cls = nn.Parameter(torch.zeros(1, 1, width))
-        self.pos = nn.Parameter(torch.randn(1, tokens, width) * 0.02)
-
-    def forward(self, x):
-        return torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
-
-
-class ViTBlock(nn.Module):
-    """Pre-norm Transformer block: ``x + proj(attention(norm1(x)))``, ``x + mlp(norm2(x))``."""
-
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(width, eps=VIT_LN_EPS)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-        self.norm2 = nn.LayerNorm(width, eps=VIT_LN_EPS)
-        self.fc1 = nn.Linear(width, 4 * width)
-        self.fc2 = nn.Linear(4 * width, width)
-
-    def forward(self, x):
-        n, t, d = x.shape
-        qkv = self.qkv(self.norm1(x)).reshape(n, t, 3, self.heads, d // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [N, heads, T, head_dim]
-        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, d)
-        x = x + self.proj(attended)
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
-
-
-class ViTTwin(nn.Module):
-    """ViT with class-token pooling for NCHW square images, like `dpft.models.vit.ViT`."""
-
-    def __init__(self, image: int, num_classes: int, width: int, depth: int, heads: int):
-        super().__init__()
-        if image % VIT_PATCH:
-            raise ValueError(f"image side {image} is not a multiple of the patch {VIT_PATCH}")
-        self.embedding = nn.Conv2d(3, width, VIT_PATCH, VIT_PATCH)
-        self.tokens = TokenEmbed((image // VIT_PATCH) ** 2 + 1, width)
-        self.blocks = nn.Sequential(*(ViTBlock(width, heads) for _ in range(depth)))
-        self.norm = nn.LayerNorm(width, eps=VIT_LN_EPS)
-        self.head = nn.Linear(width, num_classes)
-
-    def forward(self, x):
-        x = self.tokens(self.embedding(x).flatten(2).transpose(1, 2))
-        return self.head(self.norm(self.blocks(x))[:, 0])
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return (
+            f"timm {timm.__version__} {model.timm_name} (pretrained=False; class token and "
+            "position embedding moved into TokenEmbed for Opacus)"
+        )
+    if isinstance(model, ViTTwin):
+        return f"ViTTwin (bench.peers_torch, layer-identical to timm's {TIMM_NAMES[name]})"
+    return f"{type(model).__name__} (bench.peers_torch)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,12 +321,11 @@ def _opacus_step(model, x, y, mode: str):
 
 def versions() -> dict[str, str]:
     out = {"torch": torch.__version__, "torch_threads": str(torch.get_num_threads())}
-    try:
-        import opacus
-
-        out["opacus"] = opacus.__version__
-    except ImportError:
-        pass
+    for mod in ("opacus", "timm"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # not installed, or (timm) a torchvision that does not load
+            pass
     return out
 
 
@@ -387,8 +341,9 @@ def build_steps(
     ``grad_sample_mode`` in ``opacus_modes``) only if it imports.
 
     ``x`` is dpft's batch (NHWC images or [N, D] features), ``y`` integer labels.
-    ``info`` has the trainable parameter count, any step that could not be built (with the
-    reason) and notes (frozen parameters).
+    ``info`` has the trainable parameter count, the model in words (``torch_model``, see
+    `describe_model`), any step that could not be built (with the reason) and notes (the
+    model, frozen parameters).
     """
     set_threads()
     quiet_warnings()
@@ -396,7 +351,13 @@ def build_steps(
     base = get_model(name, num_classes, x.shape[1:], **kwargs)
     xt, yt = _to_torch(x), torch.from_numpy(np.asarray(y, dtype=np.int64))
     steps = {"torch_non_private": _plain_step(copy.deepcopy(base), xt, yt)}
-    info: dict = {"torch_params": count_params(base), "skipped": {}, "notes": []}
+    info: dict = {
+        "torch_params": count_params(base),
+        "torch_model": describe_model(name, base),
+        "skipped": {},
+        "notes": [],
+    }
+    info["notes"].append(MODEL_NOTE + info["torch_model"])
     frozen = sum(p.numel() for p in base.parameters() if not p.requires_grad)
     if frozen:
         names = [n for n, p in base.named_parameters() if not p.requires_grad]

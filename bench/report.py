@@ -113,7 +113,9 @@ def _fmt(v, spec=".2f"):
 
 def markdown(results: dict) -> str:
     v = results["versions"]
-    peer_versions = ", ".join(f"{k} {v[k]}" for k in ("torch", "opacus", "jax_privacy") if k in v)
+    peer_versions = ", ".join(
+        f"{k} {v[k]}" for k in ("torch", "timm", "opacus", "jax_privacy") if k in v
+    )
     lines = [
         f"# dpft bench ({results['device']}, {results['cpu']['model']}, "
         f"{results['cpu']['cores']} cores)",
@@ -150,7 +152,8 @@ def markdown(results: dict) -> str:
             f"## {wname}",
             "",
             f"Batch {w['batch']}, input {tuple(w['input_shape'])}, {w['dpft_params']:,} "
-            f"parameters (PyTorch twin: {_fmt(w.get('torch_params'), ',')}); headline DP row: "
+            f"parameters (PyTorch: {w.get('torch_model') or 'its twin'}, "
+            f"{_fmt(w.get('torch_params'), ',')}); headline DP row: "
             f"`{w['headline']}`.",
             "",
             "| step | median ms | min-max ms | GFLOP/s | % roof | DP / non-private "

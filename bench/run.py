@@ -12,8 +12,9 @@ and warm-up, so machine noise hits all of them alike:
   Gaussian privatizer + SGD on dpft's own flax model and parameters (jitted); PyTorch's
   non-private step, and Opacus' DP step with per-example gradients from hooks
   (``grad_sample_mode='hooks'``) and with ghost clipping (``'ghost'``), on the same
-  architectures rebuilt in PyTorch (`bench.peers_torch`). A peer that does not import is
-  skipped with a one-line note.
+  architectures in PyTorch (`bench.peers_torch`: timm's own ViT when timm imports, rebuilds
+  otherwise; each PyTorch row and the workload's ``torch_model`` name the model). A peer that
+  does not import is skipped with a one-line note.
 
 A timed sample is a burst of back-to-back calls of one step lasting at least ``--min-sample``
 seconds (0.1 by default; one call for slower steps), reported per call, so that a
@@ -67,6 +68,7 @@ from bench.steps import (
 from dpft.host import tune_host_allocator
 
 OUT = pathlib.Path(__file__).parent
+MODEL_NOTE = "PyTorch/Opacus model: "  # as bench.peers_torch.MODEL_NOTE (importing it needs torch)
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,7 +158,7 @@ def _loadavg() -> str:
 def versions() -> dict:
     """Versions of Python, the JAX stack, and of every peer that this run imported."""
     out = {"python": sys.version.split()[0], "jax": jax.__version__}
-    for mod in ("jaxlib", "flax", "optax", "numpy", "torch", "opacus", "jax_privacy"):
+    for mod in ("jaxlib", "flax", "optax", "numpy", "torch", "timm", "opacus", "jax_privacy"):
         if sys.modules.get(mod) is not None or mod in ("jaxlib", "flax", "optax", "numpy"):
             try:
                 out[mod] = importlib.import_module(mod).__version__
@@ -274,9 +276,22 @@ def main(argv=None):
         steps = jax_steps(mname, kwargs, x, classes, wclippers, wnorms, jp, wnotes, info)
         if use["torch"]:
             steps.update(torch_steps(mname, kwargs, x, classes, wnotes, info, limits.opacus_modes))
+            # bench.peers_torch names the model it built in a note beginning with MODEL_NOTE
+            named = [n for n in wnotes if n.startswith(MODEL_NOTE)]
+            info["torch_model"] = named[-1].removeprefix(MODEL_NOTE) if named else None
+            if info.get("torch_params") != info.get("dpft_params"):
+                msg = (
+                    f"{wname}: PyTorch model has {info.get('torch_params')} trainable "
+                    f"parameters, dpft's {info.get('dpft_params')}"
+                )
+                print(msg, flush=True)
+                wnotes.append(msg)
         print(f"{wname}: timing {len(steps)} steps", flush=True)
         times = time_steps(steps, args.repeats, args.warmup, args.settle, args.min_sample)
         rows = summarize(steps, times, roof)
+        for r in rows.values():  # which PyTorch model (timm's, or a twin) the peer rows ran
+            if r["framework"] in ("torch", "opacus"):
+                r["model"] = info.get("torch_model")
         results["workloads"][wname] = {
             "model": mname,
             "model_kwargs": kwargs,
@@ -284,6 +299,7 @@ def main(argv=None):
             "input_shape": list(x.shape[1:]),
             "dpft_params": info.get("dpft_params"),
             "torch_params": info.get("torch_params"),
+            "torch_model": info.get("torch_model"),
             "headline": headline(rows),
             "rows": rows,
             "notes": wnotes,
