@@ -45,7 +45,7 @@ from jax.sharding import PartitionSpec as P
 
 from dpft import data as dpdata
 from dpft.metrics import CalibrationAccumulator
-from dpft.privacy import keys, ledger
+from dpft.privacy import keys, ledger, sampling
 from dpft.train import accumulate, build, distributed, report
 from dpft.train.checkpoint import Checkpointer, config_fingerprint
 from dpft.train.phases import describe_phase, phase_index, plan_phases
@@ -188,7 +188,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         if seed < 0:
             raise other
         seed = keys.run_seed(config.seed, True, seed)
-    sampler = build.build_sampler(plan, seed)  # Poisson, or cyclic Poisson (banded_mf)
+    sampler = sampling.PoissonSampler(n, plan.sampling_rate, seed, plan.max_batch_size)
     root = keys.root_key(seed)
     budget = build.build_budget(plan)
     data = (train_arrays, eval_arrays)
