@@ -13,6 +13,7 @@
   the same uninterrupted run.
 * `latest_checkpoint` and `crash_at_metrics` are the checkpoint reader and the simulated crash
   that the resume tests use.
+* `run_two_processes` launches a script as the two processes of a multi-process JAX run.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -158,3 +162,37 @@ def crash_at_metrics(step: int):
             yield
     finally:
         report.MetricsWriter.write = original
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_two_processes(argv_of, timeout: float = 300) -> list[str]:
+    """Runs ``argv_of(i)`` as processes i = 0, 1 of one JAX run (2 CPU devices each, the
+    coordinator on a free local port, ``DPFT_PROCESS_ID=i``); returns their logs after asserting
+    that both exited 0."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "DPFT_COORDINATOR": f"127.0.0.1:{port}",
+        "DPFT_NUM_PROCESSES": "2",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": str(ROOT),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *map(str, argv_of(i))],
+            env={**env, "DPFT_PROCESS_ID": str(i)},
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    return logs

@@ -1,15 +1,11 @@
 """Multi-host as far as CPU allows: two local processes (gloo collectives) equal one process."""
 
 import json
-import os
-import pathlib
-import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT, run_two_processes
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -18,39 +14,10 @@ from dpft.train import train_and_evaluate
 from dpft.train.checkpoint import Checkpointer
 from tests.dist_case import run_case, tiny_train_config, write_tiny_mnist
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _two_processes(*args: str) -> list[str]:
-    """Runs ``tests/mh_worker.py ARGS`` as processes 0 and 1 (2 CPU devices each); their logs."""
-    env = {
-        **os.environ,
-        "DPFT_COORDINATOR": f"127.0.0.1:{_free_port()}",
-        "DPFT_NUM_PROCESSES": "2",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": str(ROOT),
-    }
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "mh_worker.py"), *args, str(i)],
-            env={**env, "DPFT_PROCESS_ID": str(i)},
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), logs
-    return logs
+    """Runs ``tests/mh_worker.py ARGS PROCESS_ID`` as processes 0 and 1; their logs."""
+    return run_two_processes(lambda i: [ROOT / "tests" / "mh_worker.py", *args, i])
 
 
 def test_two_processes_equal_one_process(tmp_path):

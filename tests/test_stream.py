@@ -2,11 +2,6 @@
 
 import io
 import json
-import os
-import pathlib
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -388,33 +383,11 @@ def test_two_process_stream_equals_one_process(tmp_path):
     from tests.mh_stream import stream_case
 
     write_tiny_mnist(tmp_path)
-    root = pathlib.Path(__file__).resolve().parents[1]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {
-        **os.environ,
-        "DPFT_COORDINATOR": f"127.0.0.1:{port}",
-        "DPFT_NUM_PROCESSES": "2",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": str(root),
-    }
+    from conftest import ROOT, run_two_processes
+
     out = tmp_path / "two.npz"
-    script = [sys.executable, str(root / "tests" / "mh_stream.py"), str(tmp_path), str(out)]
-    procs = [
-        subprocess.Popen(
-            script,
-            env={**env, "DPFT_PROCESS_ID": str(i)},
-            cwd=root,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), logs
+    script = ROOT / "tests" / "mh_stream.py"
+    logs = run_two_processes(lambda i: [script, tmp_path, out])
     assert "process 0 rows (0, 32)" in logs[0] and "process 1 rows (32, 64)" in logs[1]
     two = dict(np.load(out))
     one = stream_case(Mesh(np.asarray(jax.devices()[:4]), ("data",)), str(tmp_path))

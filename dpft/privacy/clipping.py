@@ -235,9 +235,9 @@ def clipped_grad(
       norm_strategy: how per-example norms are computed (default `VmapNorms`).
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
       unroll: ``lax.scan``'s ``unroll`` for the loop over microbatches (``True``: straight-line
-        code, no loop). The sum is the same; XLA:CPU ran ResNet-20's convolutions 2-3x slower
-        inside a loop body than unrolled (4 microbatches of 64, ghost norms: 3.6 s in a loop,
-        1.3 s unrolled, 1.5 s as 4 separate calls), at the price of compiling every copy.
+        code, no loop). The sum is the same; XLA:CPU runs convolutions markedly slower inside a
+        loop body than unrolled (``make bench`` measures it), at the price of compiling every
+        copy.
 
     The returned function takes a batch pytree with a static leading size B, a mask ``[B]``
     (1 = real example, 0 = padding), a PRNG key and optionally ``index_offset`` (default 0);
