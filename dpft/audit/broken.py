@@ -39,7 +39,7 @@ from dpft.privacy.noise import gaussian_privatizer
 from dpft.train.step import TrainState
 
 if TYPE_CHECKING:
-    from dpft.audit.mechanism import AuditConfig
+    from dpft.audit.config import AuditConfig
 
 __all__ = [
     "DropFromNorms",

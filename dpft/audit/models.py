@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 if TYPE_CHECKING:
-    from dpft.audit.mechanism import AuditConfig
+    from dpft.audit.config import AuditConfig
 
 GHOST_INPUT_DIM = 2  # the Dense layer's input size (ghost norms pick the "ghost" form for it)
 

@@ -47,6 +47,7 @@ import jax
 import numpy as np
 
 from dpft import linear
+from dpft.data import StreamSplit
 from dpft.metrics import CalibrationAccumulator
 from dpft.privacy import accounting, keys
 
@@ -174,7 +175,7 @@ def load_features(config, workdir: pathlib.Path, data: tuple) -> tuple[dict, dic
     feats = feature_shards(config, workdir, model, flatten(variables), train, evaluation)
 
     def labels(split, reader):  # a streamed split's labels are read with its features
-        return reader.labels if hasattr(split, "example_image") else split["label"]
+        return reader.labels if isinstance(split, StreamSplit) else split["label"]
 
     return (
         {"x": feats["train"], "y": labels(train, feats["train"])},
@@ -184,11 +185,11 @@ def load_features(config, workdir: pathlib.Path, data: tuple) -> tuple[dict, dic
 
 def _example_image(split) -> np.ndarray:
     """The first model input of a split: arrays, or a streamed `dpft.data.StreamSplit`."""
-    return split.example_image if hasattr(split, "example_image") else split["image"][0]
+    return split.example_image if isinstance(split, StreamSplit) else split["image"][0]
 
 
 def _num_rows(split) -> int:
-    return len(split) if hasattr(split, "example_image") else len(split["label"])
+    return len(split) if isinstance(split, StreamSplit) else len(split["label"])
 
 
 def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
