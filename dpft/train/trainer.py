@@ -190,7 +190,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         seed = keys.run_seed(config.seed, True, seed)
     sampler = sampling.PoissonSampler(n, plan.sampling_rate, seed, plan.max_batch_size)
     root = keys.root_key(seed)
-    budget = build.build_budget(plan)
+    budget = ledger.PrivacyBudget(plan.target_epsilon, plan.delta, plan.accountant)
     data = (train_arrays, eval_arrays)
 
     def runtime(i: int) -> Runtime:
@@ -219,7 +219,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         if meta.get("phase", 0) != current:
             raise other
         rt.state = place(state, rt.shardings)
-        budget.ledger = budget.ledger.from_dict(meta["ledger"])  # of the budget's ledger type
+        budget.ledger = ledger.PrivacyLedger.from_dict(meta["ledger"])
         sampler.load_state_dict(meta["sampler"])
         start = int(meta["step"])
         log.info("resuming %s from step %d (phase %s)", workdir, start, rt.phase.name)
