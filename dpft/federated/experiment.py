@@ -28,6 +28,7 @@ and the number of clients at client level.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import pathlib
@@ -112,6 +113,8 @@ def _check(config) -> None:
     if f.partition == "dirichlet" and not f.alpha > 0:
         raise ValueError(f"config.federated.alpha must be > 0, got {f.alpha!r}")
     build.build_norm_strategy(config.dp)  # an unknown config.dp.norms fails here, before any file
+    if config.dp.get("adaptive_quantile", 0):  # driver.make_round(adaptive_clip=...) only
+        raise ValueError("config.dp.adaptive_quantile is not wired to federated configs yet")
     build.build_augment(config)  # bad config.data.augmult / augment keys, likewise
 
 
@@ -221,38 +224,10 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     configs = fed_phases.phase_configs(config, fc, phases, clients, n_dev)
     workdir_lib.claim_workdir(workdir, workdir_lib.config_json(config))  # inputs validated above
     dirs = fed_phases.phase_dirs(config, workdir, phases)
-    last: dict = {}
-
-    def make_eval(model, evaluation):
-        eval_step = jax.jit(make_eval_step(model.apply))
-        last.clear()  # a new phase: its own last eval
-
-        def eval_fn(p, fr):
-            last["metrics"], last["calibration"] = central.evaluate(
-                eval_step, p, fr, evaluation, config.eval_batch_size, details=True
-            )
-            return last["metrics"]
-
-        return eval_fn
-
+    last: dict = {}  # the latest eval's metrics and calibration
     start = fed_phases.rounds_done(dirs, phases)
     writer = report.MetricsWriter(workdir, resume_step=start, tensorboard=config.tensorboard)
     bar = report.progress_bar(fc.rounds, start, config.name or "dpft-federated")
-
-    def on_round(record, state):
-        bar.update(1)
-        r = record["round"]
-        if "epsilon" in record:  # a log or eval point (the runner computed epsilon)
-            out = {k: v for k, v in record.items() if k != "round"}
-            if out["epsilon"] is None:
-                out["epsilon"] = math.inf
-            writer.write(r, out)
-            bar.set_postfix(
-                eps=f"{out['epsilon']:.3f}",
-                loss=f"{record.get('debug/train_loss', math.nan):.3f}",
-                acc=f"{record.get('test_accuracy', math.nan):.3f}",
-            )
-
     t_train = time.time()
     try:
         result, eval_fn, frozen, train = fed_phases.run(
@@ -265,8 +240,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
             variables,
             clients,
             workdir=workdir,
-            make_eval=make_eval,
-            on_round=on_round,
+            make_eval=functools.partial(_make_eval, config.eval_batch_size, last),
+            on_round=functools.partial(_report_round, writer, bar),
             eval_every=int(f.eval_every),
             checkpoint_every=int(f.checkpoint_every),
             mesh=mesh,
@@ -278,10 +253,53 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     train_seconds = time.time() - t_train
     if "calibration" not in last:  # resumed a finished run: evaluate the final model once
         eval_fn(result.params, frozen)
-    final, calibration = last["metrics"], last["calibration"]  # the last round's eval
-    plan = result.plan
     summary = {
-        **final,
+        **last["metrics"],  # the last round's eval
+        **_summary(config, fc, phases, result),
+        "num_train_examples": len(train["label"]),
+        "wall_seconds": time.time() - t_start,
+        "train_seconds": train_seconds,
+    }
+    title = f"{config.name} ({fc.dp}-level): eps={result.epsilon:.2f}, delta={fc.delta:g}"
+    plots = config.get("plots", True)
+    return report.finish_run(workdir, summary, last["calibration"], title, plots)
+
+
+def _make_eval(batch_size: int, last: dict, model, evaluation):
+    """A phase's ``eval_fn(params, frozen)``, keeping its latest metrics and calibration in
+    ``last`` (cleared: a new phase has its own last eval)."""
+    eval_step = jax.jit(make_eval_step(model.apply))
+    last.clear()
+
+    def eval_fn(p, fr):
+        last["metrics"], last["calibration"] = central.evaluate(
+            eval_step, p, fr, evaluation, batch_size, details=True
+        )
+        return last["metrics"]
+
+    return eval_fn
+
+
+def _report_round(writer, bar, record, state) -> None:
+    """Moves the progress bar; at a log or eval point writes the round's metrics."""
+    bar.update(1)
+    r = record["round"]
+    if "epsilon" in record:  # a log or eval point (the runner computed epsilon)
+        out = {k: v for k, v in record.items() if k != "round"}
+        if out["epsilon"] is None:
+            out["epsilon"] = math.inf
+        writer.write(r, out)
+        bar.set_postfix(
+            eps=f"{out['epsilon']:.3f}",
+            loss=f"{record.get('debug/train_loss', math.nan):.3f}",
+            acc=f"{record.get('test_accuracy', math.nan):.3f}",
+        )
+
+
+def _summary(config, fc: FedConfig, phases, result) -> dict:
+    """The privacy and plan entries of summary.json."""
+    plan, f = result.plan, config.federated
+    return {
         "epsilon": result.epsilon,
         "delta": fc.delta,
         "dp_level": fc.dp,
@@ -299,12 +317,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         "local_batch": plan.local_batch,
         "local_steps": plan.local_steps,
         "partition": f.partition,
-        "num_train_examples": len(train["label"]),
-        "wall_seconds": time.time() - t_start,
-        "train_seconds": train_seconds,
     }
-    title = f"{config.name} ({fc.dp}-level): eps={result.epsilon:.2f}, delta={fc.delta:g}"
-    return report.finish_run(workdir, summary, calibration, title, config.get("plots", True))
 
 
 __all__ = ["FEDERATED_KEYS", "fed_config", "split_clients", "train_and_evaluate"]

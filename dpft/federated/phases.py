@@ -34,7 +34,6 @@ from collections.abc import Callable
 
 import jax
 
-from dpft import models
 from dpft.federated import driver, runner
 from dpft.federated.plan import FedConfig
 from dpft.privacy import clipping
@@ -52,13 +51,17 @@ def apply_mode(config, workdir, data, model, variables, phase: Phase):
     backbone's features and the model for the linear head, exactly as the centralized trainer
     does; then (params, frozen) per the phase's trainable patterns."""
     train, evaluation, num_classes = data
-    if phase.use_features:
-        full = flatten(variables)
-        feats = features_lib.backbone_features(config, workdir, model, full, train, evaluation)
-        train = {"image": feats["train"], "label": train["label"]}
-        evaluation = {"image": feats["eval"], "label": evaluation["label"]}
-        model = models.get_model("linear", num_classes)
-        variables = unflatten({k: v for k, v in full.items() if k.startswith("params/linear/")})
+    if phase.use_features:  # the centralized trainer's head phase (in memory)
+        model, variables, train, evaluation = features_lib.head_on_features(
+            config,
+            workdir,
+            model,
+            flatten(variables),
+            num_classes,
+            train,
+            evaluation,
+            in_memory=True,
+        )
     params, frozen = partition(variables, phase.trainable)
     return train, evaluation, model, params, frozen
 

@@ -1,5 +1,9 @@
 """``run(...)``: R federated rounds with eval callbacks, per-round checkpoints and exact resume.
 
+`run` takes its inputs as arguments, `run_spec` as one `RunSpec`: set-up (plan, compiled round
+function, initial state), resume from the workdir's checkpoint, then one round at a time
+(ledger, round, metrics, eval, checkpoint).
+
 The checkpoint of round ``r`` holds the global parameters, the server optimizer state, the
 round number, the privacy ledger of every round it reflects and the history so far. Client
 sampling, local batches and every key are pure functions of ``(seed, round, client)``, so a run
@@ -34,7 +38,7 @@ from dpft.privacy import clipping, keys
 from dpft.privacy.accounting import PrivacyLedger
 from dpft.train.checkpoint import Checkpointer
 
-__all__ = ["RunResult", "run"]
+__all__ = ["RunResult", "RunSpec", "run", "run_spec"]
 
 
 @dataclasses.dataclass
@@ -84,29 +88,56 @@ def _json_float(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
-def run(
-    config: driver.FedConfig,
-    loss_fn: Callable,
-    params: dict,
-    frozen: dict,
-    dataset: dict[str, np.ndarray],
-    clients: Sequence[np.ndarray],
-    *,
-    workdir: str | pathlib.Path | None = None,
-    eval_fn: Callable[[dict, dict], dict] | None = None,
-    eval_every: int = 1,
-    checkpoint_every: int = 1,
-    clipper: clipping.Clipper | None = None,
-    norm_strategy: clipping.NormStrategy | None = None,
-    mesh: jax.sharding.Mesh | None = None,
-    log_every: int | None = None,
-    on_round: Callable[[dict, srv.ServerState], None] | None = None,
-    start_round: int = 0,
-    ledger: PrivacyLedger | None = None,
-) -> RunResult:
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """The inputs of one federated run (`run`'s arguments, described there)."""
+
+    config: driver.FedConfig
+    loss_fn: Callable
+    params: dict
+    frozen: dict
+    dataset: dict[str, np.ndarray]
+    clients: Sequence[np.ndarray]
+    workdir: str | pathlib.Path | None = None
+    eval_fn: Callable[[dict, dict], dict] | None = None
+    eval_every: int = 1
+    checkpoint_every: int = 1
+    clipper: clipping.Clipper | None = None
+    norm_strategy: clipping.NormStrategy | None = None
+    mesh: jax.sharding.Mesh | None = None
+    log_every: int | None = None
+    on_round: Callable[[dict, srv.ServerState], None] | None = None
+    start_round: int = 0
+    ledger: PrivacyLedger | None = None
+
+
+@dataclasses.dataclass
+class _Rounds:
+    """A run's state between rounds (`run_spec`)."""
+
+    spec: RunSpec
+    plan: driver.FedPlan
+    round_fn: Callable
+    entry: Any  # the ledger entry of one round (None without DP)
+    identity: dict  # what a checkpoint must match to be resumed
+    state: srv.ServerState
+    frozen: dict
+    ledger: PrivacyLedger
+    ckpt: Checkpointer | None
+    history: list = dataclasses.field(default_factory=list)
+    start: int = 0  # the first round to run
+    latest: int | None = None  # the checkpoint resumed from
+    seed: int = 0
+    eps_cache: dict = dataclasses.field(default_factory=dict)
+
+
+def run(config, loss_fn, params, frozen, dataset, clients, **options) -> RunResult:
     """Runs ``config.rounds`` rounds of FedAvg/FedSGD from ``params`` (resuming from workdir).
 
+    ``options`` are the keyword fields of `RunSpec` (workdir, eval_fn, ...); `run_spec` runs it.
+
     Args:
+      config: the `dpft.federated.driver.FedConfig` of the run.
       loss_fn: per-example ``loss(params, frozen, example, rng) -> (loss, aux)`` with
         ``aux['correct']``, e.g. `dpft.train.step.cross_entropy_loss(model.apply)`.
       params, frozen: ``dpft.train.step.partition(variables, patterns)``: only ``params`` are
@@ -151,87 +182,121 @@ def run(
         and the sampling cannot be regenerated from the config; the checkpoints can (they
         hold the secret) and must be protected like the data.
     """
+    return run_spec(RunSpec(config, loss_fn, params, frozen, dataset, clients, **options))
+
+
+def run_spec(spec: RunSpec) -> RunResult:
+    """`run` of ``spec``: set-up (`_prepare`), resume (`_resume`), then one `_round` per round."""
+    config = spec.config
+    rs = _prepare(spec)
+    _resume(rs)
+    try:
+        if config.secure_noise and rs.ckpt is not None and rs.latest is None:
+            _save(rs, rs.start)  # the secret is persisted before anything is computed from it
+        for r in range(rs.start, config.rounds):
+            record = _round(rs, r)
+            if rs.ckpt is not None and (
+                r + 1 == config.rounds or (r + 1) % spec.checkpoint_every == 0
+            ):
+                _save(rs, r + 1)
+            if spec.on_round is not None:
+                spec.on_round(record, rs.state)
+    finally:
+        if rs.ckpt is not None:
+            rs.ckpt.close()
+    epsilon = _epsilon(rs.ledger, config, rs.eps_cache)
+    return RunResult(rs.state.params, rs.state, rs.history, rs.ledger, epsilon, rs.plan)
+
+
+def _prepare(spec: RunSpec) -> _Rounds:
+    """The plan, the compiled round function and the initial state of a run of ``spec``."""
+    config, mesh = spec.config, spec.mesh
     n_dev = mesh.shape["data"] if mesh is not None else 1
-    plan = driver.make_plan(config, [len(c) for c in clients], slot_multiple=n_dev)
+    plan = driver.make_plan(config, [len(c) for c in spec.clients], slot_multiple=n_dev)
     tx_args = (config.server_optimizer, config.server_lr, config.server_momentum)
     base = dataclasses.replace(config, rounds=0, seed=0, secure_noise=False)  # seed: an input
+    compile_args = (spec.loss_fn, base, plan, tx_args, spec.clipper, mesh, spec.norm_strategy)
     try:
-        server_tx, round_fn = _compiled_round(
-            loss_fn, base, plan, tx_args, clipper, mesh, norm_strategy
-        )
+        server_tx, round_fn = _compiled_round(*compile_args)
     except TypeError:  # an unhashable clipper or loss: build without the cache
-        server_tx, round_fn = _compiled_round.__wrapped__(
-            loss_fn, base, plan, tx_args, clipper, mesh, norm_strategy
-        )
-    log_every = log_every or eval_every
-    params = jax.tree_util.tree_map(jnp.asarray, params)
-    if not 0 <= start_round <= config.rounds:
-        raise ValueError(f"start_round={start_round} is not in [0, {config.rounds}]")
-    round0 = jnp.asarray(start_round, jnp.int32)
+        server_tx, round_fn = _compiled_round.__wrapped__(*compile_args)
+    params = jax.tree_util.tree_map(jnp.asarray, spec.params)
+    if not 0 <= spec.start_round <= config.rounds:
+        raise ValueError(f"start_round={spec.start_round} is not in [0, {config.rounds}]")
+    round0 = jnp.asarray(spec.start_round, jnp.int32)
     state = srv.ServerState(round0, params, server_tx.init(params))
     entry = driver.round_entry(config, plan)
-    ledger = PrivacyLedger.from_dict(ledger.to_dict()) if ledger is not None else PrivacyLedger()
-    history, start, eps_cache = [], start_round, {}
+    given = spec.ledger
+    ledger = PrivacyLedger.from_dict(given.to_dict()) if given is not None else PrivacyLedger()
+    ckpt = Checkpointer(spec.workdir) if spec.workdir is not None else None
     identity = _identity(config, plan)
+    return _Rounds(
+        spec,
+        plan,
+        round_fn,
+        entry,
+        identity,
+        state,
+        spec.frozen,
+        ledger,
+        ckpt,
+        start=spec.start_round,
+    )
 
-    ckpt = Checkpointer(workdir) if workdir is not None else None
-    latest = ckpt.latest_step() if ckpt is not None else None
+
+def _resume(rs: _Rounds) -> None:
+    """Restores the latest checkpoint of the workdir (if any), then fixes the run's seed and
+    places the state on the mesh."""
+    config, workdir = rs.spec.config, rs.spec.workdir
+    rs.latest = latest = rs.ckpt.latest_step() if rs.ckpt is not None else None
     saved = None
     if latest is not None:
-        state, meta = ckpt.restore(latest, state)
-        if meta["identity"] != identity:
+        state, meta = rs.ckpt.restore(latest, rs.state)
+        if meta["identity"] != rs.identity:
             raise ValueError(f"checkpoint {latest} in {workdir} is of another federated config")
         if config.secure_noise and meta.get("secure_seed") is None:
             raise ValueError(f"checkpoint {latest} in {workdir} holds no secure_seed to resume")
         saved = meta.get("secure_seed")
-        ledger = PrivacyLedger.from_dict(meta["ledger"])
-        history = list(meta["history"])
-        start = int(meta["round"])
-        state = jax.tree_util.tree_map(jnp.asarray, state)
-    seed = keys.run_seed(config.seed, config.secure_noise, saved)
-    if mesh is not None:  # parameters and server state replicated, client slots sharded
-        replicated = NamedSharding(mesh, P())
-        state, frozen = jax.device_put((state, frozen), replicated)
+        rs.ledger = PrivacyLedger.from_dict(meta["ledger"])
+        rs.history = list(meta["history"])
+        rs.start = int(meta["round"])
+        rs.state = jax.tree_util.tree_map(jnp.asarray, state)
+    rs.seed = keys.run_seed(config.seed, config.secure_noise, saved)
+    if rs.spec.mesh is not None:  # parameters and server state replicated, client slots sharded
+        replicated = NamedSharding(rs.spec.mesh, P())
+        rs.state, rs.frozen = jax.device_put((rs.state, rs.frozen), replicated)
 
-    def save(r: int) -> None:
-        meta = {
-            "round": r,
-            "ledger": ledger.to_dict(),
-            "history": history,
-            "identity": identity,
-        }
-        if config.secure_noise:  # the secret: needed to resume exactly; protect the checkpoints
-            meta["secure_seed"] = seed
-        ckpt.save(r, state, meta)
 
-    try:
-        if config.secure_noise and ckpt is not None and latest is None:
-            save(start)  # the secret is persisted before anything is computed from it
-        for r in range(start, config.rounds):
-            inputs = driver.round_inputs(config, plan, dataset, clients, r, seed)
-            if mesh is not None:  # client slots sharded, the root key replicated
-                root = jax.device_put(inputs.seed, NamedSharding(mesh, P()))
-                inputs = jax.device_put(inputs._replace(seed=None), NamedSharding(mesh, P("data")))
-                inputs = inputs._replace(seed=root)
-            if entry is not None:
-                ledger.record(entry)  # spent before the round's release
-            state, metrics = round_fn(state, frozen, inputs)
-            record: dict[str, Any] = {"round": r + 1}
-            record.update({k: float(v) for k, v in jax.device_get(metrics).items()})
-            last = r + 1 == config.rounds
-            is_eval = last or (r + 1) % eval_every == 0
-            if is_eval or (r + 1) % log_every == 0:
-                record["epsilon"] = _json_float(_epsilon(ledger, config, eps_cache))
-            if is_eval and eval_fn is not None:
-                record.update({k: float(v) for k, v in eval_fn(state.params, frozen).items()})
-            history.append(record)
-            if ckpt is not None and (last or (r + 1) % checkpoint_every == 0):
-                save(r + 1)
-            if on_round is not None:
-                on_round(record, state)
-    finally:
-        if ckpt is not None:
-            ckpt.close()
-    return RunResult(
-        state.params, state, history, ledger, _epsilon(ledger, config, eps_cache), plan
-    )
+def _save(rs: _Rounds, r: int) -> None:
+    meta = {
+        "round": r,
+        "ledger": rs.ledger.to_dict(),
+        "history": rs.history,
+        "identity": rs.identity,
+    }
+    if rs.spec.config.secure_noise:  # the secret: needed to resume exactly; protect the checkpoints
+        meta["secure_seed"] = rs.seed
+    rs.ckpt.save(r, rs.state, meta)
+
+
+def _round(rs: _Rounds, r: int) -> dict:
+    """Round ``r`` (recorded in the ledger before it runs) -> its history record."""
+    spec = rs.spec
+    config, mesh = spec.config, spec.mesh
+    inputs = driver.round_inputs(config, rs.plan, spec.dataset, spec.clients, r, rs.seed)
+    if mesh is not None:  # client slots sharded, the root key replicated
+        root = jax.device_put(inputs.seed, NamedSharding(mesh, P()))
+        inputs = jax.device_put(inputs._replace(seed=None), NamedSharding(mesh, P("data")))
+        inputs = inputs._replace(seed=root)
+    if rs.entry is not None:
+        rs.ledger.record(rs.entry)  # spent before the round's release
+    rs.state, metrics = rs.round_fn(rs.state, rs.frozen, inputs)
+    record: dict[str, Any] = {"round": r + 1}
+    record.update({k: float(v) for k, v in jax.device_get(metrics).items()})
+    is_eval = r + 1 == config.rounds or (r + 1) % spec.eval_every == 0
+    if is_eval or (r + 1) % (spec.log_every or spec.eval_every) == 0:
+        record["epsilon"] = _json_float(_epsilon(rs.ledger, config, rs.eps_cache))
+    if is_eval and spec.eval_fn is not None:
+        record.update({k: float(v) for k, v in spec.eval_fn(rs.state.params, rs.frozen).items()})
+    rs.history.append(record)
+    return record

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpft import data as dpdata
+from dpft import models
 from dpft.data.sources import Subset
 from dpft.train import feature_store
 from dpft.train.step import unflatten
@@ -220,6 +221,33 @@ def feature_shards(config, workdir, model, full, train_arrays, eval_arrays) -> d
     )
     log.info("feature shards ready in %.1fs: %s", time.time() - t0, readers["train"])
     return readers
+
+
+def head_on_features(
+    config, workdir, model, full, num_classes, train_arrays, eval_arrays, *, in_memory=False
+) -> tuple:
+    """A head phase on cached features -> ``(head, variables, train, eval)``.
+
+    ``head`` is the linear model ``linear`` with its ``variables`` taken from ``full`` (the flat
+    variable dict of ``model``); ``train`` and ``eval`` are ``{'image', 'label'}`` of the frozen
+    backbone's features (`feature_shards`, one cache for every driver). By default the images
+    are the memory-mapped readers (a Poisson batch gathers only its sampled rows) and the labels
+    those stored with them; ``in_memory`` loads the features as arrays and keeps the splits' own
+    label arrays (the federated driver gathers its clients' rows from them).
+
+    Privacy:
+        Features of private examples are a deterministic function of the private data; they
+        are kept in the cache directory and may only enter DP mechanisms (never logged).
+    """
+    head = models.get_model("linear", num_classes)
+    variables = unflatten({k: v for k, v in full.items() if k.startswith("params/linear/")})
+    feats = feature_shards(config, workdir, model, full, train_arrays, eval_arrays)
+    splits = {"train": train_arrays, "eval": eval_arrays}
+    if in_memory:
+        data = {k: {"image": np.asarray(r), "label": splits[k]["label"]} for k, r in feats.items()}
+    else:
+        data = {k: {"image": r, "label": r.labels} for k, r in feats.items()}
+    return head, variables, data["train"], data["eval"]
 
 
 def backbone_features(config, workdir, model, full, train_arrays, eval_arrays) -> dict:

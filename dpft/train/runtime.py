@@ -1,9 +1,10 @@
 """What one phase of a run trains with: its model, data, DP optimizer and jitted functions.
 
-`build_runtime` partitions the model for a phase (`dpft.train.phases`), takes the cached backbone
-features for a head phase (`dpft.train.features`), builds the DP optimizer with the phase's noise
-key (`noise_key`) and compiles the train step (one array step, host-chunked accumulation or the
-mesh-sharded step) and the eval step.
+`build_runtime` builds a phase's `Runtime` from the run's `RuntimeSpec` (one per run): it
+partitions the model for the phase (`dpft.train.phases`), takes the cached backbone features for
+a head phase (`dpft.train.features.head_on_features`), builds the DP optimizer with the phase's
+noise key (`noise_key`) and compiles the train step (one array step, host-chunked accumulation or
+the mesh-sharded step) and the eval step.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import pathlib
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +22,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dpft import data as dpdata
-from dpft import models
 from dpft.privacy import keys
 from dpft.train import accumulate, build, distributed
 from dpft.train import features as features_lib
@@ -35,7 +37,7 @@ from dpft.train.step import (
 )
 
 log = logging.getLogger("dpft")
-__all__ = ["Runtime", "build_runtime", "noise_key", "place"]
+__all__ = ["Runtime", "RuntimeSpec", "build_runtime", "noise_key", "place"]
 
 
 def noise_key(root: jax.Array, phase: int) -> jax.Array:
@@ -57,28 +59,44 @@ class Runtime:
     shardings: object = None  # of the state over the mesh (replicated, or FSDP)
 
 
-def build_runtime(
-    config, workdir, index, phase, plan, model, full, data, num_classes, mesh=None, root=None
-) -> Runtime:
-    """Partitions the model for ``phase``, builds its DP optimizer and jitted step."""
-    train_arrays, eval_arrays = data
-    mb = config.train.microbatch_size or None
-    chunk = config.train.get("host_chunk_size", 0)
-    if phase.use_features:
-        head = models.get_model("linear", num_classes)
-        variables = unflatten({k: v for k, v in full.items() if k.startswith("params/linear/")})
-        # memory-mapped sharded readers: a Poisson batch gathers (np.take) its sampled rows only
-        feats = features_lib.feature_shards(config, workdir, model, full, train_arrays, eval_arrays)
-        train_arrays = {"image": feats["train"], "label": feats["train"].labels}
-        eval_arrays = {"image": feats["eval"], "label": feats["eval"].labels}
-        model = head
+@dataclasses.dataclass(frozen=True)
+class RuntimeSpec:
+    """What every phase's `Runtime` is built from: the run's inputs, the same for each phase."""
+
+    config: Any
+    workdir: pathlib.Path
+    plan: build.PrivacyPlan
+    model: Any  # the whole model (backbone and head)
+    full: dict  # its flat variables; the trainer updates them in place between phases
+    train_arrays: Any  # arrays {'image', 'label'} or a streamed `dpft.data.StreamSplit`
+    eval_arrays: Any
+    num_classes: int
+    mesh: jax.sharding.Mesh | None = None
+    root: jax.Array | None = None  # the run's root key (None: keys.root_key(config.seed))
+
+
+def build_runtime(spec: RuntimeSpec, index: int, phase: Phase) -> Runtime:
+    """Partitions the model for ``phase`` (the run's phase ``index``), builds its DP optimizer
+    (noise key `noise_key` of ``index``) and jitted train and eval steps."""
+    config, plan, mesh = spec.config, spec.plan, spec.mesh
+    if phase.use_features:  # memory-mapped readers: a batch gathers its sampled rows only
+        model, variables, train_arrays, eval_arrays = features_lib.head_on_features(
+            config,
+            spec.workdir,
+            spec.model,
+            spec.full,
+            spec.num_classes,
+            spec.train_arrays,
+            spec.eval_arrays,
+        )
     else:
-        variables = unflatten(full)
+        model, variables = spec.model, unflatten(spec.full)
+        train_arrays, eval_arrays = spec.train_arrays, spec.eval_arrays
     trainable, frozen = partition(variables, phase.trainable)
     clipper = build.build_clipper(config.dp)
     norms = build.build_norm_strategy(config.dp)
     sensitivity = clipper.sensitivity(trainable) if config.dp.clip_norm < math.inf else math.inf
-    root = keys.root_key(config.seed) if root is None else root  # secret in secure mode
+    root = keys.root_key(config.seed) if spec.root is None else spec.root  # secret if secure
     key = noise_key(root, index)
     tx = build.build_optimizer(
         config, plan, sensitivity, key, steps=phase.steps, learning_rate=phase.learning_rate
@@ -91,11 +109,41 @@ def build_runtime(
         loss = cross_entropy_loss(apply, None, input_ndim=3)
     else:
         loss = cross_entropy_loss(model.apply, build.build_augment(config, phase.use_features))
-    unroll = config.train.get("microbatch_unroll", 0)
+    chunk = config.train.get("host_chunk_size", 0)
     rows = chunk or plan.max_batch_size // (mesh.size if mesh is not None else 1)
+    mb, kw = _microbatching(config, loss, clipper, norms, tx, state, train_arrays, rows)
+    options = accumulate.compiler_options(kw["microbatch_unroll"], jax.default_backend()) or None
+    chunked = None
+    if chunk:
+        chunked = accumulate.jit_accumulating(
+            accumulate.make_accumulating_step(loss, clipper, tx, microbatch_size=mb, **kw), options
+        )
+    step = make_train_step(loss, clipper, tx, microbatch_size=mb, mesh=mesh, **kw)
+    shardings = None
+    if mesh is None:
+        step_fn = jax.jit(step, donate_argnums=0, compiler_options=options)
+    else:  # params and optimizer state replicated over the mesh, or sharded (FSDP)
+        fsdp = bool(config.parallel.get("fsdp", False))
+        shardings = state_shardings(mesh, state, fsdp)
+        out = (shardings, NamedSharding(mesh, P()))
+        step_fn = jax.jit(step, donate_argnums=0, out_shardings=out, compiler_options=options)
+    state = place(state, shardings)
+    eval_fn = jax.jit(make_eval_step(apply))
+    return Runtime(phase, state, step_fn, eval_fn, train_arrays, eval_arrays, chunked, shardings)
+
+
+def _microbatching(config, loss, clipper, norms, tx, state, train_arrays, rows) -> tuple:
+    """``(microbatch_size, step kwargs)`` of a step over ``rows`` rows per call.
+
+    ``config.train.microbatch_size = -1`` picks the largest power of two whose compiled step
+    fits half the free memory (`accumulate.choose_microbatch`); the kwargs are the norm strategy
+    and the microbatch loop's unroll (``config.train.microbatch_unroll``, 0: automatic).
+    """
+    mb = config.train.microbatch_size or None
+    unroll = config.train.get("microbatch_unroll", 0)
     backend = jax.default_backend()
-    if mb == -1:  # the largest power of two whose compiled step fits half the free memory
-        if streamed:
+    if mb == -1:
+        if isinstance(train_arrays, dpdata.StreamSplit):
             shapes = train_arrays.batch_spec(rows)
         else:
             shapes = {k: ((rows, *v.shape[1:]), v.dtype) for k, v in train_arrays.items()}
@@ -120,24 +168,7 @@ def build_runtime(
         log.info(
             "train.microbatch_unroll=0: %d microbatches per step unrolled", kw["microbatch_unroll"]
         )
-    options = accumulate.compiler_options(kw["microbatch_unroll"], backend) or None
-    chunked = None
-    if chunk:
-        chunked = accumulate.jit_accumulating(
-            accumulate.make_accumulating_step(loss, clipper, tx, microbatch_size=mb, **kw), options
-        )
-    step = make_train_step(loss, clipper, tx, microbatch_size=mb, mesh=mesh, **kw)
-    shardings = None
-    if mesh is None:
-        step_fn = jax.jit(step, donate_argnums=0, compiler_options=options)
-    else:  # params and optimizer state replicated over the mesh, or sharded (FSDP)
-        fsdp = bool(config.parallel.get("fsdp", False))
-        shardings = state_shardings(mesh, state, fsdp)
-        out = (shardings, NamedSharding(mesh, P()))
-        step_fn = jax.jit(step, donate_argnums=0, out_shardings=out, compiler_options=options)
-    state = place(state, shardings)
-    eval_fn = jax.jit(make_eval_step(apply))
-    return Runtime(phase, state, step_fn, eval_fn, train_arrays, eval_arrays, chunked, shardings)
+    return mb, kw
 
 
 def place(state, shardings):

@@ -28,6 +28,7 @@ checkpoints are saved by all processes together and everything else is written b
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -36,20 +37,19 @@ import signal
 import sys
 import threading
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from dpft import data as dpdata
 from dpft.metrics import CalibrationAccumulator
-from dpft.privacy import keys, ledger, sampling
-from dpft.train import accumulate, build, distributed, report
+from dpft.privacy import keys, ledger
+from dpft.train import accumulate, batches, build, distributed, report
 from dpft.train.checkpoint import Checkpointer, config_fingerprint
 from dpft.train.phases import describe_phase, phase_index, plan_phases
-from dpft.train.runtime import Runtime, build_runtime, noise_key, place
+from dpft.train.runtime import Runtime, RuntimeSpec, build_runtime, noise_key, place
 from dpft.train.step import flatten
 from dpft.train.workdir import ConfigMismatchError, eval_data_description
 from dpft.train.workdir import checkpoint_meta as _checkpoint_meta
@@ -107,37 +107,76 @@ def evaluate(eval_fn, params, frozen, arrays: dict, batch_size: int, *, details=
     return (metrics, result) if details else metrics
 
 
-class _IndexLoader:
-    """Yields ``(step, indices, mask)`` of the sampler's padded batches, for chunked steps."""
-
-    def __init__(self, sampler, start: int, stop: int):
-        self._it = ((s, *sampler.batch_at(s)) for s in range(start, stop))
-
-    def __iter__(self):
-        return self._it
-
-    def close(self) -> None:
-        pass
+_run_streamed_chunks = batches.run_streamed_chunks  # tests/test_stream.py
 
 
-def _run_streamed_chunks(jitted, state, chunks, rng):
-    """`accumulate.run_chunked` over a streamed batch's ``(offset, chunk)`` pairs: the same
-    accumulation, each chunk read (by the grain workers) only when the device takes it."""
-    acc = jitted.init(state)
-    for offset, part in chunks:
-        if not part["mask"].any():
-            continue  # padding only: contributes exactly zero
-        jax.block_until_ready(acc)  # one chunk ahead of the device at most
-        acc = jitted.accumulate(acc, state, part, rng, np.uint32(offset))
-    return jitted.finish(state, acc)
+@dataclasses.dataclass
+class _Run:
+    """One run's state, shared by the steps of `train_and_evaluate`."""
+
+    config: Any
+    workdir: pathlib.Path
+    multi: bool  # a multi-process run
+    primary: bool  # process 0, which writes everything but the checkpoints
+    config_json: str
+    fingerprint: str
+    num_examples: int
+    chunk: int  # config.train.host_chunk_size (0: off)
+    spec: RuntimeSpec  # what every phase's runtime is built from
+    phases: list
+    secure: bool  # config.dp.secure_noise
+    ckpt: Checkpointer | None = None
+    latest: int | None = None  # the step of the checkpoint resumed from
+    seed: int = 0
+    sampler: Any = None
+    budget: Any = None
+    entry: Any = None  # the ledger entry of one step
+    rt: Runtime | None = None  # the current phase's
+    current: int = 0  # its index
+    trained: dict = dataclasses.field(default_factory=dict)  # phase name -> what it trains
+    writer: Any = None
+    bar: Any = None
+    start: int = 0  # the step the run (re)started at
+    step: int = 0  # steps done
+    steps_run: int = 0  # by this process
+    stop_reason: str = "steps"
+    last_eval: dict = dataclasses.field(default_factory=dict)
+    calibration: Any = None  # bins of the latest eval, for the reliability diagram
+
+    @property
+    def plan(self) -> build.PrivacyPlan:
+        return self.spec.plan
+
+    @property
+    def mesh(self):
+        return self.spec.mesh
+
+    @property
+    def layout(self) -> batches.Layout:
+        return batches.Layout(self.multi, self.mesh, self.plan.max_batch_size, self.chunk)
 
 
 def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
-    """Trains with DP per ``config``, writing metrics, checkpoints and summary.json to workdir."""
+    """Trains with DP per ``config``, writing metrics, checkpoints and summary.json to workdir.
+
+    `_validated` checks the inputs, `_open` claims the workdir and restores its checkpoint,
+    `_train` runs the phases' steps (`_run_steps`: each one `dpft.train.batches.run_step`) and
+    `_finish` writes the summary.
+    """
     t_start = time.time()
+    run = _validated(config, pathlib.Path(workdir))
+    _open(run)
+    t_train = time.time()
+    _train(run)
+    train_seconds = time.time() - t_train
+    return _finish(run, t_start, train_seconds)
+
+
+def _validated(config, workdir: pathlib.Path) -> _Run:
+    """The run's data, mesh, privacy plan, phases and model, checked before the workdir is
+    touched (a bad input leaves it as it was)."""
     multi = distributed.initialize(config.get("parallel"))  # before anything touches JAX
     primary = distributed.is_primary()
-    workdir = pathlib.Path(workdir)
     config_json = _config_json(config)
     fingerprint = config_fingerprint(config_json)
     train_arrays, eval_arrays, num_classes = build.load_data(config)
@@ -167,209 +206,188 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     example = train_arrays.example_image if streamed else train_arrays["image"][0]
     model, variables = build.build_model(config, num_classes, example)
     full = flatten(variables)
+    data = (train_arrays, eval_arrays)
+    spec = RuntimeSpec(config, workdir, plan, model, full, *data, num_classes, mesh)  # root: _open
     secure = bool(config.dp.get("secure_noise", False))
-
-    resumable = _claim_workdir(workdir, config_json)  # everything above validated the inputs
-    ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
-    latest = ckpt.latest_step() if resumable else None
-    other = ConfigMismatchError(
-        f"checkpoint {ckpt.directory / str(latest)} is of another config than "
-        f"{workdir / 'config.json'} (expected fingerprint {fingerprint}): use a new --workdir"
+    return _Run(
+        config, workdir, multi, primary, config_json, fingerprint, n, chunk, spec, phases, secure
     )
-    saved = _checkpoint_meta(ckpt, latest) if latest is not None else {}
-    if latest is not None and saved.get("fingerprint") != fingerprint:
-        raise other
+
+
+def _mismatch(run: _Run) -> ConfigMismatchError:
+    return ConfigMismatchError(
+        f"checkpoint {run.ckpt.directory / str(run.latest)} is of another config than "
+        f"{run.workdir / 'config.json'} (expected fingerprint {run.fingerprint}): use a new "
+        "--workdir"
+    )
+
+
+def _open(run: _Run) -> None:
+    """Claims the workdir, seeds the sampler and the keys, builds the phase to run (the first,
+    or the latest checkpoint's), restores that checkpoint and opens the metrics."""
+    config, plan = run.config, run.plan
+    resumable = _claim_workdir(run.workdir, run.config_json)  # the inputs are validated
+    run.ckpt = Checkpointer(run.workdir, keep=config.train.keep_checkpoints)
+    run.latest = latest = run.ckpt.latest_step() if resumable else None
+    saved = _checkpoint_meta(run.ckpt, latest) if latest is not None else {}
+    if latest is not None and saved.get("fingerprint") != run.fingerprint:
+        raise _mismatch(run)
     seed = config.seed
-    if secure:  # sampling and noise from OS entropy; resuming takes it from the checkpoint
+    if run.secure:  # sampling and noise from OS entropy; resuming takes it from the checkpoint
         if latest is None:  # process 0's secret on every process
             seed = distributed.broadcast_seed(keys.run_seed(config.seed, True))
         else:
             seed = int(saved.get("secure_seed", -1))
         if seed < 0:
-            raise other
+            raise _mismatch(run)
         seed = keys.run_seed(config.seed, True, seed)
-    sampler = sampling.PoissonSampler(n, plan.sampling_rate, seed, plan.max_batch_size)
-    root = keys.root_key(seed)
-    budget = ledger.PrivacyBudget(plan.target_epsilon, plan.delta, plan.accountant)
-    data = (train_arrays, eval_arrays)
-
-    def runtime(i: int) -> Runtime:
-        return build_runtime(
-            config, workdir, i, phases[i], plan, model, full, data, num_classes, mesh, root
-        )
-
-    start = 0
-    current = phase_index(phases, latest) if latest is not None else 0
-    rt = runtime(current)
-    trained = {}  # phase name -> what it trains (printed, and kept in summary.json)
-
-    def announce() -> None:
-        trained[rt.phase.name] = describe_phase(config, rt.phase, rt.state.params, full)
-        if primary:  # above the progress bar (stderr), on stdout
-            from tqdm.auto import tqdm
-
-            tqdm.write(trained[rt.phase.name], file=sys.stdout)
-
-    announce()
+    run.seed = seed
+    run.sampler = build.build_sampler(plan, seed)  # Poisson, or cyclic Poisson (banded_mf)
+    run.spec = dataclasses.replace(run.spec, root=keys.root_key(seed))
+    run.budget = build.build_budget(plan)
+    run.current = phase_index(run.phases, latest) if latest is not None else 0
+    run.rt = build_runtime(run.spec, run.current, run.phases[run.current])
+    _announce(run)
     if latest is not None:
         try:
-            state, meta = ckpt.restore(latest, rt.state)
+            state, meta = run.ckpt.restore(latest, run.rt.state)
         except (ValueError, KeyError, TypeError) as e:  # other tree structure, shapes, dtypes
-            raise other from e
-        if meta.get("phase", 0) != current:
-            raise other
-        rt.state = place(state, rt.shardings)
-        budget.ledger = ledger.PrivacyLedger.from_dict(meta["ledger"])
-        sampler.load_state_dict(meta["sampler"])
-        start = int(meta["step"])
-        log.info("resuming %s from step %d (phase %s)", workdir, start, rt.phase.name)
+            raise _mismatch(run) from e
+        if meta.get("phase", 0) != run.current:
+            raise _mismatch(run)
+        run.rt.state = place(state, run.rt.shardings)
+        run.budget.ledger = run.budget.ledger.from_dict(meta["ledger"])  # of the budget's type
+        run.sampler.load_state_dict(meta["sampler"])
+        run.start = run.step = int(meta["step"])
+        log.info("resuming %s from step %d (phase %s)", run.workdir, run.start, run.rt.phase.name)
+    run.writer = report.metrics_writer(run.workdir, run.start, config.tensorboard, run.primary)
+    run.entry = plan.entry()
 
-    writer = report.metrics_writer(workdir, start, config.tensorboard, primary)
-    entry = plan.entry()
 
-    def checkpoint(step: int) -> None:
-        meta = {
-            "step": step,
-            "phase": current,
-            "ledger": budget.ledger.to_dict(),
-            "sampler": sampler.state_dict(),
-            "fingerprint": fingerprint,
-        }
-        if secure:  # the secret: needed to resume exactly; protect the checkpoints
-            meta["secure_seed"] = seed
-        _test_kill_while_writing(step, ckpt.directory)
-        ckpt.save(step, rt.state, meta)
-        _test_kill("checkpoint", step)
+def _announce(run: _Run) -> None:
+    """Records (and prints, on stdout above the progress bar) what the current phase trains."""
+    rt = run.rt
+    line = describe_phase(run.config, rt.phase, rt.state.params, run.spec.full)
+    run.trained[rt.phase.name] = line
+    if run.primary:
+        from tqdm.auto import tqdm
 
-    def run_eval(details=False):
-        params, frozen = rt.state.params, rt.state.frozen
-        if multi:  # every process evaluates on its own device, from a host copy
-            params, frozen = distributed.to_host((params, frozen))
-        return evaluate(
-            rt.eval_fn,
-            params,
-            frozen,
-            rt.eval_arrays,
-            config.eval_batch_size,
-            details=details,
-        )
+        tqdm.write(line, file=sys.stdout)
 
-    last_eval: dict = {}
-    calibration = None  # bins of the latest eval, for the reliability diagram
-    stop_reason = "steps"
-    t_train = time.time()
-    steps_run = 0
-    if secure and latest is None:  # persist the secret before anything is computed from it
-        checkpoint(0)
-    bar = report.progress_bar(plan.steps, start, config.name or "dpft", disable=not primary)
-    step = start
+
+def _checkpoint(run: _Run, step: int) -> None:
+    meta = {
+        "step": step,
+        "phase": run.current,
+        "ledger": run.budget.ledger.to_dict(),
+        "sampler": run.sampler.state_dict(),
+        "fingerprint": run.fingerprint,
+    }
+    if run.secure:  # the secret: needed to resume exactly; protect the checkpoints
+        meta["secure_seed"] = run.seed
+    _test_kill_while_writing(step, run.ckpt.directory)
+    run.ckpt.save(step, run.rt.state, meta)
+    _test_kill("checkpoint", step)
+
+
+def _evaluate(run: _Run) -> None:
+    """Evaluates the current parameters into ``run.last_eval`` and ``run.calibration``."""
+    params, frozen = run.rt.state.params, run.rt.state.frozen
+    if run.multi:  # every process evaluates on its own device, from a host copy
+        params, frozen = distributed.to_host((params, frozen))
+    bs = run.config.eval_batch_size
+    out = evaluate(run.rt.eval_fn, params, frozen, run.rt.eval_arrays, bs, details=True)
+    run.last_eval, run.calibration = out
+
+
+def _train(run: _Run) -> None:
+    """The phase loop: steps until the plan's last (or the budget's refusal), phase by phase."""
+    if run.secure and run.latest is None:  # persist the secret before anything uses it
+        _checkpoint(run, 0)
+    name = run.config.name or "dpft"
+    run.bar = report.progress_bar(run.plan.steps, run.start, name, disable=not run.primary)
     try:
-        while stop_reason == "steps" and step < plan.steps:
-            if step >= rt.phase.end:  # next phase: carry the trained parameters over
-                live = {**rt.state.frozen, **rt.state.params}  # the step donated the old ones
-                full.update(distributed.to_host(live) if multi else live)
-                current += 1
-                rt = runtime(current)
-                announce()
-                last_eval, calibration = {}, None
-            rows = None  # a multi-process stream reads the rows of this process's devices
-            streamed = isinstance(rt.train_arrays, dpdata.StreamSplit)  # not cached features
-            if streamed:  # read, decoded and transformed by grain worker processes
-                if multi:
-                    rows = distributed.local_rows(mesh, plan.max_batch_size)
-                loader = dpdata.StreamLoader(
-                    rt.train_arrays,
-                    sampler,
-                    start_step=step,
-                    stop_step=rt.phase.end,
-                    rows=rows,
-                    chunk_size=chunk or None,  # host-chunked: the batch read chunk by chunk
-                )
-            elif rt.chunked is None and not multi:
-                loader = dpdata.BatchLoader(
-                    rt.train_arrays, sampler, start_step=step, prefetch=2, stop_step=rt.phase.end
-                )
-            else:  # indices only; examples gathered chunk by chunk or per process
-                loader = _IndexLoader(sampler, step, rt.phase.end)
-            try:
-                for step_idx, batch, mask in loader:
-                    if step_idx >= rt.phase.end:
-                        break
-                    try:
-                        budget.spend(entry)  # recorded BEFORE the step runs
-                    except ledger.BudgetExceededError as e:
-                        log.warning("stopping before step %d: %s", step_idx, e)
-                        stop_reason = "budget"
-                        break
-                    rng = examples_key(root, step_idx)
-                    if multi:  # each process reads or gathers the rows of its own devices
-                        if streamed:
-                            local = {**batch, "mask": mask}
-                            batch = distributed.global_from_rows(
-                                mesh, local, rows, plan.max_batch_size
-                            )
-                        else:
-                            batch = distributed.gather_global(mesh, rt.train_arrays, batch, mask)
-                        rng = distributed.replicated(mesh, rng)
-                        rt.state, metrics = rt.step_fn(rt.state, batch, rng)
-                    elif rt.chunked is not None and streamed:  # batch: its streamed chunks
-                        rt.state, metrics = _run_streamed_chunks(rt.chunked, rt.state, batch, rng)
-                    elif rt.chunked is not None:
-                        rt.state, metrics = accumulate.run_chunked(
-                            rt.chunked, rt.state, rt.train_arrays, batch, mask, chunk, rng
-                        )
-                    else:
-                        batch = {**batch, "mask": mask}
-                        if mesh is not None:  # examples split over the data axis
-                            batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
-                        rt.state, metrics = rt.step_fn(rt.state, batch, rng)
-                    _test_kill("step", step_idx + 1)  # the step is (being) computed
-                    step = step_idx + 1
-                    sampler.step = step
-                    steps_run += 1
-                    bar.update(1)
-                    is_last = step == plan.steps
-                    phase_end = step == rt.phase.end
-                    if step % config.train.log_every == 0 or is_last or phase_end:
-                        host = distributed.to_host(metrics) if multi else metrics
-                        record = {k: float(v) for k, v in host.items()}
-                        epsilon = budget.epsilon()
-                        record["epsilon"] = epsilon
-                        if step % config.train.eval_every == 0 or is_last or phase_end:
-                            last_eval, calibration = run_eval(details=True)
-                            _test_kill("eval", step)
-                            record.update(last_eval)
-                        if len(phases) > 1:
-                            record["phase"] = current
-                        writer.write(step, record)
-                        _test_kill("metrics", step)
-                        bar.set_postfix(
-                            eps=f"{epsilon:.3f}",
-                            debug_loss=f"{record['debug/train_loss']:.3f}",
-                            acc=f"{last_eval.get('test_accuracy', float('nan')):.3f}",
-                        )
-                    if step % config.train.checkpoint_every == 0 or is_last or phase_end:
-                        checkpoint(step)
-            finally:
-                loader.close()
+        while run.stop_reason == "steps" and run.step < run.plan.steps:
+            if run.step >= run.rt.phase.end:  # next phase: carry the trained parameters over
+                live = {**run.rt.state.frozen, **run.rt.state.params}  # the old ones donated
+                run.spec.full.update(distributed.to_host(live) if run.multi else live)
+                run.current += 1
+                run.rt = build_runtime(run.spec, run.current, run.phases[run.current])
+                _announce(run)
+                run.last_eval, run.calibration = {}, None
+            _run_steps(run)
     finally:
-        bar.close()
-    steps_done = budget.ledger.steps
-    if stop_reason == "budget" and steps_done > start:
-        checkpoint(steps_done)
-    train_seconds = time.time() - t_train
-    if calibration is None or stop_reason == "budget":  # evaluate the final model once
-        last_eval, calibration = run_eval(details=True)
-    epsilon = budget.epsilon()
+        run.bar.close()
+    steps_done = run.budget.ledger.steps
+    if run.stop_reason == "budget" and steps_done > run.start:
+        _checkpoint(run, steps_done)
+
+
+def _run_steps(run: _Run) -> None:
+    """Steps of the current phase from ``run.step`` to its end (or the budget's refusal)."""
+    loader, rows = batches.open_loader(run.rt, run.sampler, run.step, run.layout)
+    try:
+        for step_idx, batch, mask in loader:
+            if step_idx >= run.rt.phase.end:
+                break
+            try:
+                run.budget.spend(run.entry)  # recorded BEFORE the step runs
+            except ledger.BudgetExceededError as e:
+                log.warning("stopping before step %d: %s", step_idx, e)
+                run.stop_reason = "budget"
+                break
+            rng = examples_key(run.spec.root, step_idx)
+            metrics = batches.run_step(run.rt, run.layout, batch, mask, rng, rows)
+            _test_kill("step", step_idx + 1)  # the step is (being) computed
+            run.step = run.sampler.step = step_idx + 1
+            run.steps_run += 1
+            run.bar.update(1)
+            tr, step = run.config.train, run.step
+            end = step in (run.plan.steps, run.rt.phase.end)  # of the run or of the phase
+            if step % tr.log_every == 0 or end:
+                _log(run, metrics, evaluate=step % tr.eval_every == 0 or end)
+            if step % tr.checkpoint_every == 0 or end:
+                _checkpoint(run, step)
+    finally:
+        loader.close()
+
+
+def _log(run: _Run, metrics, *, evaluate: bool) -> None:
+    """Writes step ``run.step``'s metrics and epsilon (and an evaluation with ``evaluate``)."""
+    step = run.step
+    host = distributed.to_host(metrics) if run.multi else metrics
+    record = {k: float(v) for k, v in host.items()}
+    epsilon = run.budget.epsilon()
+    record["epsilon"] = epsilon
+    if evaluate:
+        _evaluate(run)
+        _test_kill("eval", step)
+        record.update(run.last_eval)
+    if len(run.phases) > 1:
+        record["phase"] = run.current
+    run.writer.write(step, record)
+    _test_kill("metrics", step)
+    run.bar.set_postfix(
+        eps=f"{epsilon:.3f}",
+        debug_loss=f"{record['debug/train_loss']:.3f}",
+        acc=f"{run.last_eval.get('test_accuracy', float('nan')):.3f}",
+    )
+
+
+def _finish(run: _Run, t_start: float, train_seconds: float) -> dict:
+    """The final evaluation (unless the last step's is current), the summary and its report."""
+    plan, config = run.plan, run.config
+    if run.calibration is None or run.stop_reason == "budget":  # evaluate the final model once
+        _evaluate(run)
+    epsilon = run.budget.epsilon()
     try:  # cross-check; RDP cannot account a binding batch cap, PLD (the default) can
-        rdp_eps = (
-            budget.ledger.epsilon(plan.delta, "rdp") if plan.noise_multiplier > 0 else math.inf
-        )
+        spent = run.budget.ledger
+        rdp_eps = spent.epsilon(plan.delta, "rdp") if plan.noise_multiplier > 0 else math.inf
     except ValueError as e:
         log.warning("no RDP cross-check: %s", e)
         rdp_eps = None
     summary = {
-        **last_eval,
+        **run.last_eval,
         "epsilon": epsilon,
         "epsilon_rdp": rdp_eps,
         "delta": plan.delta,
@@ -379,21 +397,21 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         "noise_multiplier": plan.noise_multiplier,
         "sampling_rate": plan.sampling_rate,
         "expected_batch_size": plan.expected_batch_size,
-        "steps": steps_done,
+        "steps": run.budget.ledger.steps,
         "planned_steps": plan.steps,
-        "phases": {p.name: p.steps for p in phases},
-        "trained": trained,
-        "stop_reason": stop_reason,
-        "num_train_examples": n,
+        "phases": {p.name: p.steps for p in run.phases},
+        "trained": run.trained,
+        "stop_reason": run.stop_reason,
+        "num_train_examples": run.num_examples,
         "wall_seconds": time.time() - t_start,
         "train_seconds": train_seconds,
         # from the public expected batch size: the realised sizes are private
         "examples_per_second": (
-            steps_run * plan.expected_batch_size / train_seconds if train_seconds > 0 else 0.0
+            run.steps_run * plan.expected_batch_size / train_seconds if train_seconds > 0 else 0.0
         ),
     }
-    writer.close()
-    ckpt.close()
+    run.writer.close()
+    run.ckpt.close()
     title = f"{config.name}: eps={epsilon:.2f}, delta={plan.delta:g}"
     plots = config.get("plots", True)
-    return report.finish_run(workdir, summary, calibration, title, plots, primary)
+    return report.finish_run(run.workdir, summary, run.calibration, title, plots, run.primary)
