@@ -10,6 +10,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.name = ""
     c.seed = 0
     c.tensorboard = True
+    c.plots = True  # training_curves.png and reliability.png at the end of a run
     c.eval_batch_size = 1000
 
     c.data = ml_collections.ConfigDict()
@@ -72,6 +73,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.dp.auto_gamma = 0.01
     c.dp.global_threshold = 0.0  # Z for global clipping; 0 = clip_norm
     c.dp.accountant = "pld"  # pld | rdp
+    # independent (DP-SGD) | banded_mf (correlated noise of a band-b Toeplitz factorization with
+    # b cyclic Poisson partitions, docs/correlated_noise.md); band = b (1 for independent)
+    c.dp.noise = "independent"
+    c.dp.band = 1
+    # Adaptive quantile clipping (docs/adaptive_clipping.md): the clip norm, starting at
+    # clip_norm, tracks this quantile of the per-example norms (0 = off, e.g. 0.5) with the
+    # geometric update C <- C exp(-adaptive_lr (b - quantile)); b is the unclipped fraction with
+    # count noise std adaptive_count_noise (< 0: expected batch / 20). Flat clipping only.
+    c.dp.adaptive_quantile = 0.0
+    c.dp.adaptive_lr = 0.2
+    c.dp.adaptive_count_noise = -1.0
     # True: sampling and noise seeded from OS entropy, not c.seed (docs/randomness.md); the
     # secret is kept only inside the checkpoints, which must then be protected.
     c.dp.secure_noise = False
@@ -121,3 +133,70 @@ def make_smoke(c: ml_collections.ConfigDict, batch_size: int = 64, microbatch_si
     c.train.eval_every = 3
     c.train.checkpoint_every = 3
     return c
+
+
+def parse_arg(
+    arg: str,
+    *,
+    config: str,
+    choices: dict[str, tuple[str, ...]] | None = None,
+    flags: tuple[str, ...] = (),
+    defaults: dict[str, str | None] | None = None,
+    aliases: dict[str, tuple[str, ...]] | None = None,
+    numbers: dict[str, tuple[str, int]] | None = None,
+):
+    """Parses the ``:ARG`` of ``configs/NAME.py:ARG``: comma-separated parts in any order.
+
+    Each part is one of:
+
+    * a value of a ``choices`` group (``{"mode": ("head", "full")}``): at most one per group;
+      a group not named in ``arg`` takes ``defaults[group]`` if given (``None``: the config
+      decides), else its first value;
+    * a ``flags`` entry (``"smoke"``): ``True`` when present;
+    * an ``aliases`` key, replaced by its parts (``{"run": ("scatter",)}``);
+    * a ``numbers`` prefix and an integer (``{"size": ("px", 32)}`` accepts ``px64``, integers
+      of at least 32): the group is the integer, ``None`` when absent.
+
+    Returns a namespace with one attribute per group and per flag (``args.mode``,
+    ``args.smoke``). A part given twice, two values of one group, or anything else raises
+    ValueError with one line naming ``config``, the bad part and the accepted values.
+    """
+    from types import SimpleNamespace
+
+    choices, defaults = choices or {}, defaults or {}
+    aliases, numbers = aliases or {}, numbers or {}
+    accepted = "; ".join(
+        [f"{group}: {'|'.join(values)}" for group, values in choices.items()]
+        + [f"{group}: {p}N (N >= {low})" for group, (p, low) in numbers.items()]
+        + [f"{a} (= {','.join(parts)})" for a, parts in aliases.items()]
+        + list(flags)
+    )
+
+    def fail(why: str):
+        raise ValueError(f"{config}: {why} in config argument {arg!r} (accepted: {accepted})")
+
+    given = [p.strip() for p in arg.split(",") if p.strip()] if arg else []
+    parts = [q for p in given for q in aliases.get(p, (p,))]
+    chosen: dict[str, str | int | None] = {}
+    for part in parts:
+        if parts.count(part) > 1:
+            fail(f"{part!r} given twice")
+        group = next((g for g, values in choices.items() if part in values), None)
+        if group is None:
+            for g, (prefix, low) in numbers.items():
+                digits = part[len(prefix) :]
+                if part.startswith(prefix) and digits.isdigit() and int(digits) >= low:
+                    group = g
+                    break
+            if group is not None:
+                part = int(part[len(numbers[group][0]) :])
+        if group is None and part not in flags:
+            fail(f"unknown config argument {part!r}")
+        if group is not None:
+            if group in chosen:
+                fail(f"{chosen[group]!r} and {part!r} both set {group}")
+            chosen[group] = part
+    out = {g: chosen.get(g, defaults.get(g, values[0])) for g, values in choices.items()}
+    out.update({g: chosen.get(g) for g in numbers})
+    out.update({f: f in parts for f in flags})
+    return SimpleNamespace(**out)

@@ -1,10 +1,12 @@
 """dpft's DP core: every mechanism of dpft and its accounting.
 
 Clipping of per-example gradients (`clipping`, `clippers`, `ghost`, `unfold`), of feature rows and
-linear-head gradients (`rows`, shard by shard: `streaming`) and of client updates (`clients`);
-Gaussian noise (`noise`, `rows`); keys and secrets (`keys`); sampling (`sampling`); accounting of
-DP-SGD (`accounting`, `ledger`), of full-batch releases (`releases`), of federated rounds
-(`clients`) and of hyperparameter tuning with a random number of runs (`tuning`).
+linear-head gradients (`rows`, shard by shard: `streaming`) and of client updates (`clients`),
+with a clip norm that can track a quantile of the norms (`adaptive`); Gaussian noise (`noise`,
+`rows`), also correlated across steps by a banded matrix factorization (`correlated`); keys and
+secrets (`keys`); sampling (`sampling`); accounting of DP-SGD (`accounting`, `ledger`), of
+full-batch releases (`releases`), of federated rounds (`clients`) and of hyperparameter tuning
+with a random number of runs (`tuning`).
 
 Flat and auditable: these modules import nothing else from dpft. Submodules load lazily, so
 ``python -m dpft.privacy.accounting`` runs without importing JAX's clipping code first.
@@ -15,9 +17,12 @@ import importlib
 _SUBMODULES = (
     "accounting",
     "accounting_cli",
+    "adaptive",
+    "banded_strategy",
     "clients",
     "clippers",
     "clipping",
+    "correlated",
     "ghost",
     "keys",
     "ledger",

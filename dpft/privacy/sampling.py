@@ -18,10 +18,12 @@ import numpy as np
 from scipy import stats
 
 __all__ = [
+    "CyclicPoissonSampler",
     "IndexBatch",
     "PoissonSampler",
     "ShuffleSampler",
     "overflow_probability",
+    "partition_members",
     "poisson_batch_cap",
 ]
 
@@ -192,6 +194,95 @@ class ShuffleSampler(_StepSampler):
         perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
         idx = perm[i * self.batch_size : (i + 1) * self.batch_size].astype(np.int64)
         return IndexBatch(np.sort(idx), np.ones(self.batch_size, bool))
+
+
+@dataclasses.dataclass
+class CyclicPoissonSampler(_StepSampler):
+    """Cyclic Poisson sampling over ``num_partitions`` fixed partitions (BandMF's sampler).
+
+    Every example is assigned to one of b = ``num_partitions`` partitions, independently and
+    uniformly at random from ``assignment_seed`` (a fixed, public assignment: keep it
+    ``config.seed``, also in secure mode). Step t draws a Poisson sample of rate
+    ``sampling_rate`` from partition ``t mod b``, padded to ``max_batch_size`` rows and
+    truncated like `PoissonSampler` if it overflows (by default the cap is the one of the
+    largest partition at overflow probability 1e-12). The draw of step t comes from a
+    generator seeded with ``[seed, t]``, so the sampler is a pure function of (seed, step) and
+    resumes exactly. ``num_partitions = 1`` samples like `PoissonSampler`.
+
+    Privacy:
+        Under add/remove-one neighbouring the partition of an example is independent of the
+        data, and the example can be sampled only at steps ``k, k+b, k+2b, ...`` of its
+        partition k: b-min-separated participation, at most ``ceil(n / b)`` of n steps, each
+        with probability q independently. With a b-banded correlation matrix this is the
+        sampling of `dpft.privacy.correlated.banded_entry`'s accounting. The sampled indices
+        are private; the assignment is not.
+    """
+
+    num_examples: int
+    sampling_rate: float
+    num_partitions: int
+    seed: int
+    assignment_seed: int = 0
+    max_batch_size: int | None = None
+    step: int = 0
+
+    def __post_init__(self):
+        _check_dataset(self.num_examples)
+        _check_rate(self.sampling_rate)
+        b = self.num_partitions
+        if not (isinstance(b, int | np.integer) and 1 <= b <= self.num_examples):
+            raise ValueError(
+                f"num_partitions must be an int in [1, num_examples={self.num_examples}], got {b!r}"
+            )
+        self.partitions = partition_members(self.num_examples, int(b), self.assignment_seed)
+        if self.max_batch_size is None:
+            self.max_batch_size = poisson_batch_cap(self.max_partition_size, self.sampling_rate)
+        if not (isinstance(self.max_batch_size, int) and self.max_batch_size > 0):
+            raise ValueError(f"max_batch_size must be a positive int, got {self.max_batch_size}")
+
+    @property
+    def max_partition_size(self) -> int:
+        return max(len(p) for p in self.partitions)
+
+    @property
+    def expected_batch_size(self) -> float:
+        """The public expected batch size over a cycle: ``q N / b``."""
+        return self.num_examples * self.sampling_rate / self.num_partitions
+
+    @property
+    def overflow_prob(self) -> float:
+        return overflow_probability(
+            self.max_partition_size, self.sampling_rate, self.max_batch_size
+        )
+
+    def batch_at(self, step: int) -> IndexBatch:
+        members = self.partitions[step % self.num_partitions]
+        rng = np.random.default_rng([self.seed, step])
+        n = int(rng.binomial(len(members), self.sampling_rate))
+        n = min(n, self.max_batch_size)
+        chosen = np.sort(members[rng.choice(len(members), size=n, replace=False)])
+        indices = np.zeros(self.max_batch_size, np.int64)
+        indices[:n] = chosen
+        mask = np.zeros(self.max_batch_size, bool)
+        mask[:n] = True
+        return IndexBatch(indices, mask)
+
+
+def partition_members(
+    num_examples: int, num_partitions: int, assignment_seed: int
+) -> list[np.ndarray]:
+    """The sorted example indices of each of the ``num_partitions`` cyclic partitions.
+
+    Example i goes to partition ``a_i``, the a_i i.i.d. uniform on ``[0, num_partitions)``
+    from a generator seeded with ``[assignment_seed, num_partitions, 1]`` (three words, so it
+    never equals a step generator ``[seed, step]``).
+    """
+    _check_dataset(num_examples)
+    rng = np.random.default_rng([int(assignment_seed), int(num_partitions), 1])
+    assignment = rng.integers(0, num_partitions, size=num_examples)
+    order = np.argsort(assignment, kind="stable")
+    bounds = np.searchsorted(assignment[order], np.arange(num_partitions + 1))
+    return [order[bounds[k] : bounds[k + 1]].astype(np.int64) for k in range(num_partitions)]
 
 
 def expected_steps_per_epoch(sampling_rate: float) -> int:

@@ -5,18 +5,26 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from dpft import data as dpdata
 from dpft import models, optim
 from dpft.data import augment as augment_lib
 from dpft.models.conv import CONV_IMPLS
 from dpft.paths import DataError
-from dpft.privacy import accounting, clipping, sampling
+from dpft.privacy import correlated
+from dpft.train.privacy_plan import PrivacyPlan, check_noise
+
+# The privacy plan's pieces, also reachable from here (drivers build a run from this module):
+from dpft.train.privacy_plan import build_budget as build_budget
+from dpft.train.privacy_plan import build_clipper as build_clipper
+from dpft.train.privacy_plan import build_norm_strategy as build_norm_strategy
+from dpft.train.privacy_plan import build_sampler as build_sampler
+from dpft.train.privacy_plan import plan_privacy as plan_privacy
 
 
 def load_data(config) -> tuple[dict, dict, int]:
@@ -26,6 +34,7 @@ def load_data(config) -> tuple[dict, dict, int]:
     With ``config.data.pipeline='grain'`` both splits are `dpft.data.StreamSplit`s instead,
     read by index while training (`dpft.data.stream_splits`, docs/data.md).
     """
+    check_noise(config)
     c = config.data
     augment = build_augment(config)
     pipeline = c.get("pipeline", "memory")
@@ -234,105 +243,6 @@ def _shape_errors(name: str, shape: tuple):
         ) from None
 
 
-def build_clipper(dp) -> clipping.Clipper:
-    kind = dp.clipping
-    if kind == "flat":
-        return clipping.FlatClip(dp.clip_norm)
-    if kind == "per_layer":
-        return clipping.PerLayerClip(dp.clip_norm)
-    if kind == "auto":
-        return clipping.AutoClip(gamma=dp.auto_gamma, scale=dp.clip_norm)
-    if kind == "global":
-        return clipping.GlobalClip(dp.clip_norm, threshold=dp.global_threshold or None)
-    raise ValueError(f"config.dp.clipping must be flat|per_layer|auto|global, got {kind!r}")
-
-
-def build_norm_strategy(dp) -> clipping.NormStrategy | None:
-    """``config.dp.norms``: how per-example gradient norms are computed (None = `VmapNorms`).
-
-    ``'ghost'`` (the default) uses ghost / mixed ghost norms and the book-keeping sum for flax
-    Dense/Conv layers (`dpft.privacy.ghost.GhostNorms`, exact per-example gradients for the
-    other parameters), the faster choice in ``make bench`` for every workload; it is tested
-    equal to ``'vmap'`` for every model family of `dpft.models` (``tests/test_ghost.py``).
-    ``'vmap'`` materialises per-example gradients (`clipping.VmapNorms`, any model; with
-    ``model.conv='im2col'`` it was the faster of the two for ResNet-20). Both give the same
-    clipped sum up to float rounding.
-    """
-    kind = dp.get("norms", "ghost")
-    if kind == "vmap":
-        return None
-    if kind == "ghost":
-        from dpft.privacy.ghost import GhostNorms
-
-        return GhostNorms()
-    raise ValueError(f"config.dp.norms must be vmap|ghost, got {kind!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class PrivacyPlan:
-    num_examples: int
-    sampling_rate: float
-    expected_batch_size: float
-    max_batch_size: int
-    steps: int
-    noise_multiplier: float
-    target_epsilon: float
-    delta: float
-    accountant: str
-
-    def entry(self) -> accounting.GaussianSteps:
-        return accounting.GaussianSteps(
-            self.noise_multiplier,
-            self.sampling_rate,
-            1,
-            dataset_size=self.num_examples,
-            max_batch_size=self.max_batch_size,
-        )
-
-
-def plan_privacy(config, num_examples: int, batch_multiple: int = 1) -> PrivacyPlan:
-    """Sampling rate, steps and noise multiplier (calibrated to the target when not given).
-
-    The padded batch (the Poisson cap, unless ``config.train.max_batch_size`` sets it) is the
-    smallest whose truncation charge ``eta + e^eps eta'`` is at most 1% of delta
-    (`accounting.overflow_probability_for`; never above 1e-12 per step), rounded up to a
-    multiple of ``batch_multiple`` (the number of data-parallel devices); accounting uses the
-    rounded cap.
-    """
-    dp, tr = config.dp, config.train
-    build_norm_strategy(dp)  # refuse an unknown config.dp.norms before any file is written
-    if not dp.clip_norm > 0:
-        raise ValueError(f"config.dp.clip_norm must be > 0 (inf: no clipping), got {dp.clip_norm}")
-    if not dp.epsilon > 0:
-        raise ValueError(f"config.dp.epsilon must be > 0, got {dp.epsilon}")
-    accounting.check_delta(dp.delta, num_examples)
-    if not 0 < tr.batch_size <= num_examples:
-        raise ValueError(
-            f"config.train.batch_size must be in [1, {num_examples}], got {tr.batch_size}"
-        )
-    q = tr.batch_size / num_examples
-    steps = tr.steps or math.ceil(tr.epochs * num_examples / tr.batch_size)
-    if steps <= 0:
-        raise ValueError("config.train.steps or config.train.epochs must be > 0")
-    if not tr.max_batch_size:  # a cap whose truncation charge is <= 1% of delta
-        p = accounting.overflow_probability_for(dp.epsilon, dp.delta, steps)
-        p = min(p, sampling.DEFAULT_OVERFLOW_PROBABILITY)
-    cap = tr.max_batch_size or sampling.poisson_batch_cap(num_examples, q, p)
-    cap = -(-cap // batch_multiple) * batch_multiple
-    entry_kw = {"dataset_size": num_examples, "max_batch_size": cap}
-    if dp.noise_multiplier >= 0:
-        sigma = float(dp.noise_multiplier)
-    elif math.isinf(dp.epsilon):
-        raise ValueError("config.dp.noise_multiplier < 0 (calibrate) needs a finite dp.epsilon")
-    else:
-        sigma = accounting.calibrate_noise_multiplier(
-            dp.epsilon, dp.delta, q, steps, dp.accountant, **entry_kw
-        )
-    return PrivacyPlan(
-        num_examples, q, q * num_examples, cap, steps, sigma, dp.epsilon, dp.delta, dp.accountant
-    )
-
-
 def make_mesh(num_devices: int):
     """A 1-D ('data',) mesh over the first ``num_devices`` devices (0 = all); None for one.
 
@@ -356,6 +266,9 @@ def make_mesh(num_devices: int):
     return jax.sharding.Mesh(np.asarray(devices[:n]), ("data",))
 
 
+_BASES = ("sgd", "adam", "adamw", "lamb")  # optax names of optim.dp_optimizer's bases
+
+
 def build_optimizer(
     config, plan: PrivacyPlan, sensitivity: float, noise_key, *, steps=None, learning_rate=None
 ):
@@ -373,6 +286,29 @@ def build_optimizer(
         kwargs = {"momentum": tr.momentum or None, "nesterov": tr.nesterov}
     elif tr.optimizer in ("adamw", "lamb"):
         kwargs = {"weight_decay": tr.weight_decay}
+    if optim.check_adaptive(config):  # adaptive quantile clipping, docs/adaptive_clipping.md
+        dp = config.dp
+        return optim.dp_adaptive_optimizer(
+            tr.optimizer,
+            schedule,
+            noise_multiplier=plan.noise_multiplier,
+            initial_clip_norm=sensitivity,
+            expected_batch_size=plan.expected_batch_size,
+            key=noise_key,
+            target_quantile=dp.adaptive_quantile,
+            clip_learning_rate=dp.adaptive_lr,
+            count_noise=dp.adaptive_count_noise,
+            **kwargs,
+        )
+    if plan.noise == "banded_mf":  # the correlated privatizer in place of the independent one
+        if tr.optimizer not in _BASES:
+            raise ValueError(f"config.train.optimizer must be {'|'.join(_BASES)}: {tr.optimizer}")
+        sigma = plan.noise_multiplier
+        return optax.chain(
+            correlated.banded_mf_privatizer(sigma, sensitivity, plan.coefs, noise_key),
+            optim.normalize_by_expected_batch(plan.expected_batch_size),
+            getattr(optax, tr.optimizer)(schedule, **kwargs),
+        )
     return optim.dp_optimizer(
         tr.optimizer,
         schedule,

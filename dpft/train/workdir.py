@@ -22,14 +22,31 @@ class ConfigMismatchError(ValueError):
 def config_json(config) -> str:
     """The canonical JSON of ``config`` that identifies a run (and its fingerprint)."""
     d = config.to_dict()
-    if not d.get("dp", {}).get("secure_noise", True):  # off: workdirs from before the key resume
-        del d["dp"]["secure_noise"]
     parallel = d.get("parallel", {})
     for key in distributed.LAUNCH_KEYS:  # the launch, not the experiment
         parallel.pop(key, None)
-    if not parallel.get("fsdp", True):  # off: workdirs from before the key resume
-        del parallel["fsdp"]
+    for path, default in _LEFT_OUT_AT_DEFAULT.items():
+        *parents, last = path
+        node = d
+        for part in parents:
+            node = node.get(part, {})
+        if last in node and node[last] == default:
+            del node[last]
     return json.dumps(d, sort_keys=True, indent=2, default=str)
+
+
+#: Keys left out of the identity while they hold these values (the behaviour of a config without
+#: them), so that a workdir written before a key existed resumes under the same fingerprint.
+_LEFT_OUT_AT_DEFAULT = {
+    ("plots",): True,
+    ("dp", "secure_noise"): False,
+    ("dp", "noise"): "independent",
+    ("dp", "band"): 1,
+    ("dp", "adaptive_quantile"): 0.0,
+    ("dp", "adaptive_lr"): 0.2,
+    ("dp", "adaptive_count_noise"): -1.0,
+    ("parallel", "fsdp"): False,
+}
 
 
 def claim_workdir(workdir: pathlib.Path, text: str) -> bool:
