@@ -15,10 +15,13 @@ from __future__ import annotations
 import jax
 import optax
 
+from dpft.privacy import adaptive
 from dpft.privacy.noise import gaussian_privatizer
 
 __all__ = [
+    "check_adaptive",
     "dp_adam",
+    "dp_adaptive_optimizer",
     "dp_adamw",
     "dp_chain",
     "dp_lamb",
@@ -262,3 +265,78 @@ def dp_optimizer(
         key=key,
         **base_options,
     )
+
+
+def dp_adaptive_optimizer(
+    name: str,
+    learning_rate: ScalarOrSchedule,
+    *,
+    noise_multiplier: float,
+    initial_clip_norm: float,
+    expected_batch_size: float,
+    key: jax.Array | int,
+    target_quantile: float,
+    clip_learning_rate: float,
+    count_noise: float = -1.0,
+    **kwargs,
+) -> optax.GradientTransformation:
+    """`dp_optimizer` with adaptive quantile clipping (`dpft.privacy.adaptive`).
+
+    ``optax.chain(adaptive_privatizer, normalize_by_expected_batch, base)``; the step
+    (`dpft.train.step.make_train_step`) clips at the clip norm held in the privatizer's state.
+    ``count_noise < 0`` selects ``sigma_b = expected_batch_size / 20``
+    (`adaptive.default_count_noise`).
+
+    Privacy:
+        Each update is one Gaussian mechanism with the TOTAL multiplier ``noise_multiplier``
+        (gradient sum and unclipped count together, `adaptive.split_noise_multiplier`), so the
+        accountant's per-step entry is that of `dp_chain` with the same multiplier.
+    """
+    bases = {"sgd": optax.sgd, "adam": optax.adam, "adamw": optax.adamw, "lamb": optax.lamb}
+    if name not in bases:
+        raise ValueError(f"optimizer must be one of {sorted(bases)}, got {name!r}")
+    sigma_b = float(count_noise)
+    if sigma_b < 0:
+        sigma_b = adaptive.default_count_noise(expected_batch_size)
+    priv = adaptive.adaptive_privatizer(
+        noise_multiplier,
+        initial_clip_norm,
+        key,
+        target_quantile=target_quantile,
+        learning_rate=clip_learning_rate,
+        count_noise=sigma_b,
+        expected_count=expected_batch_size,
+    )
+    return optax.chain(
+        priv,
+        normalize_by_expected_batch(expected_batch_size),
+        bases[name](learning_rate, **kwargs),
+    )
+
+
+def check_adaptive(config) -> bool:
+    """Whether ``config.dp.adaptive_quantile`` turns adaptive clipping on; refuses what it lacks.
+
+    Adaptive clipping runs in the centralized trainer with flat clipping, independent noise, one
+    array step (no host chunks, one device) and a finite initial ``config.dp.clip_norm``; every
+    other combination gets a one-line ValueError.
+    """
+    dp = config.dp
+    gamma = float(dp.get("adaptive_quantile", 0.0))
+    if gamma == 0:
+        return False
+    if not 0 < gamma <= 1:
+        raise ValueError(f"config.dp.adaptive_quantile must be in (0, 1] (0 = off), got {gamma}")
+    if dp.clipping != "flat":
+        raise ValueError(f"adaptive clipping needs config.dp.clipping='flat', got {dp.clipping!r}")
+    unsupported = {
+        "config.dp.noise='banded_mf'": dp.get("noise", "independent") != "independent",
+        "config.train.host_chunk_size > 0": bool(config.train.get("host_chunk_size", 0)),
+        "config.parallel.data > 1": config.get("parallel", {}).get("data", 1) > 1,
+        "config.federated": "federated" in config,
+        "an infinite config.dp.clip_norm": not dp.clip_norm < float("inf"),
+    }
+    for what, used in unsupported.items():
+        if used:
+            raise ValueError(f"adaptive clipping is not supported with {what}")
+    return True

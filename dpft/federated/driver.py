@@ -225,8 +225,15 @@ def make_round(
     mesh: jax.sharding.Mesh | None = None,
     data_axis: str = "data",
     norm_strategy: clipping.NormStrategy | None = None,
+    adaptive_clip: dict | None = None,
 ) -> Callable[[srv.ServerState, Any, RoundInputs], tuple[srv.ServerState, dict]]:
     """``round_fn(server_state, frozen, inputs) -> (server_state, metrics)``.
+
+    ``adaptive_clip`` (client level only): ``{"target_quantile", "learning_rate",
+    "count_noise"}`` of adaptive quantile clipping of the client updates
+    (`dp_clients.adaptive_private_mean`); the clip norm is ``server_state.clip``
+    (`dpft.privacy.adaptive.init_state(config.client_clip)` to start) and the metrics hold
+    ``clip_norm`` (this round's) and ``unclipped_fraction`` (its noisy estimate), DP outputs.
 
     Clients run vectorized (``jax.vmap`` over slots of `make_local_update`) in one jit. With a
     ``mesh``, the client slots are split over its ``data_axis`` (``plan.slots`` must be a
@@ -239,10 +246,14 @@ def make_round(
         'client': each client's update is clipped to L2 norm ``client_clip`` (non-finite ones
         contribute zero), summed, N(0, (z S)^2) noise is added once per round with the round's
         key, and the sum is divided by ``q_c * num_clients``: one Gaussian mechanism of
-        sensitivity S per round under add/remove-one client. 'example': the local updates are
-        DP-SGD outputs and the server is post-processing. Returned ``debug/`` metrics are not
-        private.
+        sensitivity S per round under add/remove-one client. With ``adaptive_clip``, S is the
+        round's clip norm and the clipped sum and the noisy centred count together are one
+        Gaussian mechanism with multiplier z (`dpft.privacy.adaptive`): the same round entry.
+        'example': the local updates are DP-SGD outputs and the server is post-processing.
+        Returned ``debug/`` metrics are not private.
     """
+    if adaptive_clip is not None and config.dp != "client":
+        raise ValueError("adaptive clipping of client updates needs client-level DP")
     local_update = make_local_update(loss_fn, config, plan, clipper, norm_strategy)
     z, s_clip = plan.noise_multiplier, config.client_clip
     std = noise_std(z, s_clip) if config.dp == "client" else 0.0
@@ -279,7 +290,20 @@ def make_round(
             state.params, frozen, inputs.batch, inputs.mask, inputs.inv_expected, ckeys
         )
         cmask = inputs.client_mask
-        if config.dp == "client":
+        clip = state.clip
+        if adaptive_clip is not None:
+            if clip is None:
+                raise ValueError("adaptive clipping: the server state has no clip state")
+            mean, clip, _, ok = dp_clients.adaptive_private_mean(
+                updates,
+                cmask,
+                clip,
+                noise_multiplier=z,
+                noise_key=server_noise_key(root, state.round),
+                expected_clients=expected,
+                **adaptive_clip,
+            )
+        elif config.dp == "client":
             mean, _, ok = dp_clients.private_mean(
                 updates,
                 cmask,
@@ -290,9 +314,12 @@ def make_round(
             )
         else:
             mean, ok = srv.weighted_mean(updates, cmask, inputs.weights)
-        new_state = srv.server_apply(server_tx, state, mean)
+        new_state = srv.server_apply(server_tx, state, mean)._replace(clip=clip)
         count = jnp.maximum(jnp.sum(cmask), 1.0)
         out = {k: jnp.sum(jnp.where(cmask > 0, v, 0.0)) / count for k, v in metrics.items()}
+        if adaptive_clip is not None:
+            out["clip_norm"] = state.clip.clip_norm
+            out["unclipped_fraction"] = clip.fraction
         out["debug/clients"] = jnp.sum(cmask)
         out["debug/dropped_clients"] = jnp.sum(cmask) - jnp.sum(ok)
         return new_state, out

@@ -30,6 +30,8 @@ class ServerState(NamedTuple):
     round: jax.Array  # int32: rounds completed
     params: PyTree  # global trainable parameters (flat dict)
     opt_state: PyTree  # server optimizer state
+    # adaptive client clipping (`dpft.privacy.adaptive.AdaptiveClipState`), None without it
+    clip: Any = None
 
 
 def make_server_optimizer(
@@ -86,4 +88,4 @@ def server_apply(
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     params = jax.tree_util.tree_map(lambda p, q: p.astype(q.dtype), params, state.params)
-    return ServerState(state.round + 1, params, opt_state)
+    return ServerState(state.round + 1, params, opt_state, state.clip)

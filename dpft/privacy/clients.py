@@ -34,6 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from dpft.privacy import adaptive
 from dpft.privacy.accounting import GaussianSteps, calibrate_noise_multiplier, compute_epsilon
 from dpft.privacy.noise import gaussian_noise
 
@@ -47,6 +48,7 @@ __all__ = [
     "client_level_sum",
     "example_level_entry",
     "example_level_epsilon",
+    "adaptive_private_mean",
     "private_mean",
     "update_norms",
 ]
@@ -155,6 +157,54 @@ def private_mean(
     noise = gaussian_noise(noise_key, total, noise_std)
     mean = jax.tree_util.tree_map(lambda s, n: (s + n) / expected_clients, total, noise)
     return mean, norms, ok
+
+
+def adaptive_private_mean(
+    updates: PyTree,
+    client_mask: jax.Array,
+    clip: adaptive.AdaptiveClipState,
+    *,
+    noise_multiplier: float,
+    count_noise: float,
+    noise_key: jax.Array,
+    expected_clients: float,
+    target_quantile: float,
+    learning_rate: float,
+) -> tuple[PyTree, adaptive.AdaptiveClipState, jax.Array, jax.Array]:
+    """`private_mean` at the adaptive clip norm ``clip.clip_norm``, and the next clip norm.
+
+    The updates are clipped at ``C = clip.clip_norm`` (a traced value), the sum gets
+    ``N(0, (z_delta C)^2)`` per element from ``noise_key`` (``z_delta =
+    adaptive.split_noise_multiplier(noise_multiplier, count_noise)``) and is divided by the
+    PUBLIC ``expected_clients``; the centred count of clients whose update norm is <= C (a
+    non-finite update counts as clipped) gets ``N(0, count_noise^2)`` from
+    ``adaptive.count_key(noise_key, clip.step)`` and updates C (`adaptive.update_state`).
+    Returns ``(mean, next clip state, norms, ok)``; ``norms`` and ``ok`` are private.
+
+    Privacy:
+        The clipped sum has sensitivity C and the centred count 1/2 under add/remove-one
+        client; together one Gaussian mechanism per round with multiplier ``noise_multiplier``
+        (`adaptive.split_noise_multiplier`), i.e. the same `client_level_entry` as
+        `private_mean` at that multiplier. The next clip norm is post-processing.
+        ``noise_key`` must be fresh per round.
+    """
+    zd = adaptive.split_noise_multiplier(noise_multiplier, count_noise)
+    c = clip.clip_norm
+    clipped, norms, ok = clip_client_updates(updates, client_mask, c)
+    total = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), clipped)
+    noise = gaussian_noise(noise_key, total, zd * c)
+    mean = jax.tree_util.tree_map(lambda s, n: (s + n) / expected_clients, total, noise)
+    centred = adaptive.centred_unclipped_count(jnp.where(ok > 0, norms, jnp.inf), client_mask, c)
+    nxt = adaptive.update_state(
+        clip,
+        noise_key,
+        centred,
+        target_quantile=target_quantile,
+        learning_rate=learning_rate,
+        count_noise=count_noise,
+        expected_count=expected_clients,
+    )
+    return mean, nxt, norms, ok
 
 
 # ------------------------------------------------------------------------------------------

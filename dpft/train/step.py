@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from dpft.data import augment as augment_lib
 from dpft.data.augment import AugmentSpec
-from dpft.privacy import clipping
+from dpft.privacy import adaptive, clipping
 
 PyTree = Any
 
@@ -147,24 +147,43 @@ def make_train_step(
     with one key, not once per device. Parameters and optimizer state are replicated.
     ``microbatch_unroll`` is the ``unroll`` of `clipping.clipped_grad`'s loop over microbatches.
 
+    Adaptive clipping (``tx`` built on `dpft.privacy.adaptive.adaptive_privatizer`): the clip
+    norm is the one held in the privatizer's state (a traced value), ``clipper`` must be a
+    `clipping.FlatClip` and is replaced by `adaptive.FlatClipAt` at that norm; the step passes
+    the centred unclipped count at that norm to ``tx`` and returns the norm it clipped with
+    (``clip_norm``) and the noisy unclipped fraction (``unclipped_fraction``), both DP outputs.
+
     Privacy:
         The parameter update is ``tx`` applied to the SUM of clipped per-example gradients
-        (sensitivity ``clipper.sensitivity(params)`` under add/remove-one), so with ``tx`` a DP
-        chain each step is one subsampled Gaussian mechanism. Returned ``debug/`` metrics are
-        computed from the private batch without noise and are not private.
+        (sensitivity ``clipper.sensitivity(params)`` under add/remove-one, with adaptive
+        clipping the current clip norm, the one the privatizer's noise is scaled by), so with
+        ``tx`` a DP chain each step is one subsampled Gaussian mechanism. Returned ``debug/``
+        metrics are computed from the private batch without noise and are not private.
     """
 
     def step(state: TrainState, batch: dict, rng: jax.Array):
         mask = batch["mask"]
         examples = {k: v for k, v in batch.items() if k != "mask"}
+        current = adaptive.find_state(state.opt_state)
+        clip = clipper
+        if current is not None:
+            if not isinstance(clipper, clipping.FlatClip):
+                raise ValueError("adaptive clipping supports flat clipping only")
+            if mesh is not None:
+                raise ValueError("adaptive clipping is not supported with a device mesh")
+            clip = adaptive.FlatClipAt(current.clip.clip_norm)
         grad_fn = clipped_grad_fn(
-            loss_fn, state.frozen, clipper, microbatch_size, norm_strategy, microbatch_unroll
+            loss_fn, state.frozen, clip, microbatch_size, norm_strategy, microbatch_unroll
         )
         if mesh is None:
             out = grad_fn(state.params, examples, mask, rng)
         else:
             out = _sharded(grad_fn, mesh, data_axis)(state.params, examples, mask, rng)
-        return apply_dp_update(tx, state, out.grad_sum, batch_sums(out, mask))
+        sums = batch_sums(out, mask)
+        if current is None:
+            return apply_dp_update(tx, state, out.grad_sum, sums)
+        centred = adaptive.centred_unclipped_count(out.norms, mask, current.clip.clip_norm)
+        return apply_dp_update(tx, state, out.grad_sum, sums, centred_count=centred)
 
     return step
 
@@ -208,12 +227,19 @@ def batch_sums(out: clipping.ClippedGrad, mask: jax.Array) -> BatchSums:
     )
 
 
-def apply_dp_update(tx, state: TrainState, grad_sum, sums: BatchSums):
+def apply_dp_update(tx, state: TrainState, grad_sum, sums: BatchSums, centred_count=None):
     """``tx`` (the DP chain: noise once, divide by the expected batch) on the clipped sum.
 
     Returns the next state and the ``debug/`` metrics (computed without noise: not private).
+    With adaptive clipping ``centred_count`` (`adaptive.centred_unclipped_count` at the clip
+    norm ``grad_sum`` was clipped with) is passed on to the privatizer; a caller that does not
+    pass it gets the privatizer's ValueError, so a sum clipped at a static norm is never
+    noised at the adaptive one. The metrics then also hold ``clip_norm`` (the norm of this
+    step) and ``unclipped_fraction`` (its noisy estimate), which are DP outputs.
     """
-    updates, opt_state = tx.update(grad_sum, state.opt_state, state.params)
+    current = adaptive.find_state(state.opt_state)
+    extra = {} if current is None else {"centred_count": centred_count}
+    updates, opt_state = tx.update(grad_sum, state.opt_state, state.params, **extra)
     params = optax.apply_updates(state.params, updates)
     params = jax.tree_util.tree_map(lambda p, q: p.astype(q.dtype), params, state.params)
     real = jnp.maximum(sums.count, 1.0)
@@ -224,6 +250,9 @@ def apply_dp_update(tx, state: TrainState, grad_sum, sums: BatchSums):
         "debug/clipped_fraction": sums.clipped / real,
         "debug/nonfinite": sums.nonfinite,
     }
+    if current is not None:
+        metrics["clip_norm"] = current.clip.clip_norm
+        metrics["unclipped_fraction"] = adaptive.find_state(opt_state).clip.fraction
     return TrainState(state.step + 1, params, opt_state, state.frozen), metrics
 
 
