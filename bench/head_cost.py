@@ -1,4 +1,4 @@
-"""What head tuning costs: a DP step of the head vs the backbone's forward pass (issue 6).
+"""What head tuning costs: a DP step of the head vs the backbone's forward pass.
 
 Frozen parameters are closed over by the per-example loss and never differentiated, so a DP
 step that tunes only the head of a frozen ResNet-20 should cost about one forward pass of the

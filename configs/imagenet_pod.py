@@ -5,7 +5,7 @@ A v4-32 slice has 16 TPU v4 chips on 4 hosts (4 chips per host; v4 is "megacore"
 (`config.parallel.multihost='auto'` on a multi-host TPU VM), the mesh spans the 16 devices, each
 host gathers the rows of its own 4 chips from the common Poisson batch, the noise is drawn once
 per logical batch, and only host 0 writes metrics and summaries (checkpoints: all hosts, orbax).
-See README "Launching on a TPU pod"::
+See docs/pods.md::
 
     gcloud compute tpus tpu-vm ssh $TPU --zone=$ZONE --worker=all --command \\
       "cd dpft && python -m dpft --config configs/imagenet_pod.py \\
@@ -33,23 +33,24 @@ which of ghost and ``vmap`` is faster on TPU has not been measured (both give th
 Places365-pretrained ResNet on ImageNet: ResNet-18 in torchvision's layout with frozen BatchNorm
 statistics (`dpft.models.pretrained`), every parameter trained, a zero-initialised head, 10
 epochs at learning rate 1 (untuned). dpft ships no such weights: write a torchvision-layout
-state dict as safetensors (README "Launching on a TPU pod"), copy it to every host and pass
+state dict as safetensors (docs/pods.md), copy it to every host and pass
 ``--config.model.pretrained_path=FILE``; without it the run stops with a one-line error.
 
 Tuning: none (the hyperparameters are untuned); a search on private data would not be counted
 in the reported epsilon.
 
-Expected result: NOT RUN on a pod; only `:smoke` was run (on CPU), so no accuracy or wall
-time is claimed. For scale: De et al. 2022 report 32.4% top-1 at epsilon 8 for an NF-ResNet-50
-trained from scratch on 224x224 ImageNet with far more compute; this smaller model on 64x64
-images should land clearly below that. Report what a run gives in experiments/results.
-``:smoke`` runs two steps on 32 random 64x64 images from ``tfds.testing.mock_data`` on CPU
-(tests/test_imagenet_pod.py): data, sampling, accounting, checkpoints and outputs of this config
-end to end, with the small `SampleConvNet` standing in for the ResNet-18 (whose per-example
-gradients take minutes to compile and run on XLA:CPU; its shapes are tested separately).
+Only `:smoke` was run (on CPU), so no accuracy or wall time is claimed; this smaller model on
+64x64 images should land clearly below the published anchor. Report what a run gives in
+experiments/results/e2e_runs.md. ``:smoke`` runs two steps on 32 random 64x64 images from
+``tfds.testing.mock_data`` on CPU (tests/test_imagenet_pod.py): data, sampling, accounting,
+checkpoints and outputs of this config end to end, with the small `SampleConvNet` standing in
+for the ResNet-18 (whose per-example gradients are slow to compile and run on XLA:CPU; its
+shapes are tested separately).
+
+Expected: not run here; published anchor 32.4% top-1 at epsilon 8 (De et al. 2022, NF-ResNet-50).
 """
 
-from dpft.config import base_config
+from dpft.config import base_config, parse_arg
 
 
 def get_config(arg: str = ""):
@@ -77,34 +78,35 @@ def get_config(arg: str = ""):
     c.train.checkpoint_every = 100
     c.eval_batch_size = 1000
     c.parallel.data = 0  # every device of every host
-    for part in arg.split(",") if arg else []:
-        if part == "smoke":  # the pipeline end to end; a small CNN stands in for the ResNet
-            c.model.name = "sample_convnet"
-            c.model.norm = ""
-            c.model.dtype = "float32"
-            c.parallel.data = 1  # one CPU device
-            c.data.train_subset = 32  # tests: all of tfds.testing.mock_data's 32 examples
-            c.data.eval_subset = 32
-            c.train.batch_size = 8
-            c.train.max_batch_size = 32  # no cap on 32 examples: quick to account
-            c.train.microbatch_size = 16
-            c.train.steps = 2
-            c.train.warmup_steps = 0
-            c.train.log_every = 2
-            c.dp.noise_multiplier = 1.0  # calibrating on a 32-example set takes minutes
-            c.train.eval_every = 2
-            c.train.checkpoint_every = 2
-            c.dp.delta = 1e-3
-            c.eval_batch_size = 32
-        elif part == "finetune":  # pretrained torchvision-layout weights from pretrained_path
-            c.model.norm = "frozen_bn"
-            c.model.pretrained = c.model.name
-            c.finetune.mode = "full"
-            c.finetune.head_init = "zero"  # a fresh head for ImageNet's 1,000 classes
-            c.train.epochs = 10.0
-            c.train.learning_rate = 1.0
-        else:
-            raise ValueError(f"unknown config argument {part!r} (expected smoke or finetune)")
+    a = parse_arg(arg, config="configs/imagenet_pod.py", flags=("smoke", "finetune"))
+    if a.smoke:  # the pipeline end to end; a small CNN stands in for the ResNet
+        c.model.name = "sample_convnet"
+        c.model.norm = ""
+        c.model.dtype = "float32"
+        c.parallel.data = 1  # one CPU device
+        c.data.train_subset = 32  # tests: all of tfds.testing.mock_data's 32 examples
+        c.data.eval_subset = 32
+        c.train.batch_size = 8
+        c.train.max_batch_size = 32  # no cap on 32 examples: quick to account
+        c.train.microbatch_size = 16
+        c.train.steps = 2
+        c.train.warmup_steps = 0
+        c.train.log_every = 2
+        c.dp.noise_multiplier = 1.0  # calibrating on a 32-example set is slow
+        c.train.eval_every = 2
+        c.train.checkpoint_every = 2
+        c.dp.delta = 1e-3
+        c.eval_batch_size = 32
+    if a.finetune:  # pretrained torchvision-layout weights from pretrained_path
+        c.model.norm = "frozen_bn"
+        c.model.pretrained = c.model.name
+        c.finetune.mode = "full"
+        c.finetune.head_init = "zero"  # a fresh head for ImageNet's 1,000 classes
+        c.train.epochs = 10.0
+        c.train.learning_rate = 1.0
     if c.model.pretrained and c.model.name == "sample_convnet":
-        raise ValueError("config arguments smoke and finetune do not combine (no CNN weights)")
+        raise ValueError(
+            "configs/imagenet_pod.py: config arguments smoke and finetune do not combine "
+            "(no CNN weights)"
+        )
     return c

@@ -346,7 +346,7 @@ def test_head_tuning_same_path():
     np.testing.assert_array_equal(frozen["params/Dense_0/kernel"], body["params/Dense_0/kernel"])
 
 
-# ------------------------------------------------------------- CLI / config (issue 7 §1)
+# ------------------------------------------------------------------------- CLI / config
 
 try:
     from dpft import paths

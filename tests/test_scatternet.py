@@ -131,7 +131,7 @@ def test_config_arguments():
     assert _config("run").model.name == _config("3,scatter").model.name == "scatternet"
     assert _config("smoke").model.name == "scatternet"
     assert _config("smoke,mobilenet").model.name == "scatternet_mobilenet"
-    with pytest.raises(ValueError, match="unknown argument 'cifar'"):
+    with pytest.raises(ValueError, match="unknown config argument 'cifar'"):
         _config("3,cifar")
 
 

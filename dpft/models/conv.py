@@ -197,9 +197,9 @@ def _transpose(x: Array, perm: Sequence[int]) -> Array:
 #: Per-chunk input bytes of `chunked_conv_general_dilated`'s kernel gradient (a batch chunk of
 #: this size keeps XLA:CPU's kernel-gradient convolution in cache).
 KERNEL_GRAD_CHUNK_BYTES = 256 << 10
-#: About the most chunks per convolution: each is traced and compiled as its own convolution.
-#: At batch 1024 of 32x32x16, 256 chunks of 4 compiled for 5.5 s and ran in 117 ms per layer,
-#: 64 chunks of 16 in 1.4 s and 70 ms (the whole batch: 287 ms).
+#: About the most chunks per convolution: each is traced and compiled as its own convolution,
+#: so many small chunks cost compile time and run no faster than a few dozen larger ones
+#: (docs/benchmarks.md).
 MAX_KERNEL_GRAD_CHUNKS = 64
 
 
@@ -233,8 +233,8 @@ def chunked_conv_general_dilated(
     kernel gradients of batch chunks of about ``chunk_bytes`` (default
     `KERNEL_GRAD_CHUNK_BYTES`) of input each. Same result as the whole-batch kernel gradient up
     to float summation order. XLA:CPU's kernel-gradient convolution is memory-bound at CIFAR
-    sizes: on a 2-core Xeon, batch 64 of 32x32x16 -> 16 channels took 11.6 ms in one piece and
-    5.0 ms in 4 chunks, and the whole non-private ResNet-20 gradient went from 316 to 241 ms.
+    sizes, so chunks that stay in cache run faster than the whole batch in one piece, for one
+    layer and for ResNet-20's whole non-private gradient (figures: docs/benchmarks.md).
     Defined with `jax.custom_vjp`, so forward-mode differentiation (``jax.jvp``) of a model
     using it raises; use ``conv='xla'`` for that. A batch that cannot be split into chunks of
     at least half the target size (or ``batch_group_count != 1``) gets the plain convolution.
@@ -299,16 +299,15 @@ def prefers_im2col(
     vectorize over while im2col's patch matrix has ``prod(kernel_size)`` columns (the first
     layer of a grayscale CNN). Everywhere else XLA's convolution is kept: in whole models the
     im2col patch matrices (``prod(kernel_size)`` copies of the input, concatenated on the
-    channel axis) cost more than XLA's slower arithmetic. Measured in whole steps on a 2-core
-    AVX-512 Xeon (ms; non-private / ghost DP / vmap DP): `SampleConvNet` batch 256 with im2col
-    for the first layer only 23.6 / 26.6 / 39.3, all XLA 25.5 / 31.0 / 50.5, both layers
-    im2col 36.1 / 45.8 / 53.3; ResNet-20 (frozen BN) batch 64 all XLA 326 / 363 / 550, im2col
-    for the 3-channel stem 347 / 380 / 560. (Timed one layer at a time, im2col wins for most
-    ResNet-20 layers, above all for per-example kernel gradients; inside the model it does
-    not.) The best choice also depends on the norm strategy: ghost norms build their own
-    patches for the kernel gradients, and in ``make bench`` the MNIST CNN's ghost DP step was
-    faster all-XLA (24.1 ms) than with 'auto' (25.6 ms), while with per-example-gradient norms
-    all-im2col beat all-XLA on ResNet-20 (396 vs 456 ms); pick ``conv`` per run for those. It
+    channel axis) cost more than XLA's slower arithmetic. In whole steps (non-private, ghost DP
+    and vmap DP) `SampleConvNet` is fastest with im2col for its first layer only, slower all
+    XLA and slowest all im2col; ResNet-20 is faster all XLA than with im2col for its 3-channel
+    stem. (Timed one layer at a time, im2col wins for most ResNet-20 layers, above all for
+    per-example kernel gradients; inside the model it does not.) The best choice also depends
+    on the norm strategy: ghost norms build their own patches for the kernel gradients, and in
+    ``make bench`` the MNIST CNN's ghost DP step is faster all-XLA than with 'auto', while
+    with per-example-gradient norms all-im2col beats all-XLA on ResNet-20; pick ``conv`` per
+    run for those (figures: docs/benchmarks.md). It
     depends only on per-example shapes, so the choice is the same for a batch and under
     `jax.vmap`.
     """

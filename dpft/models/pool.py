@@ -3,8 +3,8 @@
 ``flax.linen.max_pool`` lowers to ``lax.reduce_window``, whose gradient is XLA's
 ``select_and_scatter``. On XLA:CPU that scatter is the slowest op of a small CNN's step, and
 under ``jax.vmap(jax.grad(...))`` (per-example gradients) slower still: for the Opacus MNIST
-network's first pool (256 x 14 x 14 x 16, window 2, stride 1) it took 28 ms batched and 64 ms
-per example on two cores, against about 1 ms for the same pool written as
+network's first pool (256 x 14 x 14 x 16, window 2, stride 1) it is more than an order of
+magnitude slower (figures: docs/benchmarks.md) than the same pool written as
 
     out = max over the kh * kw window offsets (o_h, o_w) of x[:, o_h::s_h, o_w::s_w, :]
 
