@@ -7,7 +7,7 @@ DP (DP-FedAvg). Arms:
 * HT: head tuning of the CIFAR-10-pretrained ResNet-20 on its cached 64-d features, on all
   60k training examples; HT-3k: the same on a fixed 3k subset (30 examples per client);
 * FT-3k: fine-tuning the pretrained ResNet-20 scaled down to the last residual block + head, on
-  the frozen prefix's cached activations (`experiments.lp_ft`), same 3k subset; FTfull-3k:
+  the frozen prefix's cached activations (`experiments.common`), same 3k subset; FTfull-3k:
   every parameter of the pretrained ResNet-20 (frozen BatchNorm statistics) from the images;
 * ST-3k: the small CNN (``sample_convnet``) trained from scratch, same 3k subset; STgn-3k:
   ResNet-20 with GroupNorm from scratch.
@@ -45,7 +45,6 @@ from dpft import models
 from dpft.federated import driver, experiment, runner
 from dpft.federated import phases as fed_phases
 from dpft.train import build
-from dpft.train import features as features_lib
 from dpft.train import trainer as central
 from dpft.train.step import cross_entropy_loss, flatten, make_eval_step, unflatten
 from dpft.train.step import partition as split_params
@@ -55,7 +54,7 @@ OUT = pathlib.Path(__file__).parent / "results"
 CACHE = ROOT / "runs" / "dpfl" / "cache"
 EPSILONS = (0.5, 1.0, 2.0, 4.0, 8.0)
 DELTA = 1e-5
-SUBSET = 10_000  # prefix activations are cached for this fixed random subset (experiments.lp_ft)
+SUBSET = 10_000  # prefix activations are cached for this fixed random subset (experiments.common)
 SMALL = 3_000  # the small-scale comparison: a fixed random 3k of it, 30 examples per client
 VAL_SEED = 0
 
@@ -174,26 +173,6 @@ def _val_split(n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-def _adopting(old_npz: pathlib.Path):
-    """Reuses features computed before the weights file's mtime changed, after checking them:
-    `compute_features` is replaced by one that computes the first 64 rows and, if they equal
-    the old cache's, returns the old cache's array (the trainer then stores it under the new
-    key)."""
-    real = features_lib.compute_features
-
-    def compute(feature_fn, images, batch_size):
-        if old_npz.exists():
-            head = real(feature_fn, images[:64], 64)
-            with np.load(old_npz) as f:
-                for k in f.files:
-                    if len(f[k]) == len(images) and np.allclose(f[k][:64], head, atol=1e-4):
-                        print(f"adopted verified features {old_npz.name}[{k}]", flush=True)
-                        return f[k]
-        return real(feature_fn, images, batch_size)
-
-    return compute
-
-
 def data_for(arm: str) -> dict:
     mode = ARMS[arm]
     key = (SCALE[arm]["data"], mode)
@@ -202,22 +181,17 @@ def data_for(arm: str) -> dict:
     if key == ("full", "head"):  # the CLI's head path: cached ResNet-20 features, all 60k
         c = config_for(arm, 1.0, "example", "iid", 1.0)
         train, test, ncls, model, variables, phase = experiment.prepare(c)
-        old = CACHE / "features-24fc3adc92238644303d.npz"
-        features_lib.compute_features, real = _adopting(old), features_lib.compute_features
-        try:
-            train, test, model, params, frozen = fed_phases.apply_mode(
-                c, CACHE, (train, test, ncls), model, variables, phase
-            )
-        finally:
-            features_lib.compute_features = real
+        train, test, model, params, frozen = fed_phases.apply_mode(
+            c, CACHE, (train, test, ncls), model, variables, phase
+        )
         tr, va = _val_split(len(train["label"]))
         pick = lambda d, i: {k: v[i] for k, v in d.items()}  # noqa: E731
         splits = {"val": (pick(train, tr), pick(train, va)), "test": (train, test)}
         out = (splits, model, params, frozen)
-    elif mode in ("head", "ft_last_block"):  # prefix activations of the 10k subset (lp_ft)
-        from experiments import lp_ft
+    elif mode in ("head", "ft_last_block"):  # cached prefix activations, 10k subset
+        from experiments import common
 
-        arrays, resnet, variables = lp_ft.load_arrays(SUBSET)
+        arrays, resnet, variables = common.resnet20_arrays(SUBSET)
         field = "feat" if mode == "head" else "act"
         d = {k: {"image": v[field], "label": v["y"]} for k, v in arrays.items()}
         d["train"] = _small(d["train"])
@@ -268,9 +242,9 @@ class _Suffix:
     """The pretrained ResNet-20 from its frozen prefix's activations: the last block + head."""
 
     def __init__(self, resnet):
-        from experiments import lp_ft
+        from experiments import common
 
-        self.apply = lambda v, a: resnet.apply(v, a, method=lp_ft.logits_suffix)
+        self.apply = lambda v, a: resnet.apply(v, a, method=common.resnet20_logits_suffix)
 
 
 def run_one(arm, split, eps, level, partition, seed, lr) -> dict:

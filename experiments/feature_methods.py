@@ -1,350 +1,71 @@
-"""Feature-based DP methods vs DP-SGD linear probing on frozen ResNet-20 features (issue 6 (a)).
+"""Feature-based DP methods vs the DP-SGD linear probe on Fashion-MNIST features (eps 1 and 3).
 
-PLACEHOLDER: filled in below.
+    python -m experiments.feature_methods          # every run (stored runs reused), the report
+    python -m experiments.feature_methods --quick  # only the report, from the stored runs
+
+Features (fixed public functions of each image, so they cost no privacy; computed once by
+`experiments.fmnist_best` into ``runs/feature_cache``):
+
+* ``mobilenet``: the 1280 pooled features of the ImageNet MobileNetV2 at 64 px (grey to RGB,
+  ImageNet mean/std), LayerNorm per example;
+* ``scatter``: the 3969 ScatterNet coefficients (kymatio J=2, L=8) with per-example GroupNorm
+  in 27 groups (Tramer & Boneh 2021): the ScatterNet block of configs/fmnist_best.py.
+
+Both blocks are normalised per example, so every row has L2 norm at most sqrt(d); the feature
+methods see ``X / sqrt(d)`` (norm <= 1, so ``feature_clip = 1`` clips nothing), the DP-SGD
+probe sees ``X`` as configs/fmnist_best.py trains it. Methods (all from zero, all calibrated to
+(epsilon, 1e-5) under add/remove-one with PLD):
+
+* ``one_step``: one full-batch DP gradient step (`dpft.linear.dp_gd`, ``steps=1``) on features
+  centred by a PUBLIC mean: the mean of the same extractor's features of the MNIST training
+  images (a public data set disjoint from the private one), after Mehta et al. 2022;
+* ``dp_ls``: DP least squares (`dpft.linear.dp_sufficient_stats`, then the PSD projection and
+  ridge solve of `dpft.linear.dp_least_squares`); the candidates differ only in ``reg``, so one
+  release serves all of them (post-processing);
+* ``dp_newton``: `dpft.linear.dp_newton` with Boehning's curvature bound;
+* ``dp_fc``: `dpft.linear.dp_fc` (Mehta et al. 2023);
+* ``dp_sgd``: the DP-SGD linear probe `experiments.fmnist_best.train_head` (the trainer's
+  Poisson sampler, clipper, accountant and step; expected batch 8192, clip 0.1, momentum 0.9).
+
+On ``scatter`` only ``one_step`` and ``dp_sgd`` run (`METHODS_RUN`): the other three release and
+eigendecompose a 3969 x 3969 matrix per run, too slow for 2 shared cores.
+
+Tuning: every method gets the same number of candidates (`GRIDS`; DP-SGD's differ per feature
+set), each trained once (noise seed `VAL_SEED`) on 90% of the training split and scored on the
+other 10% (split seed 0, `experiments.fmnist_best.validation_split`); the best candidate per
+(features, epsilon, method) is then trained on the whole training split with seeds `SEEDS` and
+scored on the test split.
+The tuning reads private validation data and is not counted in epsilon.
+
+Every finished run is stored in ``runs/feature_methods/store-<features>.json`` under a tag
+naming its settings; a rerun reuses it, so it only redraws
+experiments/results/feature_methods.{md,json,png}. The ScatterNet DP-SGD runs that
+experiments/results/fmnist_best.json already holds (same runner, features, split and recipe)
+are imported instead of trained again (`import_fmnist_best`).
 """
 
 from __future__ import annotations
 
-import os
+import argparse
+import json
 import pathlib
 import time
 
 import numpy as np
 
-from experiments.feature_methods_report import DELTA, VAL_SEEDS, plot, write_md
+from experiments.feature_methods_report import (
+    DELTA,
+    EPSILONS,
+    FEATURES,
+    GRIDS,
+    METHODS_RUN,
+    SEEDS,
+    VAL_SEED,
+    write_all,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-OUT = pathlib.Path(__file__).parent / "results"
-CACHE = ROOT / "runs" / "feature_cache"
-SPLIT_SEED = 0
-VAL_FRACTION = 0.1
-
-
-def load_features(dataset: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{'train','val','test'}: (features [N, 64] f32, labels [N] i32), cached in runs/."""
-    import jax
-
-    from dpft.config import base_config
-    from dpft.models import pretrained
-    from dpft.train.build import load_data
-    from dpft.train.features import cached_features, file_identity
-
-    model, variables = pretrained.load("resnet20")
-
-    def feature_fn(x):
-        return model.apply(variables, x, method=model.features)
-
-    def config(val_fraction):
-        c = base_config()
-        c.seed = SPLIT_SEED
-        c.data.name = dataset
-        c.model.name = "resnet20"
-        c.data.validation_fraction = val_fraction
-        return c
-
-    train, val, _ = load_data(config(VAL_FRACTION))
-    _, test, _ = load_data(config(0.0))
-    desc = {
-        "backbone": "resnet20",
-        "weights": file_identity(pretrained.weights_path("resnet20", None)),
-        "dataset": dataset,
-        "preprocessing": "cifar_pretrained",
-        "validation_fraction": VAL_FRACTION,
-        "split_seed": SPLIT_SEED,
-        "jax": jax.__version__,
-    }
-    images = {"train": train["image"], "val": val["image"], "test": test["image"]}
-    feats = cached_features(CACHE, desc, feature_fn, images, batch_size=500)
-    labels = {"train": train["label"], "val": val["label"], "test": test["label"]}
-    return {k: (feats[k], labels[k].astype(np.int32)) for k in images}
-
-
-# ----------------------------------------------------------------------------------------------
-# Methods. Each takes (X, y, K, epsilon, key, **hp) and returns (LinearParams, spent epsilon).
-
-
-def _key(seed: int):
-    import jax
-
-    return jax.random.PRNGKey(seed)
-
-
-def run_gd(X, y, k, eps, seed, **hp):
-    from dpft import linear
-
-    params, info = linear.dp_gd(X, y, k, epsilon=eps, delta=DELTA, key=_key(seed), **hp)
-    return params, info["epsilon"]
-
-
-def run_ls(X, y, k, eps, seed, **hp):
-    from dpft import linear
-
-    params, info = linear.dp_least_squares(X, y, k, epsilon=eps, delta=DELTA, key=_key(seed), **hp)
-    return params, info["epsilon"]
-
-
-def run_newton(X, y, k, eps, seed, **hp):
-    from dpft import linear
-
-    params, info = linear.dp_newton(X, y, k, epsilon=eps, delta=DELTA, key=_key(seed), **hp)
-    return params, info["epsilon"]
-
-
-def run_fc(X, y, k, eps, seed, **hp):
-    from dpft import linear
-
-    params, info = linear.dp_fc(X, y, k, epsilon=eps, delta=DELTA, key=_key(seed), **hp)
-    return params, info["epsilon"]
-
-
-_SIGMA_CACHE: dict = {}
-
-
-def dpsgd_sigma(eps: float, q: float, steps: int, n: int, cap: int) -> float:
-    """Noise multiplier of `steps` Poisson-sampled Gaussian steps (PLD, batch cap accounted)."""
-    import json
-
-    from dpft.privacy.accounting import calibrate_noise_multiplier
-
-    path = CACHE / "dpsgd_sigma.json"
-    if not _SIGMA_CACHE and path.exists():
-        _SIGMA_CACHE.update(json.loads(path.read_text()))
-    key = repr((eps, q, steps, n, cap, DELTA))
-    if key not in _SIGMA_CACHE:
-        _SIGMA_CACHE[key] = calibrate_noise_multiplier(
-            eps, DELTA, q, steps, "pld", 1e-2, dataset_size=n, max_batch_size=cap
-        )
-        CACHE.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(_SIGMA_CACHE, indent=1))
-    return _SIGMA_CACHE[key]
-
-
-def run_dpsgd(X, y, k, eps, seed, *, batch, epochs, learning_rate, clip_norm, momentum=0.0):
-    """DP-SGD linear probe: Poisson batches (expected size `batch`, static cap), per-example
-    clipping (`clipped_grad` + `FlatClip`), `dp_sgd` (noise on the sum, divide by the expected
-    batch size), from a zero head; the whole run is one jitted `lax.scan`."""
-    import jax
-    import jax.numpy as jnp
-
-    from dpft import optim
-    from dpft.linear import LinearParams
-    from dpft.privacy import clipping
-
-    n, d = X.shape
-    q = batch / n
-    steps = int(round(epochs / q))
-    cap = int(batch + 8 * np.sqrt(batch) + 16)
-    sigma = dpsgd_sigma(eps, q, steps, n, cap)  # PLD epsilon <= eps by construction
-    # Poisson sampling on the host (numpy, seeded by the run's seed); truncation at `cap`.
-    rng = np.random.default_rng([seed, 0x5D65])
-    idx = np.zeros((steps, cap), np.int32)
-    mask = np.zeros((steps, cap), np.float32)
-    for t in range(steps):
-        sel = np.flatnonzero(rng.random(n) < q)[:cap]
-        idx[t, : len(sel)] = sel
-        mask[t, : len(sel)] = 1.0
-
-    def loss_fn(p, ex, rng_):
-        del rng_
-        z = ex["x"] @ p["w"] + p["b"]
-        return -jax.nn.log_softmax(z)[ex["y"]], ()
-
-    grad_fn = clipping.clipped_grad(loss_fn, clipping.FlatClip(clip_norm))
-    tx = optim.dp_sgd(
-        learning_rate,
-        noise_multiplier=sigma,
-        l2_sensitivity=clip_norm,
-        expected_batch_size=float(batch),
-        key=jax.random.PRNGKey(seed),
-        momentum=momentum or None,
-    )
-    params = {"w": jnp.zeros((d, k), jnp.float32), "b": jnp.zeros((k,), jnp.float32)}
-    Xj, yj = jnp.asarray(X), jnp.asarray(y)
-
-    @jax.jit
-    def train(params, idx, mask):
-        def body(carry, xs):
-            p, s = carry
-            i, m = xs
-            g = grad_fn(p, {"x": Xj[i], "y": yj[i]}, m, jax.random.PRNGKey(0)).grad_sum
-            upd, s = tx.update(g, s, p)
-            return (jax.tree_util.tree_map(jnp.add, p, upd), s), None
-
-        (p, _), _ = jax.lax.scan(body, (params, tx.init(params)), (idx, mask))
-        return p
-
-    p = train(params, jnp.asarray(idx), jnp.asarray(mask))
-    return LinearParams(p["w"], p["b"]), eps
-
-
-# ----------------------------------------------------------------------------------------------
-# Grids (tuned on the validation split, per epsilon). Feature norms of these ResNet-20 features
-# are ~1-3 (see the md); grids are in absolute units.
-
-# DELTA (and VAL_SEEDS) live in experiments.feature_methods_report, which quotes them.
-EPSILONS = (0.01, 0.05, 0.1, 0.5, 1.0, 3.0, 8.0)
-
-
-def grids(quick: bool) -> dict[str, tuple]:
-    """method -> (label, runner, list of hyperparameter dicts)."""
-    g = {
-        "dp_gd_1step_sgd": (
-            "DP-GD, 1 step, SGD",
-            run_gd,
-            [dict(steps=1, update="sgd", learning_rate=1.0, clip_norm=c) for c in CLIPS_GD1],
-        ),
-        "dp_gd_1step_adam": (
-            "DP-GD, 1 step, Adam",
-            run_gd,
-            [dict(steps=1, update="adam", learning_rate=1.0, clip_norm=c) for c in CLIPS_GD1],
-        ),
-        "dp_gd_multi": (
-            "DP-GD, multi-step",
-            run_gd,
-            [dict(steps=s, update=u, learning_rate=lr, clip_norm=c) for (s, u, lr, c) in GD_MULTI],
-        ),
-        "dp_least_squares": (
-            "DP least squares",
-            run_ls,
-            [dict(feature_clip=f, reg=r) for f in LS_FEATURE_CLIPS for r in LS_REGS],
-        ),
-        "dp_newton": (
-            "DP-Newton",
-            run_newton,
-            [dict(feature_clip=f, steps=s, reg=r, hessian=h) for (f, s, r, h) in NEWTON],
-        ),
-        "dp_fc": (
-            "DP-FC",
-            run_fc,
-            [
-                dict(feature_clip=f, clip_norm=c, steps=s, learning_rate=lr, cov_fraction=cf, reg=r)
-                for (f, c, s, lr, cf, r) in FC
-            ],
-        ),
-        "dp_sgd": (
-            "DP-SGD (Poisson, linear probe)",
-            run_dpsgd,
-            [
-                dict(batch=b, epochs=e, learning_rate=lr, clip_norm=c, momentum=0.9)
-                for (b, e, lr, c) in DPSGD
-            ],
-        ),
-    }
-    if quick:
-        g = {m: (lab, fn, cfgs[:2]) for m, (lab, fn, cfgs) in g.items()}
-    return g
-
-
-def evaluate(runner, data, split, k, eps, seed, hp) -> tuple[float, float]:
-    from dpft import linear
-
-    X, y = data["train"]
-    params, spent = runner(X, y, k, eps, seed, **hp)
-    acc = float(linear.accuracy(params, *data[split]))
-    if not np.isfinite(acc):
-        acc = 0.0
-    return acc, float(spent)
-
-
-def ceilings(data, k) -> dict:
-    """Non-private logistic regression and least squares (reg tuned on validation)."""
-    from dpft import linear
-
-    X, y = data["train"]
-    out = {}
-    for name, fit, regs in (
-        ("logistic_regression", lambda r: linear.logistic_regression(X, y, k, reg=r), LR_REGS),
-        ("least_squares", lambda r: linear.least_squares(X, y, k, reg=r), NP_LS_REGS),
-    ):
-        best = None
-        for r in regs:
-            p = fit(r)
-            v = float(linear.accuracy(p, *data["val"]))
-            if best is None or v > best[0]:
-                best = (v, r, float(linear.accuracy(p, *data["test"])))
-        out[name] = {"val": best[0], "reg": best[1], "test": best[2]}
-        log(f"  ceiling {name}: reg={best[1]} val={best[0]:.4f} test={best[2]:.4f}")
-    return out
-
-
-def study(
-    dataset: str,
-    seeds: int,
-    quick: bool,
-    methods: list[str] | None,
-    part: pathlib.Path,
-    dpsgd_grid: int = 0,
-    epsilons: tuple[float, ...] | None = None,
-) -> dict:
-    """Tunes each method on validation and tests it, per epsilon; `part` (a JSON file) holds the
-    results so far: it is rewritten after every (method, epsilon) and, with `methods` given,
-    merged into (so a study can be completed in several runs)."""
-    import json
-
-    data = load_features(dataset)
-    k = int(max(data["train"][1].max(), data["test"][1].max()) + 1)
-    norms = np.linalg.norm(data["train"][0], axis=1)
-    log(
-        f"{dataset}: sizes {[len(v[1]) for v in data.values()]}, feature norms "
-        f"median {np.median(norms):.2f} p90 {np.quantile(norms, 0.9):.2f}"
-    )
-    res = json.loads(part.read_text()) if methods and part.exists() else {}
-    res.setdefault("sizes", {s: len(v[1]) for s, v in data.items()})
-    res.setdefault(
-        "feature_norm_quantiles",
-        {str(qq): float(np.quantile(norms, qq)) for qq in (0.1, 0.5, 0.9, 0.99)},
-    )
-    res.setdefault("methods", {})
-    res.setdefault("wall_s", 0.0)
-    t_start, wall0 = time.time(), res["wall_s"]
-
-    def save():
-        res["wall_s"] = wall0 + time.time() - t_start
-        part.parent.mkdir(parents=True, exist_ok=True)
-        part.write_text(json.dumps(res, indent=1, default=str))
-
-    if "ceilings" not in res and not part.stem.endswith(PART_TAG_MARK):
-        res["ceilings"] = ceilings(data, k)
-        save()
-    epsilons = epsilons or (QUICK_EPSILONS if quick else EPSILONS)
-    for m, (label, runner, cfgs) in grids(quick).items():
-        if methods and m not in methods:
-            continue
-        if m == "dp_sgd" and dpsgd_grid:
-            cfgs = cfgs[:dpsgd_grid]
-        t0 = time.time()
-        rows = {}
-        res["methods"][m] = {"label": label, "grid": cfgs, "rows": rows, "seconds": 0.0}
-        for eps in epsilons:
-            vals = []
-            for hp in cfgs:
-                v = np.mean(
-                    [
-                        evaluate(runner, data, "val", k, eps, VAL_SEED + s, hp)[0]
-                        for s in range(VAL_SEEDS)
-                    ]
-                )
-                vals.append(float(v))
-            best = int(np.argmax(vals))
-            hp = cfgs[best]
-            tests = [evaluate(runner, data, "test", k, eps, s, hp) for s in range(seeds)]
-            accs = [a for a, _ in tests]
-            rows[str(eps)] = {
-                "test": accs,
-                "mean": float(np.mean(accs)),
-                "std": float(np.std(accs)),
-                "spent_epsilon": max(e for _, e in tests),
-                "hp": hp,
-                "val_best": vals[best],
-                "val_all": vals,
-            }
-            res["methods"][m]["seconds"] = time.time() - t0
-            save()
-            log(
-                f"  {m:18s} eps={eps:<5} val={vals[best]:.4f} test={np.mean(accs):.4f}"
-                f"+-{np.std(accs):.4f} hp={hp}"
-            )
-    return res
+RUNS = ROOT / "runs" / "feature_methods"
 
 
 def log(msg: str) -> None:
@@ -352,128 +73,336 @@ def log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Grid values (absolute units; feature norms ~1.5-5.7, median ~3.9 on both datasets).
+# Features
 
-CLIPS_GD1 = (0.5, 1.0, 2.0, 4.0, 8.0)
-GD_MULTI = (
-    (20, "adam", 0.2, 1.0),
-    (50, "adam", 0.1, 1.0),
-    (100, "adam", 0.05, 1.0),
-    (100, "sgd", 5.0, 1.0),
-)
-LS_FEATURE_CLIPS = (2.0, 4.0)
-LS_REGS = (1.0, 10.0, 1e2, 1e3, 1e4)
-NEWTON = (
-    (3.0, 3, 1e-3, "bohning"),
-    (3.0, 10, 1e-4, "bohning"),
-    (5.0, 10, 1e-4, "bohning"),
-    (5.0, 3, 1e-3, "bohning"),
-    (2.0, 3, 1e-3, "bohning"),
-    (3.0, 2, 1e-3, "adaptive"),
-)
-FC = (
-    (3.0, 1.0, 10, 1.0, 0.3, 1e-2),
-    (3.0, 1.0, 30, 1.0, 0.3, 1e-2),
-    (3.0, 1.0, 30, 2.0, 0.3, 1e-2),
-    (3.0, 2.0, 10, 0.5, 0.3, 1e-3),
-    (5.0, 2.0, 10, 1.0, 0.5, 1e-2),
-)
-DPSGD = ((8192, 20, 2.0, 1.0), (8192, 20, 4.0, 1.0), (8192, 20, 8.0, 1.0))
-LR_REGS = (1e-5, 1e-4, 1e-3)
-NP_LS_REGS = (1e-2, 1.0, 1e2)
-PART_TAG_MARK = "-part"
-QUICK_EPSILONS = (0.1, 1.0, 8.0)
-VAL_SEED = 1000
+
+def unit(X: np.ndarray) -> np.ndarray:
+    """``X / sqrt(d)``: rows normalised per example have norm <= 1 (a public constant)."""
+    return np.asarray(X, np.float32) / np.float32(np.sqrt(X.shape[1]))
+
+
+def mobilenet_cached(dataset: str, check: int = 32) -> dict:
+    """`experiments.fmnist_best.mobilenet_features` at 64 px, reusing a cache keyed by an older
+    mtime of the same weights file.
+
+    The cache key holds the weights file's path, size and mtime; a file whose mtime changed
+    (touched or copied again) misses the cache although its content may be the same. A cached
+    file that differs from today's key only in that mtime (same path and size) is used if its
+    first ``check`` training rows equal (to 1e-3 relative) the features recomputed now from
+    the current weights; otherwise the features are recomputed and cached.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from dpft.models import pretrained
+    from dpft.train.build import load_data
+    from dpft.train.features import file_identity
+    from experiments import fmnist_best as fb
+
+    weights = file_identity(pretrained.weights_path("mobilenet_v2"))
+    for desc_file in sorted(fb.CACHE.glob("features-*.json")):
+        desc = json.loads(desc_file.read_text())
+        old = desc.get("weights", {})
+        if (desc.get("backbone"), desc.get("size"), desc.get("dataset")) != (
+            "mobilenet_v2",
+            64,
+            dataset,
+        ) or (old.get("path"), old.get("size")) != (weights["path"], weights["size"]):
+            continue
+        if old.get("mtime_ns") == weights.get("mtime_ns"):
+            break  # today's key: fmnist_best's own cache hit
+        c = fb.recipe("mnist" if dataset == "mnist" else "3")
+        train, test, _ = load_data(c)
+        model, variables = pretrained.load("mobilenet_v2")
+        mean, std = jnp.asarray(pretrained.MEAN), jnp.asarray(pretrained.STD)
+        x = jnp.asarray(train["image"][:check])
+        x = jax.image.resize(x, (x.shape[0], 64, 64, x.shape[-1]), "bilinear")
+        x = (jnp.broadcast_to(x, (*x.shape[:3], 3)) - mean) / std
+        now = np.asarray(model.apply(variables, x, method=model.features))
+        with np.load(desc_file.with_suffix(".npz")) as f:
+            got = {"train": f["train"], "test": f["test"]}
+        err = np.abs(got["train"][:check] - now).max() / (np.abs(now).max() + 1e-12)
+        log(f"{desc_file.name}: cached vs recomputed MobileNetV2 features, max rel diff {err:.1e}")
+        if err < 1e-3 and len(got["train"]) == len(train["label"]):
+            return {"train": (got["train"], train["label"]), "test": (got["test"], test["label"])}
+    return fb.mobilenet_features(dataset, 64)
+
+
+def load(features: str, raw: bool = True) -> dict:
+    """{'raw', 'unit', 'public_mean'}: the features as DP-SGD and the feature methods see them.
+
+    ``raw``/``unit`` hold {'train' (all 60k), 'fit' (90%), 'val' (10%), 'test'}: (X, y);
+    ``public_mean`` is the mean of the unit features of the MNIST training images. With
+    ``raw=False`` only the unit features are kept (the 3969-d block: memory).
+    """
+    from experiments import fmnist_best as fb
+
+    if features == "mobilenet":
+
+        def get(ds):
+            f = mobilenet_cached(ds)
+            return {s: (fb.layer_norm(x), y) for s, (x, y) in f.items()}
+
+    else:
+
+        def get(ds):
+            return fb.scatter_features(ds)
+
+    feats = get("fashion_mnist")
+    if not raw:
+        feats = {s: (unit(x), y) for s, (x, y) in feats.items()}
+    split = fb.validation_split(feats)
+    views = {"train": feats["train"], "fit": split["train"], "val": split["val"]}
+    views["test"] = feats["test"]
+    del feats, split
+    cache = RUNS / f"public_mean_{features}.npy"
+    if cache.exists():
+        mean = np.load(cache)
+    else:
+        mean = unit(get("mnist")["train"][0]).mean(0)
+        RUNS.mkdir(parents=True, exist_ok=True)
+        np.save(cache, mean)
+    if raw:
+        out = {"raw": views, "unit": {s: (unit(x), y) for s, (x, y) in views.items()}}
+    else:
+        out = {"unit": views}
+    out["public_mean"] = mean.astype(np.float32)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Methods: each ``fn(data, eps, seed, fit, evals, hps) -> [result per hp]`` trains on
+# ``data[view][fit]`` and reports the accuracy on each split of ``evals``.
+
+
+def _key(seed: int):
+    from dpft.privacy import keys
+
+    return keys.derive(keys.root_key(seed), "noise")
+
+
+def _scores(params, data: dict, evals) -> dict:
+    import jax.numpy as jnp
+
+    from dpft import linear
+
+    return {s: float(linear.accuracy(params, jnp.asarray(data[s][0]), data[s][1])) for s in evals}
+
+
+def run_one_step(d, eps, seed, fit, evals, hps):
+    from dpft import linear
+
+    mu = d["public_mean"]
+    centred = {s: (x - mu, y) for s, (x, y) in d["unit"].items()}
+    out = []
+    for hp in hps:
+        X, y = centred[fit]
+        params, info = linear.dp_gd(
+            X, y, 10, epsilon=eps, delta=DELTA, key=_key(seed), steps=1, learning_rate=1.0, **hp
+        )
+        out.append({**_scores(params, centred, evals), "epsilon": float(info["epsilon"])})
+    return out
+
+
+def run_dp_ls(d, eps, seed, fit, evals, hps):
+    """One release of (X^T X, X^T Y) per (eps, seed); each ``reg`` is a ridge solve of it."""
+    from dpft import linear
+    from dpft.linear.common import eig_solve, psd_eig
+
+    X, y = d["unit"][fit]
+    clips = {hp["feature_clip"] for hp in hps}
+    out = [None] * len(hps)
+    for clip in sorted(clips):
+        G, B, info = linear.dp_sufficient_stats(
+            X, y, 10, epsilon=eps, delta=DELTA, feature_clip=clip, key=_key(seed)
+        )
+        lam, V = psd_eig(G)
+        for i, hp in enumerate(hps):
+            if hp["feature_clip"] == clip:
+                W = eig_solve(lam, V, float(hp["reg"]), B)
+                params = linear.LinearParams(W, np.zeros(10, np.float32))
+                out[i] = {**_scores(params, d["unit"], evals), "epsilon": float(info["epsilon"])}
+    return out
+
+
+def _full_batch(method: str):
+    def run(d, eps, seed, fit, evals, hps):
+        from dpft import linear
+
+        fn = getattr(linear, method)
+        X, y = d["unit"][fit]
+        out = []
+        for hp in hps:
+            params, info = fn(X, y, 10, epsilon=eps, delta=DELTA, key=_key(seed), **hp)
+            out.append({**_scores(params, d["unit"], evals), "epsilon": float(info["epsilon"])})
+        return out
+
+    return run
+
+
+def run_dp_sgd(d, eps, seed, fit, evals, hps):
+    from experiments import fmnist_best as fb
+
+    out = []
+    for hp in hps:
+        over = {f"train.{k}": v for k, v in hp.items()}
+        config = fb.recipe("3" if eps == 3.0 else "1", seed=seed, **over)
+        config.dp.epsilon = float(eps)
+        r = fb.train_head(config, d["raw"][fit], {s: d["raw"][s] for s in evals})
+        out.append({**{s: r[s] for s in evals}, "epsilon": float(r["epsilon"])})
+    return out
+
+
+RUNNERS = {
+    "one_step": run_one_step,
+    "dp_ls": run_dp_ls,
+    "dp_newton": _full_batch("dp_newton"),
+    "dp_fc": _full_batch("dp_fc"),
+    "dp_sgd": run_dp_sgd,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# The store of finished runs
+
+
+def tag(features, eps, method, phase, seed, hp) -> str:
+    hps = " ".join(f"{k}={v}" for k, v in sorted(hp.items()))
+    return f"{features} eps={eps:g} {method} {phase} seed={seed} {hps}"
+
+
+def store_path(features: str) -> pathlib.Path:
+    return RUNS / f"store-{features}.json"
+
+
+def load_store() -> dict:
+    """Every stored run (one file per feature set, so the two can run in parallel)."""
+    store = {}
+    for f in FEATURES:
+        if store_path(f).exists():
+            store.update(json.loads(store_path(f).read_text()))
+    return store
+
+
+def save_store(store: dict, features: str) -> None:
+    RUNS.mkdir(parents=True, exist_ok=True)
+    path = store_path(features)
+    mine = json.loads(path.read_text()) if path.exists() else {}  # another process's runs too
+    mine.update({k: v for k, v in store.items() if k.startswith(f"{features} ")})
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(mine, indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
+# DP-SGD on the ScatterNet block: runs of `experiments.fmnist_best` (the same runner
+# `train_head`, features, split and recipe) that match the DP-SGD candidates here; its tuning
+# runs used noise seed 0 instead of VAL_SEED.
+FMNIST_BEST = pathlib.Path(__file__).parent / "results" / "fmnist_best.json"
+
+
+def import_fmnist_best(store: dict) -> None:
+    """Stores the ScatterNet DP-SGD runs of experiments/results/fmnist_best.json under this
+    study's tags (each with its source tag), so that they are not trained again."""
+    if not FMNIST_BEST.exists():
+        return
+    theirs = json.loads(FMNIST_BEST.read_text())
+    for eps in EPSILONS:
+        for hp in GRIDS["scatter"]["dp_sgd"]:
+            over = " ".join(
+                f"train.{k}={v}" for k, v in sorted(hp.items(), key=lambda kv: f"train.{kv[0]}")
+            )
+            src = f"tune eps{eps:g} gn {over}"
+            mine = tag("scatter", eps, "dp_sgd", "tune", VAL_SEED, hp)
+            if src in theirs and mine not in store:
+                r = theirs[src]
+                store[mine] = {"val": r["val"], "epsilon": r["epsilon"], "seconds": r["seconds"]}
+                store[mine]["source"] = f"fmnist_best.json: {src} (noise seed 0)"
+        arg = f"{eps:g},scatter"
+        recipe_hp = {
+            "batch_size": 8192,
+            "epochs": 60.0,
+            "learning_rate": 16.0 if eps == 3.0 else 8.0,
+        }  # configs/fmnist_best.py's TUNED for the ScatterNet block
+        for seed in SEEDS:
+            src = f"final scatter {arg} seed={seed}"
+            mine = tag("scatter", eps, "dp_sgd", "final", seed, recipe_hp)
+            if src in theirs and mine not in store:
+                r = theirs[src]
+                store[mine] = {"test": r["test"], "epsilon": r["epsilon"], "seconds": r["seconds"]}
+                store[mine]["source"] = f"fmnist_best.json: {src}"
+    save_store(store, "scatter")
+
+
+def cached(store, data, features, eps, method, phase, seed, hps) -> list[dict]:
+    """The runs of ``hps`` (tune: fit->val; final: train->test), from the store or run now."""
+    tags = [tag(features, eps, method, phase, seed, hp) for hp in hps]
+    todo = [i for i, t in enumerate(tags) if t not in store]
+    if todo:
+        fit, evals = ("fit", ("val",)) if phase == "tune" else ("train", ("test",))
+        t0 = time.time()
+        got = RUNNERS[method](data(), eps, seed, fit, evals, [hps[i] for i in todo])
+        seconds = (time.time() - t0) / len(todo)
+        for i, r in zip(todo, got, strict=True):
+            store[tags[i]] = {**r, "seconds": seconds}
+            log(f"{tags[i]}: {json.dumps(store[tags[i]])}")
+        save_store(store, features)
+    return [store[t] for t in tags]
+
+
+def _dp_sgd_stored(store: dict, features: str, epsilons, seeds) -> bool:
+    """Whether every DP-SGD run of ``features`` is stored (so its features need not be kept)."""
+    hps = GRIDS[features]["dp_sgd"]
+    for eps in epsilons:
+        tune = [store.get(tag(features, eps, "dp_sgd", "tune", VAL_SEED, hp)) for hp in hps]
+        if any(t is None for t in tune):
+            return False
+        best = hps[int(np.argmax([t["val"] for t in tune]))]
+        if any(tag(features, eps, "dp_sgd", "final", s, best) not in store for s in seeds):
+            return False
+    return True
+
+
+def study(store: dict, features: str, epsilons, methods, seeds) -> None:
+    """Tunes every method on validation and runs the chosen candidate with every test seed."""
+    memo: dict = {}
+
+    def data():
+        if "d" not in memo:
+            log(f"loading {features} features")
+            memo["d"] = load(features, raw=not _dp_sgd_stored(store, features, epsilons, seeds))
+        return memo["d"]
+
+    for eps in epsilons:
+        for method in methods:
+            hps = GRIDS[features][method]
+            vals = [
+                r["val"] for r in cached(store, data, features, eps, method, "tune", VAL_SEED, hps)
+            ]
+            best = hps[int(np.argmax(vals))]
+            for seed in seeds:
+                cached(store, data, features, eps, method, "final", seed, [best])
 
 
 def main(argv=None) -> int:
-    import argparse
-    import json
-    import platform
-    import sys
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--datasets", default="fashion_mnist,mnist")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="3 epsilons, 2 configs per method")
+    ap.add_argument("--quick", action="store_true", help="only the report, from stored runs")
+    ap.add_argument("--features", default=",".join(FEATURES), help="comma-separated subset")
+    ap.add_argument("--epsilons", default=",".join(f"{e:g}" for e in EPSILONS))
     ap.add_argument("--methods", default="", help="comma-separated subset (default: all)")
-    ap.add_argument("--out", default=str(OUT))
-    ap.add_argument("--epsilons", default="", help="comma-separated subset of epsilons")
-    ap.add_argument(
-        "--part-tag",
-        default="",
-        help="save to a separate partial results file (no ceilings), merged by --reuse",
-    )
-    ap.add_argument(
-        "--dpsgd-grid", type=int, default=0, help="use only the first N DP-SGD configs (0 = all)"
-    )
-    ap.add_argument(
-        "--reuse",
-        action="store_true",
-        help="reuse per-dataset results saved by an earlier run in runs/feature_cache/",
-    )
     args = ap.parse_args(argv)
-    t0 = time.time()
-    epsilons = QUICK_EPSILONS if args.quick else EPSILONS
-    methods = [m for m in args.methods.split(",") if m] or None
-    results = {}
-    for ds in args.datasets.split(","):
-        stem = f"results-{ds}{'-quick' if args.quick else ''}-seeds{args.seeds}"
-        if args.reuse and (CACHE / f"{stem}.json").exists():
-            results[ds] = json.loads((CACHE / f"{stem}.json").read_text())
-            log(f"{ds}: reusing {stem}.json")
-            for extra in sorted(CACHE.glob(f"{stem}-*{PART_TAG_MARK}.json")):
-                log(f"{ds}: merging {extra.name}")
-                more = json.loads(extra.read_text())
-                for m, r in more["methods"].items():
-                    have = results[ds]["methods"].setdefault(m, r)
-                    if have is not r:  # the same method run at other epsilons: merge the rows
-                        have["rows"].update(r["rows"])
-                        have["seconds"] += r["seconds"]
-                results[ds]["wall_s"] += more.get("wall_s", 0.0)
-            continue
-        tag = f"-{args.part_tag}{PART_TAG_MARK}" if args.part_tag else ""
-        part = CACHE / f"{stem}{tag}.json"
-        eps = tuple(float(e) for e in args.epsilons.split(",")) if args.epsilons else None
-        results[ds] = study(ds, args.seeds, args.quick, methods, part, args.dpsgd_grid, eps)
-    if args.part_tag:  # a partial run: its results are merged later by --reuse
-        log(f"partial results saved in {CACHE}")
-        return 0
-    order = list(grids(args.quick))
-    for r in results.values():
-        r["methods"] = {m: r["methods"][m] for m in order if m in r["methods"]}
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "command": "python -m experiments.feature_methods "
-        + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores (shared with other jobs), "
-        f"{platform.python_version()}, jax {__import__('jax').__version__}",
-        "wall_s": sum(r.get("wall_s", 0.0) for r in results.values()) or time.time() - t0,
-        "wall_s_per_dataset": {ds: r.get("wall_s") for ds, r in results.items()},
-        "seeds": args.seeds,
-        "epsilons": list(epsilons),
-        "delta": DELTA,
-        "val_seeds": VAL_SEEDS,
-        "scaled_down": SCALED_DOWN
-        + (" --quick: 3 epsilons, 2 configs per method." if args.quick else ""),
-    }
-    (out / "feature_methods.json").write_text(
-        json.dumps({"meta": meta, "results": results}, indent=1, default=str)
-    )
-    plot(results, epsilons, out / "feature_methods.png")
-    write_md(results, meta, epsilons, out / "feature_methods.md", grids=grids)
-    log(f"done in {meta['wall_s']:.0f}s -> {out}")
+    store = load_store()
+    if not args.quick:
+        from dpft.host import tune_host_allocator
+
+        tune_host_allocator()
+        import_fmnist_best(store)
+        for features in [f for f in args.features.split(",") if f]:
+            epsilons = [float(e) for e in args.epsilons.split(",") if e]
+            methods = [m for m in args.methods.split(",") if m in METHODS_RUN[features]]
+            study(store, features, epsilons, methods or METHODS_RUN[features], SEEDS)
+    write_all(store)
     return 0
 
-
-SCALED_DOWN = (
-    "hyperparameter grids are small (3-10 configs per method), tuned with 1 validation noise "
-    "seed per epsilon; DP-SGD uses one schedule (expected batch 8192, 20 epochs, constant "
-    "learning rate in {2, 4, 8}, momentum 0.9, clip 1; no longer runs, no augmentation); 3 test "
-    "noise seeds (the split and the features are fixed). MNIST DP-SGD was run in 4 invocations "
-    "over subsets of the epsilons (same code and grid), merged with --reuse."
-)
 
 if __name__ == "__main__":
     raise SystemExit(main())

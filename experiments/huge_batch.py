@@ -1,4 +1,4 @@
-"""Peak memory of one DP step vs the logical batch size (issue 5: huge logical batches).
+"""Peak memory of one DP step vs the logical batch size (huge logical batches).
 
 Each measurement runs in a fresh subprocess: build the model, run ONE DP step over a logical
 batch of L examples accumulated in host chunks (`dpft.train.accumulate`), and report the peak
@@ -8,12 +8,12 @@ with L: only one chunk of examples and one microbatch of per-example gradients a
     python -m experiments.huge_batch                 # writes experiments/results/huge_batch.md
     python -m experiments.huge_batch --one resnet20 4096   # a single measurement (internal)
 
-Scaled down for 2 CPU cores: ResNet-20 (frozen BN, every parameter trainable, 32x32x3, ghost
-norms) runs about 130-200 examples/s here, so the default grid goes to 2^14 for it; its 2^20 row
-in the results came from one ``--one resnet20 1048576`` run (1.47 GB peak, over two hours on a
-busy machine). The linear head on 64-d features runs the full 2^20. The examples are synthetic (a
-fixed pool of 4096 inputs indexed modulo the pool), so the dataset's own memory is the same for
-every L.
+Scaled down for 2 CPU cores: the default grid goes to 2^14 examples for ResNet-20 (frozen BN,
+every parameter trainable, 32x32x3, ghost norms); larger sizes are single ``--one resnet20 L``
+runs. The linear head on 64-d features runs the full 2^20. The examples are synthetic (a fixed
+pool of 4096 inputs indexed modulo the pool), so the dataset's own memory is the same for every
+L. This measures memory and speed only; how DP-LAMB and DP-SGD train at large batches is
+`experiments.lamb_vs_sgd`.
 """
 
 from __future__ import annotations

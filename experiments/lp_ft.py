@@ -1,20 +1,29 @@
-"""Study (b) of issue 6: LP vs FT vs LP-FT on Fashion-MNIST from the CIFAR-10-pretrained ResNet-20.
+"""LP vs FT vs LP-FT (Ke et al. 2024) on all of Fashion-MNIST from the ImageNet MobileNetV2.
 
-    nice -n 19 .venv/bin/python -m experiments.lp_ft            # -> experiments/results/lp_ft.*
+    nice -n 10 .venv/bin/python -m experiments.lp_ft           # -> experiments/results/lp_ft.*
+    nice -n 10 .venv/bin/python -m experiments.lp_ft --quick   # 1 seed, eps 3 only (smoke)
 
 One DP-SGD run of T steps (Poisson, expected batch B, one noise multiplier calibrated with PLD
 for all T steps at (epsilon, 1e-5)) spends ``round(lp_fraction * T)`` steps training the
 zero-initialised head on the frozen backbone's pooled features (LP), then the remaining steps
-fine-tuning ``FT_BLOCKS`` + head (FT), exactly the semantics of ``finetune.mode=lp_ft`` in
+fine-tuning ``FT_BLOCKS`` + head (FT), the semantics of ``finetune.mode=lp_ft`` in
 `dpft.train.phases` (lp_fraction 1 = LP only, 0 = FT only). Each phase has its own optimizer
 (SGD, momentum 0.9, cosine decay over the phase) and learning rate.
 
-Scaled down for 2 shared CPU cores (written into the results file): the FT arm tunes the last
-stage's blocks ``FT_BLOCKS`` + head, on the frozen prefix's activations computed once (the
-prefix has no trainable parameter, so its output is a fixed function of each image: training on
-cached activations is exactly training the full network with that prefix frozen); the private
-training set is a fixed random subset of the training split. The report (``lp_ft.md``,
-``lp_ft.png``) is written by `experiments.lp_ft_report`. Helpers here are also used by
+Backbone: torchvision's ImageNet MobileNetV2 (`dpft.models.pretrained.load('mobilenet_v2')`,
+frozen BatchNorm folded into the convolutions) on the 28x28 images resized to `SIZE` px
+(bilinear), grey replicated to RGB, ImageNet mean/std. The FT arm trains its last two inverted
+residual blocks, the final 1x1 convolution to 1280 channels and the head (`Suffix`). The frozen
+prefix (stem .. ``features_15``) has no trainable parameter, so its output is a fixed function of
+each image: it is computed once and cached (`load_arrays`), and training `Suffix` on the cached
+activations is exactly training the whole network with that prefix frozen.
+
+Data: tuning runs train on the 54k training rows left after carving a 10% validation split
+(seed 0) and score on that split, at the Poisson rate ``B / 60000`` of the final runs; the final
+runs train on all 60k training images and score on the 10k test images. Every finished run is
+cached in ``runs/lp_ft_cache/runs.json`` under its full description, so a rerun only redraws the
+report. The report (``lp_ft.md``, ``lp_ft.png``, ``lp_ft.json``) is written by
+`experiments.lp_ft_report`. `Suffix`, `load_arrays`, `Trainer` and `run` are also used by
 `experiments.lamb_vs_sgd`.
 """
 
@@ -22,9 +31,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,113 +43,153 @@ import numpy as np
 from dpft import optim
 from dpft.privacy import accounting, clipping, sampling
 from experiments.lp_ft_report import (
+    BATCH,
     DELTA,
+    EPOCHS,
     EPSILONS,
     FRACTIONS,
     FT_BLOCKS,
     FT_LRS,
     LP_LRS,
     OUT,
+    PREFIX_END,
+    SIZE,
     write_report,
 )
 
-# OUT, DELTA, FT_BLOCKS and the study's grids live in experiments.lp_ft_report, which quotes them.
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CACHE = ROOT / "runs" / "lp_ft_cache"
 SPLIT_SEED = 0
 VAL_FRACTION = 0.1
-MICROBATCH = None  # the whole padded batch (a few hundred rows) in one vmap
+FULL_N = 60000
+MICROBATCH = 250  # examples per vectorised chunk of the clipped-gradient sum
+LP_FT_MICROBATCH = None  # the whole padded batch (the Poisson cap, ~300 rows) in one vmap
+TUNE_SEED = 100
+FT_TUNE_EPSILON = 3.0
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: prefix activations and pooled features of train (subset) / val / test, cached.
+# The trainable suffix of MobileNetV2 and the cached prefix activations.
 
 
-def load_arrays(train_subset: int) -> dict:
-    """{'train','val','test'}: {'act': prefix activations, 'feat': pooled features, 'y'}."""
-    from dpft.config import base_config
+class Suffix(nn.Module):
+    """MobileNetV2's ``features_16``, ``features_17``, ``features_18`` and head ``linear``.
+
+    Input: the output of ``features_15`` (``[N, H, W, 160]``); the submodule names and
+    parameter shapes are MobileNetV2's, so its pretrained variables apply unchanged.
+    """
+
+    num_classes: int = 10
+
+    def setup(self) -> None:
+        self.linear = nn.Dense(self.num_classes)
+
+    @nn.compact
+    def features(self, a: jax.Array) -> jax.Array:
+        from dpft.models.conv import torch_padded_conv
+        from dpft.models.mobilenet import InvertedResidual, relu6
+        from dpft.models.resnet import make_norm
+
+        x = InvertedResidual(160, stride=1, expansion=6, name="features_16")(a)
+        x = InvertedResidual(320, stride=1, expansion=6, name="features_17")(x)
+        x = torch_padded_conv(1280, 1, 1, jnp.float32, "auto", "features_18_0")(x)
+        x = relu6(make_norm("frozen_bn", 8, "features_18_1")(x))
+        return jnp.mean(x, axis=(1, 2))
+
+    def __call__(self, a: jax.Array) -> jax.Array:
+        return self.linear(self.features(a))
+
+
+def _backbone():
     from dpft.models import pretrained
-    from dpft.train.build import load_data
+
+    model, variables = pretrained.load("mobilenet_v2")
+    mean, std = jnp.asarray(pretrained.MEAN), jnp.asarray(pretrained.STD)
+
+    def prefix(x):
+        """Images [N, 28, 28, 1] in [0, 1] -> the output of ``PREFIX_END``."""
+        x = jax.image.resize(x, (x.shape[0], SIZE, SIZE, x.shape[-1]), "bilinear")
+        x = (jnp.broadcast_to(x, (*x.shape[:3], 3)) - mean) / std
+        _, state = model.apply(
+            variables,
+            x,
+            method=model.features,
+            capture_intermediates=lambda m, name: m.name == PREFIX_END and name == "__call__",
+            mutable=["intermediates"],
+        )
+        return state["intermediates"][PREFIX_END]["__call__"][0]
+
+    return model, variables, prefix
+
+
+def suffix_variables(variables: dict, head: bool = False) -> dict:
+    """The pretrained variables of `Suffix` (``FT_BLOCKS``; and the 1000-way head if ``head``)."""
+    keys = (*FT_BLOCKS, "linear") if head else FT_BLOCKS
+    return {
+        c: {k: variables[c][k] for k in keys if k in variables[c]}
+        for c in ("params", "batch_stats")
+    }
+
+
+def load_arrays() -> dict:
+    """{'train' (54k), 'val' (6k), 'all' (60k train), 'test' (10k)}: {'act', 'feat', 'y'}.
+
+    ``act``: the frozen prefix's output (``[N, 1, 1, 160]`` at 32 px), cached in `CACHE`;
+    ``feat``: the pretrained `Suffix`'s pooled 1280-d features of it (the LP features).
+    """
+    from dpft import data as dpdata
+    from dpft.data.datasets import validation_indices
+    from dpft.models import pretrained
     from dpft.train.features import cached_features, file_identity
 
-    model, variables = pretrained.load("resnet20")
-
-    def cfg(val_fraction, subset):
-        c = base_config()
-        c.seed = SPLIT_SEED
-        c.data.name = "fashion_mnist"
-        c.model.name = "resnet20"
-        c.data.validation_fraction = val_fraction
-        c.data.train_subset = subset
-        return c
-
-    train, val, _ = load_data(cfg(VAL_FRACTION, train_subset))
-    _, test, _ = load_data(cfg(0.0, 0))
-    images = {"train": train["image"], "val": val["image"], "test": test["image"]}
+    images, labels = {}, {}
+    for split in ("train", "test"):
+        ds = dpdata.load("fashion_mnist", split)
+        images[split] = np.asarray(ds.images, np.float32) / 255.0  # uint8 -> [0, 1]
+        labels[split] = np.asarray(ds.labels, np.int32)
+    _, variables, prefix = _backbone()
     desc = {
-        "backbone": "resnet20",
-        "weights": file_identity(pretrained.weights_path("resnet20", None)),
+        "backbone": "mobilenet_v2",
+        "weights": file_identity(pretrained.weights_path("mobilenet_v2")),
+        "size": SIZE,
+        "prefix_end": PREFIX_END,
         "dataset": "fashion_mnist",
-        "validation_fraction": VAL_FRACTION,
-        "split_seed": SPLIT_SEED,
-        "train_subset": train_subset,
-        "prefix_until": FT_BLOCKS[0],
+        "preprocessing": "unit, bilinear resize, grey to RGB, ImageNet mean/std",
         "jax": jax.__version__,
     }
-    acts = cached_features(
-        CACHE, desc, lambda x: model.apply(variables, x, method=prefix), images, 250
-    )
-    suffix_fn = jax.jit(lambda a: model.apply(variables, a, method=pooled_suffix))
+    acts = cached_features(CACHE, desc, prefix, images, 250)
+    sv = suffix_variables(variables)
+    pooled = jax.jit(lambda a: Suffix().apply(sv, a, method=Suffix.features))
     out = {}
-    for k, lab in (("train", train), ("val", val), ("test", test)):
-        feat = np.concatenate([np.asarray(suffix_fn(a)) for a in np.array_split(acts[k], 20)])
-        out[k] = {"act": acts[k], "feat": feat, "y": lab["label"].astype(np.int32)}
-    return out, model, variables
-
-
-def _blocks(m):
-    return [*m.layer1, *m.layer2, *m.layer3]
-
-
-def _names(m):
-    return [f"layer{s}_{i}" for s in (1, 2, 3) for i in range(len(m.layer1))]
-
-
-def prefix(m, x):
-    """Frozen prefix: stem and every block before ``FT_BLOCKS[0]``."""
-    x = jax.nn.relu(m.bn1(m.conv1(jnp.asarray(x, jnp.float32))))
-    for name, block in zip(_names(m), _blocks(m), strict=True):
-        if name == FT_BLOCKS[0]:
-            break
-        x = block(x)
-    return x
-
-
-def pooled_suffix(m, a):
-    """The trainable blocks on prefix activations, then global average pooling -> [N, 64]."""
-    for name, block in zip(_names(m), _blocks(m), strict=True):
-        if name in FT_BLOCKS:
-            a = block(a)
-    return jnp.mean(a, axis=(1, 2))
-
-
-def logits_suffix(m, a):
-    return m.linear(pooled_suffix(m, a))
+    for split in ("train", "test"):
+        a = acts[split]
+        feat = np.concatenate([np.asarray(pooled(c)) for c in np.array_split(a, len(a) // 2000)])
+        out[split] = {"act": a, "feat": feat, "y": labels[split]}
+    tr, va = validation_indices(len(labels["train"]), VAL_FRACTION, SPLIT_SEED)
+    full = out.pop("train")
+    out["all"] = full
+    out["train"] = {k: v[tr] for k, v in full.items()}
+    out["val"] = {k: v[va] for k, v in full.items()}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
-# DP-SGD (or DP-LAMB) phases over one Poisson sampler and one noise multiplier.
+# DP-SGD (or DP-LAMB / DP-Adam) phases over one Poisson sampler and one noise multiplier.
 
 
 class Trainer:
-    """Jitted clipped-gradient sums for the head (on features) and the FT suffix (on acts)."""
+    """Jitted clipped-gradient sums for the head (on features) and `Suffix` (on activations)."""
 
-    def __init__(self, model, variables, clip_norm=1.0, microbatch: int | None = MICROBATCH):
-        self.model, self.clip_norm = model, clip_norm
-        params = variables["params"]
-        self.stats = variables["batch_stats"]
-        self.frozen = {k: v for k, v in params.items() if k not in (*FT_BLOCKS, "linear")}
-        self.suffix0 = {k: params[k] for k in FT_BLOCKS}
+    def __init__(
+        self, variables: dict, clip_norm: float = 1.0, microbatch: int | None = MICROBATCH
+    ):
+        from dpft.privacy.ghost import GhostNorms
+
+        self.clip_norm = clip_norm
+        sv = suffix_variables(variables)
+        self.stats = sv["batch_stats"]
+        self.suffix0 = sv["params"]
+        suffix = Suffix()
         clipper = clipping.FlatClip(clip_norm)
 
         def head_loss(p, ex, rng):
@@ -146,37 +197,36 @@ class Trainer:
             return -jax.nn.log_softmax(z)[ex["y"]], ()
 
         def ft_loss(p, ex, rng):
-            v = {"params": {**self.frozen, **p}, "batch_stats": self.stats}
-            z = model.apply(v, ex["x"][None], method=logits_suffix)[0]
+            z = suffix.apply({"params": p, "batch_stats": self.stats}, ex["x"][None])[0]
             return -jax.nn.log_softmax(z)[ex["y"]], ()
 
         self.grad = {
             "lp": jax.jit(clipping.clipped_grad(head_loss, clipper)),
-            "ft": jax.jit(clipping.clipped_grad(ft_loss, clipper, microbatch_size=microbatch)),
+            "ft": jax.jit(
+                clipping.clipped_grad(
+                    ft_loss, clipper, microbatch_size=microbatch, norm_strategy=GhostNorms()
+                )
+            ),
         }
+        self.ft_logits = jax.jit(
+            lambda p, a: suffix.apply({"params": p, "batch_stats": self.stats}, a)
+        )
 
-        def ft_logits(p, a):
-            v = {"params": {**self.frozen, **p}, "batch_stats": self.stats}
-            return model.apply(v, a, method=logits_suffix)
-
-        self.ft_logits = jax.jit(ft_logits)
-
-    def zero_head(self, k=10):
-        return {"kernel": jnp.zeros((64, k), jnp.float32), "bias": jnp.zeros((k,), jnp.float32)}
+    def zero_head(self, k: int = 10) -> dict:
+        return {"kernel": jnp.zeros((1280, k), jnp.float32), "bias": jnp.zeros((k,), jnp.float32)}
 
     def evaluate(self, params, split: dict, ft: bool) -> dict:
         from dpft.metrics import calibration_metrics
 
         if ft:
-            chunks = np.array_split(np.arange(len(split["y"])), max(1, len(split["y"]) // 1000))
+            chunks = np.array_split(np.arange(len(split["y"])), max(1, len(split["y"]) // 2000))
             z = np.concatenate(
                 [np.asarray(self.ft_logits(params, split["act"][c])) for c in chunks]
             )
         else:
-            z = split["feat"] @ np.asarray(params["linear"]["kernel"]) + np.asarray(
-                params["linear"]["bias"]
-            )
-        if not np.all(np.isfinite(z)):  # diverged (too large a step): scored as chance 0
+            w = params["linear"]
+            z = split["feat"] @ np.asarray(w["kernel"]) + np.asarray(w["bias"])
+        if not np.all(np.isfinite(z)):  # diverged (too large a step): scored as accuracy 0
             return {"accuracy": 0.0, "ece": float("nan"), "nll": float("nan"), "diverged": True}
         r = calibration_metrics(z, split["y"])
         return {"accuracy": r.accuracy, "ece": r.ece, "nll": r.nll}
@@ -189,24 +239,23 @@ def run(
     epsilon: float,
     lp_fraction: float,
     batch: int,
-    epochs: float,
     lr_lp: float,
     lr_ft: float,
     seed: int,
+    epochs: float | None = None,
+    steps: int | None = None,
     optimizer: str = "sgd",
     eval_split: str = "val",
-    population: int | None = None,
+    population: int = FULL_N,
 ) -> dict:
     """One LP-FT run (see the module doc) -> metrics on ``eval_split`` and the privacy spent.
 
-    The Poisson rate is ``batch / population`` (default: the training set's size), so a tuning
-    run on part of the training set can use the rate of the final run on all of it.
+    The Poisson rate is ``min(1, batch / population)``, so a tuning run on part of the training
+    set uses the rate of the final run on all of it. The length is ``steps``, or ``epochs / q``.
     """
     n = len(data["train"]["y"])
-    q = batch / (population or n)
-    if not 0 < q <= 1:
-        raise ValueError(f"batch / population must be in (0, 1], got {batch} / {population or n}")
-    total = max(1, int(round(epochs / q)))
+    q = min(1.0, batch / population)
+    total = steps if steps is not None else max(1, int(round(epochs / q)))
     lp_steps = int(round(lp_fraction * total))
     sampler = sampling.PoissonSampler(n, q, seed)
     cap = sampler.max_batch_size
@@ -218,7 +267,7 @@ def run(
             continue
         trainable = params if phase == "lp" else {**tr.suffix0, **params}
         x_all = data["train"]["feat" if phase == "lp" else "act"]
-        tx = _optimizer(optimizer, lr, end - start, sigma, batch, seed, phase)
+        tx = _optimizer(optimizer, lr, end - start, sigma, q * n, seed, phase)
         state = tx.init(trainable)
         update = jax.jit(lambda g, s, p, tx=tx: _apply(tx, g, s, p))
         for step in range(start, end):
@@ -274,107 +323,164 @@ def _sigma(eps, q, steps, n, cap) -> float:
             eps, DELTA, q, steps, "pld", 1e-2, dataset_size=n, max_batch_size=cap
         )
         CACHE.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(_SIGMAS, indent=1))
+        tmp = path.with_name(f"sigmas.json.tmp{os.getpid()}")  # atomic: studies run side by side
+        tmp.write_text(json.dumps(_SIGMAS, indent=1))
+        tmp.replace(path)
     return _SIGMAS[k]
 
 
+class RunCache:
+    """Finished runs in a json file, keyed by their full description (a rerun reuses them)."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+        self.runs = json.loads(path.read_text()) if path.exists() else {}
+
+    def reload(self) -> None:
+        """Merge in the runs another process has written since."""
+        if self.path.exists():
+            self.runs = {**json.loads(self.path.read_text()), **self.runs}
+
+    def get(self, key: str, fn) -> dict:
+        if key not in self.runs:
+            r = fn()
+            self.reload()
+            self.runs[key] = r
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps(self.runs, indent=1))
+            tmp.replace(self.path)
+        return self.runs[key]
+
+
+SHARD_HELP = (
+    "i/k: compute only every k-th run, starting at the i-th (k workers share the run cache; "
+    "each waits for the others' tuning runs); a plain rerun then writes the complete report"
+)
+
+
+class Shard:
+    """Which runs this worker computes: ``mine(key, wait)`` for the runs in program order.
+
+    A run that is cached, or whose position is this worker's, is mine (True). Another
+    worker's run is skipped (False), unless ``wait``: then this waits until it is cached
+    (a tuning run whose result later runs depend on).
+    """
+
+    def __init__(self, spec: str, cache: RunCache):
+        self.i, self.k = (int(v) for v in spec.split("/"))
+        self.cache, self.n = cache, 0
+
+    def __call__(self, key: str, wait: bool = False) -> bool:
+        pos, self.n = self.n, self.n + 1
+        if self.k == 1 or pos % self.k == self.i or key in self.cache.runs:
+            return True
+        if not wait:
+            return False
+        while key not in self.cache.runs:
+            time.sleep(10)
+            self.cache.reload()
+        return True
+
+
 # ---------------------------------------------------------------------------------------------
-# The study (its grids FRACTIONS, EPSILONS, LP_LRS and FT_LRS are in experiments.lp_ft_report).
-
-TUNE_SEED = 100
-
-
-def subsample(data: dict, n_train: int, n_val: int) -> dict:
-    """A fixed random ``n_train`` of the cached train rows and the first ``n_val`` val rows."""
-    perm = np.random.default_rng([SPLIT_SEED, 11]).permutation(len(data["train"]["y"]))
-    idx = np.sort(perm[:n_train])
-    out = dict(data)
-    out["train"] = {k: v[idx] for k, v in data["train"].items()}
-    out["val"] = {k: v[:n_val] for k, v in data["val"].items()}
-    return out
-
-
-def tune(tr, data, res, save, common) -> tuple[float, float]:
-    """Learning rates of the LP and FT arms on the validation split at epsilon 3."""
-    # Tuning on the validation split at epsilon 3, once per arm, with a seed not used for test.
-    for lr in LP_LRS:
-        r = run(tr, data, epsilon=3.0, lp_fraction=1.0, lr_lp=lr, lr_ft=0, seed=TUNE_SEED, **common)
-        res["tuning"][f"lp lr={lr}"] = r
-        print(f"tune LP lr={lr}: val {r['accuracy']:.4f}", flush=True)
-    lr_lp = max(LP_LRS, key=lambda lr: res["tuning"][f"lp lr={lr}"]["accuracy"])
-    for lr in FT_LRS:
-        r = run(tr, data, epsilon=3.0, lp_fraction=0.0, lr_lp=0, lr_ft=lr, seed=TUNE_SEED, **common)
-        res["tuning"][f"ft lr={lr}"] = r
-        print(f"tune FT lr={lr}: val {r['accuracy']:.4f} ({r['seconds']:.0f}s)", flush=True)
-        save()
-    lr_ft = max(FT_LRS, key=lambda lr: res["tuning"][f"ft lr={lr}"]["accuracy"])
-    res["chosen"] = {"lr_lp": lr_lp, "lr_ft": lr_ft}
-    save()
-    return lr_lp, lr_ft
+# The study (its grids are in experiments.lp_ft_report, which quotes them).
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n-train", type=int, default=5000)
-    ap.add_argument("--n-val", type=int, default=2000)
-    ap.add_argument("--batch", type=int, default=250)
-    ap.add_argument("--epochs", type=float, default=1.0)
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--budget-minutes", type=float, default=25.0)
-    ap.add_argument("--resume", action="store_true", help="continue the study in lp_ft.json")
+    ap.add_argument("--quick", action="store_true", help="1 seed at epsilon 3 (smoke test)")
+    ap.add_argument("--seeds", type=int, default=3, help="test seeds per cell (0..n-1)")
     ap.add_argument("--report-only", action="store_true", help="rewrite md/png from the json")
+    ap.add_argument("--shard", default="0/1", help=SHARD_HELP)
     args = ap.parse_args(argv)
     if args.report_only:
         write_report(json.loads((OUT / "lp_ft.json").read_text()))
         return
     t_start = time.time()
-    raw, model, variables = load_arrays(10000)
-    data = subsample(raw, args.n_train, args.n_val)
-    tr = Trainer(model, variables)
-    common = dict(batch=args.batch, epochs=args.epochs)
-    path = OUT / "lp_ft.json"
-    res = {"args": vars(args), "ft_blocks": FT_BLOCKS, "tuning": {}, "runs": []}
+    seeds = 1 if args.quick else args.seeds
+    epsilons = (3.0,) if args.quick else EPSILONS
+    data = load_arrays()
+    from dpft.models import pretrained
+
+    tr = Trainer(pretrained.load("mobilenet_v2")[1], microbatch=LP_FT_MICROBATCH)
+    cache = RunCache(CACHE / "runs.json")
+    tune_data = {"train": data["train"], "val": data["val"]}
+    test_data = {"train": data["all"], "test": data["test"]}
+    common = dict(batch=BATCH, epochs=EPOCHS)
+    res = {
+        "args": {"quick": args.quick, "seeds": seeds, "batch": BATCH, "epochs": EPOCHS},
+        "backbone": f"mobilenet_v2 @ {SIZE}px",
+        "ft_blocks": list(FT_BLOCKS),
+        "tuning": {},
+        "chosen": {},
+        "runs": [],
+    }
+
+    mine = Shard(args.shard, cache)
+
+    def one(tag, data_, **kw):
+        key = repr(sorted({**common, **kw}.items())) + tag
+        if not mine(key, wait=tag == "tune"):
+            return None
+        return cache.get(key, lambda: run(tr, data_, **common, **kw))
+
+    # Learning rates per arm and epsilon on the validation split (seed 100, not a test seed).
+    for eps in epsilons:
+        for lr in LP_LRS:
+            r = one(
+                "tune", tune_data, epsilon=eps, lp_fraction=1.0, lr_lp=lr, lr_ft=0.0, seed=TUNE_SEED
+            )
+            res["tuning"][f"eps={eps:g} lp lr={lr}"] = r
+            print(f"tune eps {eps:g} LP lr={lr}: val {r['accuracy']:.4f}", flush=True)
+        lr_lp = max(LP_LRS, key=lambda lr: res["tuning"][f"eps={eps:g} lp lr={lr}"]["accuracy"])
+        res["chosen"][f"{eps:g}"] = {"lr_lp": lr_lp}
+    # The FT rate (the expensive arm) is tuned once, at FT_TUNE_EPSILON, for every epsilon.
+    for lr in FT_LRS:
+        r = one(
+            "tune",
+            tune_data,
+            epsilon=FT_TUNE_EPSILON,
+            lp_fraction=0.0,
+            lr_lp=0.0,
+            lr_ft=lr,
+            seed=TUNE_SEED,
+        )
+        res["tuning"][f"eps={FT_TUNE_EPSILON:g} ft lr={lr}"] = r
+        print(f"tune FT lr={lr}: val {r['accuracy']:.4f} ({r['seconds']:.0f}s)", flush=True)
+    key = f"eps={FT_TUNE_EPSILON:g} ft lr={{}}"
+    lr_ft = max(FT_LRS, key=lambda lr: res["tuning"][key.format(lr)]["accuracy"])
+    for eps in epsilons:
+        lr_lp = res["chosen"][f"{eps:g}"]["lr_lp"]
+        res["chosen"][f"{eps:g}"] = {"lr_lp": lr_lp, "lr_ft": lr_ft}
 
     def save():
-        res["wall_seconds"] = time.time() - t_start + sum(res.get("resumed_wall_seconds", []))
-        path.write_text(json.dumps(res, indent=1))
+        res["compute_seconds"] = sum(r["seconds"] for r in cache.runs.values())
+        res["wall_seconds"] = time.time() - t_start
+        (OUT / "lp_ft.json").write_text(json.dumps(res, indent=1))
         write_report(res)
 
-    if args.resume:  # keep the tuning and the finished runs of an earlier (stopped) study
-        res = {**json.loads(path.read_text()), "args": vars(args)}
-        res.setdefault("resumed_wall_seconds", []).append(res.get("wall_seconds", 0.0))
-        lr_lp, lr_ft = res["chosen"]["lr_lp"], res["chosen"]["lr_ft"]
-    else:
-        lr_lp, lr_ft = tune(tr, data, res, save, common)
-    # Test runs: seed-major, so that a stopped study has whole seeds.
-    for seed in range(args.seeds):
-        for eps in EPSILONS:
-            for f in sorted(FRACTIONS, reverse=True):  # cheap LP-heavy runs first
-                done = [
-                    r
-                    for r in res["runs"]
-                    if (r["seed"], r["target_epsilon"], r["lp_fraction"]) == (seed, eps, f)
-                ]
-                if done:
-                    continue
-                if (time.time() - t_start) / 60 > args.budget_minutes:
-                    print("budget exhausted: stopping", flush=True)
-                    save()
-                    return
-                r = run(
-                    tr,
-                    data,
+    # Test runs: seed-major (a stopped study has whole seeds), cheap LP-heavy runs first.
+    for seed in range(seeds):
+        for eps in epsilons:
+            ch = res["chosen"][f"{eps:g}"]
+            for f in sorted(FRACTIONS, reverse=True):
+                r = one(
+                    "test",
+                    test_data,
                     epsilon=eps,
                     lp_fraction=f,
-                    lr_lp=lr_lp,
-                    lr_ft=lr_ft,
+                    lr_lp=ch["lr_lp"],
+                    lr_ft=ch["lr_ft"],
                     seed=seed,
                     eval_split="test",
-                    **common,
                 )
+                if r is None:  # another worker's run
+                    continue
                 res["runs"].append({"seed": seed, "target_epsilon": eps, "lp_fraction": f, **r})
                 print(
-                    f"seed {seed} eps {eps} f {f}: test {r['accuracy']:.4f} ({r['seconds']:.0f}s)",
+                    f"seed {seed} eps {eps:g} f {f}: test {r['accuracy']:.4f} "
+                    f"({r['seconds']:.0f}s)",
                     flush=True,
                 )
                 save()
