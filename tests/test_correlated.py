@@ -422,7 +422,7 @@ def test_fmnist_cnn_mf_configs():
 
 
 @needs_data
-def test_banded_mf_run_resumes_exactly_and_accounts_rounds(tmp_path):
+def test_banded_mf_run_resumes_exactly_and_accounts_rounds(tmp_path, compilation_cache):
     from dpft.train import train_and_evaluate
 
     c = tiny_config()

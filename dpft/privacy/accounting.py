@@ -233,6 +233,19 @@ def compute_epsilon(
     return _epsilon(entries, float(delta), accountant)
 
 
+def neighboring_of(entries: Sequence[GaussianSteps]) -> dpa.NeighboringRelation:
+    """The one neighbouring relation the ``entries`` are accounted under (a mix is refused).
+
+    Privacy:
+        Poisson and full-batch entries are add/remove-one, shuffled ones replace-one; their
+        compositions are not accounted together.
+    """
+    relations = {e.neighboring for e in entries}
+    if len(relations) > 1:
+        raise ValueError("cannot compose shuffled (replace-one) with Poisson (add/remove) steps")
+    return relations.pop()
+
+
 @functools.lru_cache(maxsize=4096)
 def _epsilon(entries: tuple[GaussianSteps, ...], delta: float, accountant: str) -> float:
     """`compute_epsilon` of validated, hashable inputs, memoised: the epsilon is a pure function
@@ -241,10 +254,7 @@ def _epsilon(entries: tuple[GaussianSteps, ...], delta: float, accountant: str) 
         return 0.0
     if any(e.noise_multiplier == 0 for e in entries):
         return math.inf
-    relations = {e.neighboring for e in entries}
-    if len(relations) > 1:
-        raise ValueError("cannot compose shuffled (replace-one) with Poisson (add/remove) steps")
-    relation = relations.pop()
+    relation = neighboring_of(entries)
     if relation == dpa.NeighboringRelation.REPLACE_ONE and accountant == "pld":
         accountant = "rdp"  # dp-accounting's PLD has no sampling-without-replacement event
     eta = sum(e.overflow() for e in entries)

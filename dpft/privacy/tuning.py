@@ -44,6 +44,7 @@ from dpft.privacy.accounting import (
     _check_delta,
     _quiet_absl,
     dp_event,
+    neighboring_of,
 )
 from dpft.privacy.releases import dp_event as releases_dp_event
 
@@ -265,10 +266,7 @@ def ledger_total_epsilon(
         raise ValueError("the base run has no DP steps to account")
     if any(e.noise_multiplier == 0 for e in entries):
         return math.inf
-    relations = {e.neighboring for e in entries}
-    if len(relations) > 1:
-        raise ValueError("cannot compose shuffled (replace-one) with Poisson (add/remove) steps")
-    relation = relations.pop()
+    relation = neighboring_of(entries)
     mean = repetitions.mean
     eta = mean * sum(e.overflow() for e in entries)
     eta_neighbour = mean * sum(e.overflow(extra_examples=1) for e in entries)
