@@ -19,6 +19,7 @@ from dpft.privacy import adaptive
 from dpft.privacy.noise import gaussian_privatizer
 
 __all__ = [
+    "base_optimizer",
     "check_adaptive",
     "dp_adam",
     "dp_adaptive_optimizer",
@@ -237,6 +238,17 @@ for _alias in (dp_sgd, dp_adam, dp_adamw, dp_lamb):
     _alias.__doc__ = _alias.__doc__.replace("    {privacy_args}", _PRIVACY_ARGS.strip("\n"))
 
 _ALIASES = {"sgd": dp_sgd, "adam": dp_adam, "adamw": dp_adamw, "lamb": dp_lamb}
+_BASES = {"sgd": optax.sgd, "adam": optax.adam, "adamw": optax.adamw, "lamb": optax.lamb}
+
+
+def base_optimizer(
+    name: str, learning_rate: ScalarOrSchedule, **options
+) -> optax.GradientTransformation:
+    """The optax optimizer a DP chain ends with, by name ('sgd' | 'adam' | 'adamw' | 'lamb'),
+    for the privatizers that are not `dp_chain`'s (correlated noise, adaptive clipping)."""
+    if name not in _BASES:
+        raise ValueError(f"optimizer must be one of {sorted(_BASES)}, got {name!r}")
+    return _BASES[name](learning_rate, **options)
 
 
 def dp_optimizer(
@@ -292,9 +304,7 @@ def dp_adaptive_optimizer(
         (gradient sum and unclipped count together, `adaptive.split_noise_multiplier`), so the
         accountant's per-step entry is that of `dp_chain` with the same multiplier.
     """
-    bases = {"sgd": optax.sgd, "adam": optax.adam, "adamw": optax.adamw, "lamb": optax.lamb}
-    if name not in bases:
-        raise ValueError(f"optimizer must be one of {sorted(bases)}, got {name!r}")
+    base = base_optimizer(name, learning_rate, **kwargs)
     sigma_b = float(count_noise)
     if sigma_b < 0:
         sigma_b = adaptive.default_count_noise(expected_batch_size)
@@ -310,7 +320,7 @@ def dp_adaptive_optimizer(
     return optax.chain(
         priv,
         normalize_by_expected_batch(expected_batch_size),
-        bases[name](learning_rate, **kwargs),
+        base,
     )
 
 

@@ -266,9 +266,6 @@ def make_mesh(num_devices: int):
     return jax.sharding.Mesh(np.asarray(devices[:n]), ("data",))
 
 
-_BASES = ("sgd", "adam", "adamw", "lamb")  # optax names of optim.dp_optimizer's bases
-
-
 def build_optimizer(
     config, plan: PrivacyPlan, sensitivity: float, noise_key, *, steps=None, learning_rate=None
 ):
@@ -301,13 +298,11 @@ def build_optimizer(
             **kwargs,
         )
     if plan.noise == "banded_mf":  # the correlated privatizer in place of the independent one
-        if tr.optimizer not in _BASES:
-            raise ValueError(f"config.train.optimizer must be {'|'.join(_BASES)}: {tr.optimizer}")
         sigma = plan.noise_multiplier
         return optax.chain(
             correlated.banded_mf_privatizer(sigma, sensitivity, plan.coefs, noise_key),
             optim.normalize_by_expected_batch(plan.expected_batch_size),
-            getattr(optax, tr.optimizer)(schedule, **kwargs),
+            optim.base_optimizer(tr.optimizer, schedule, **kwargs),
         )
     return optim.dp_optimizer(
         tr.optimizer,
