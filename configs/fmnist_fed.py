@@ -3,6 +3,7 @@
     python -m dpft --config configs/fmnist_fed.py --workdir runs/fed_head          # HT
     python -m dpft --config configs/fmnist_fed.py:smoke --workdir /tmp/fed_smoke   # seconds
     python -m dpft --config configs/fmnist_fed.py:scratch,dirichlet,client --workdir runs/fed_st
+    python -m dpft --config configs/fmnist_fed.py:client,adaptive --workdir runs/fed_adaptive
 
 Arguments (comma-separated, any order):
 
@@ -15,6 +16,11 @@ Arguments (comma-separated, any order):
 * level: ``example`` (default; each client runs DP-SGD on its own data, epsilon covers every
   example of every client) or ``client`` (DP-FedAvg: clipped client updates, server noise,
   epsilon covers a client's whole dataset);
+* ``adaptive`` (with ``client``): adaptive quantile clipping of the client updates (Andrew et
+  al. 2021, docs/adaptive_clipping.md): the client clip starts at ``federated.client_clip`` and
+  tracks the median client update norm (``dp.adaptive_quantile=0.5``, ``dp.adaptive_lr=0.2``,
+  count noise std expected clients / 20; with ``smoke`` 2.5, as the default 0.5 would not
+  exceed z/2), at the same epsilon;
 * ``smoke``: 2,000 training examples over 10 clients, 4 rounds, a few seconds.
 
 Privacy: ``dp.epsilon`` is the target at ``dp.delta``; the noise is calibrated for
@@ -82,7 +88,7 @@ def get_config(arg: str = ""):
             "partition": ("iid", "dirichlet"),
             "level": ("example", "client"),
         },
-        flags=("smoke",),
+        flags=("smoke", "adaptive"),
     )
     mode = a.mode
     c.federated.partition = a.partition
@@ -104,6 +110,15 @@ def get_config(arg: str = ""):
     if c.federated.level == "client":
         c.federated.client_clip = 1.0
         c.federated.server_lr = 1.0
+    if a.adaptive:
+        if a.level != "client":
+            raise ValueError(
+                f"configs/fmnist_fed.py: 'adaptive' needs 'client' in config argument {arg!r} "
+                "(adaptive clipping of the client updates, client level only)"
+            )
+        c.dp.adaptive_quantile = 0.5  # the median client update norm, from client_clip
+        c.dp.adaptive_lr = 0.2
+        c.dp.adaptive_count_noise = -1.0  # expected clients per round / 20
     if a.smoke:
         c.data.train_subset = 2000
         c.data.eval_subset = 500
@@ -115,6 +130,8 @@ def get_config(arg: str = ""):
         c.federated.local_rate = 0.5 if mode != "head" else 1.0
         c.federated.local_steps = 2
         c.eval_batch_size = 250
+        if a.adaptive:  # 10 clients: sigma_b must exceed z/2 (z ~ 3.5 here), 10/20 would not
+            c.dp.adaptive_count_noise = 2.5
         if mode in ("full", "lp_ft"):
             c.data.train_subset = 200
             c.data.eval_subset = 100

@@ -19,7 +19,11 @@ Config mapping: ``config.dp`` gives the target ``epsilon``, ``delta``, ``noise_m
 the per-example clipping (``clip_norm``, ``clipping``) and ``secure_noise`` (client sampling,
 local batches, client keys and server noise from a 64-bit secret of OS entropy, kept in the
 checkpoints' metadata and reused on resume, never written to ``config.json``, the metrics or
-the summary; the checkpoints must then be protected like the data); ``config.federated`` gives
+the summary; the checkpoints must then be protected like the data), and at client level the adaptive
+clipping of the client updates (``adaptive_quantile`` > 0, ``adaptive_lr``,
+``adaptive_count_noise``: the clip starts at ``federated.client_clip``, see `check_adaptive` and
+docs/adaptive_clipping.md; metrics.jsonl then logs ``clip_norm`` and ``unclipped_fraction``);
+``config.federated`` gives
 everything else (see `FEDERATED_KEYS`). ``config.train`` is not used, except
 ``keep_checkpoints``. ``dp.delta`` must be below 1/N, N the number of examples at example level
 and the number of clients at client level.
@@ -113,9 +117,54 @@ def _check(config) -> None:
     if f.partition == "dirichlet" and not f.alpha > 0:
         raise ValueError(f"config.federated.alpha must be > 0, got {f.alpha!r}")
     build.build_norm_strategy(config.dp)  # an unknown config.dp.norms fails here, before any file
-    if config.dp.get("adaptive_quantile", 0):  # driver.make_round(adaptive_clip=...) only
-        raise ValueError("config.dp.adaptive_quantile is not wired to federated configs yet")
+    check_adaptive(config)
     build.build_augment(config)  # bad config.data.augmult / augment keys, likewise
+
+
+def check_adaptive(config) -> bool:
+    """Whether ``config.dp.adaptive_quantile`` turns on adaptive clipping of the client updates;
+    one-line errors for what it lacks (`dpft.optim.check_adaptive` is the centralized trainer's).
+
+    Supported at ``federated.level='client'`` only: the client clip norm starts at
+    ``federated.client_clip`` and tracks the ``dp.adaptive_quantile`` quantile of the client
+    update norms (step ``dp.adaptive_lr``, count noise ``dp.adaptive_count_noise``, checked
+    against the noise multiplier by `_check_count_noise`). At example level each client runs
+    local DP-SGD with the per-example clip ``dp.clip_norm``, which is not adapted.
+    """
+    dp, f = config.dp, config.federated
+    gamma = float(dp.get("adaptive_quantile", 0.0))
+    if gamma == 0:
+        return False
+    if not 0 < gamma <= 1:
+        raise ValueError(f"config.dp.adaptive_quantile must be in (0, 1] (0 = off), got {gamma}")
+    if f.level != "client":
+        raise ValueError(
+            "config.dp.adaptive_quantile > 0 (adaptive clipping of client updates) needs "
+            f"config.federated.level='client', got {f.level!r}"
+        )
+    clip = float(f.client_clip)
+    if not (clip > 0 and math.isfinite(clip)):
+        raise ValueError(
+            "adaptive clipping starts at config.federated.client_clip, which must be finite and "
+            f"> 0, got {f.client_clip!r}"
+        )
+    eta = float(dp.get("adaptive_lr", 0.2))
+    if not (eta >= 0 and math.isfinite(eta)):
+        raise ValueError(f"config.dp.adaptive_lr must be finite and >= 0, got {eta!r}")
+    return True
+
+
+def _check_count_noise(fc: FedConfig, clients, n_dev: int) -> None:
+    """Refuses a count noise std ``sigma_b <= z / 2`` (one line naming the key).
+
+    Privacy:
+        The round's clipped sum and centred count share the accounted multiplier z
+        (`dpft.privacy.adaptive.split_noise_multiplier`), defined only for ``sigma_b > z / 2``.
+    """
+    if not fc.adaptive_quantile:
+        return
+    plan = driver.make_plan(fc, [len(c) for c in clients], slot_multiple=n_dev)
+    driver.adaptive_clip(fc, plan, "config.dp.adaptive_count_noise")
 
 
 def fed_config(config) -> FedConfig:
@@ -155,6 +204,9 @@ def fed_config(config) -> FedConfig:
         microbatch_size=int(f.microbatch_size) or None,
         client_group=int(f.client_group) or None,
         secure_noise=bool(config.dp.get("secure_noise", False)),
+        adaptive_quantile=float(dp.get("adaptive_quantile", 0.0)),
+        adaptive_lr=float(dp.get("adaptive_lr", 0.2)),
+        adaptive_count_noise=float(dp.get("adaptive_count_noise", -1.0)),
     )
 
 
@@ -221,6 +273,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     check_delta(fc, [len(c) for c in clients], "config.dp.delta")  # N: examples or clients
     _check_budget(fc, clients)
     n_dev = mesh.shape["data"] if mesh is not None else 1
+    _check_count_noise(fc, clients, n_dev)
     configs = fed_phases.phase_configs(config, fc, phases, clients, n_dev)
     workdir_lib.claim_workdir(workdir, workdir_lib.config_json(config))  # inputs validated above
     dirs = fed_phases.phase_dirs(config, workdir, phases)
@@ -317,7 +370,21 @@ def _summary(config, fc: FedConfig, phases, result) -> dict:
         "local_batch": plan.local_batch,
         "local_steps": plan.local_steps,
         "partition": f.partition,
+        **_adaptive_summary(fc, plan, result.state),
     }
 
 
-__all__ = ["FEDERATED_KEYS", "fed_config", "split_clients", "train_and_evaluate"]
+def _adaptive_summary(fc: FedConfig, plan, state) -> dict:
+    """With adaptive clipping: its settings and the clip norm after the last round."""
+    hyper = driver.adaptive_clip(fc, plan)
+    if hyper is None:
+        return {}
+    return {
+        "adaptive_quantile": hyper["target_quantile"],
+        "adaptive_lr": hyper["learning_rate"],
+        "adaptive_count_noise": hyper["count_noise"],
+        "final_clip_norm": float(state.clip.clip_norm),
+    }
+
+
+__all__ = ["FEDERATED_KEYS", "check_adaptive", "fed_config", "split_clients", "train_and_evaluate"]

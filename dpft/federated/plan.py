@@ -9,12 +9,13 @@ host as static-shape arrays, a pure function of ``(seed, round)``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
 
-from dpft.privacy import accounting, keys, sampling
+from dpft.privacy import accounting, adaptive, keys, sampling
 from dpft.privacy import clients as dp_clients
 from dpft.privacy.accounting import GaussianSteps
 from dpft.privacy.noise import noise_std
@@ -24,6 +25,7 @@ __all__ = [
     "FedConfig",
     "FedPlan",
     "RoundInputs",
+    "adaptive_clip",
     "check_delta",
     "make_plan",
     "round_entry",
@@ -50,7 +52,11 @@ class FedConfig:
     not depend on it (up to float rounding). ``secure_noise``: client sampling, local batches,
     client keys and server noise come from a 64-bit secret of OS entropy
     (`dpft.privacy.keys.run_seed`) instead of ``seed``; `dpft.federated.runner.run` saves it
-    with its checkpoints and reuses it on resume.
+    with its checkpoints and reuses it on resume. ``adaptive_quantile`` > 0 (client level only):
+    the client clip norm starts at ``client_clip`` and tracks that quantile of the client update
+    norms (adaptive quantile clipping, `dpft.privacy.adaptive`), with geometric step
+    ``adaptive_lr`` and count noise std ``adaptive_count_noise`` (< 0: expected clients / 20),
+    see `adaptive_clip`.
 
     Privacy:
         'example' protects each example of each client (add/remove-one example within a
@@ -84,6 +90,9 @@ class FedConfig:
     microbatch_size: int | None = None
     client_group: int | None = None
     secure_noise: bool = False
+    adaptive_quantile: float = 0.0  # 0: a fixed client_clip
+    adaptive_lr: float = 0.2
+    adaptive_count_noise: float = -1.0  # < 0: expected clients per round / 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +185,49 @@ def make_plan(config: FedConfig, client_sizes: Sequence[int], slot_multiple: int
     if config.dp == "client":
         noise_std(z, config.client_clip)  # checks a finite clip when z > 0
     return FedPlan(sizes, slots, k, int(b), z, weighting)
+
+
+def adaptive_clip(
+    config: FedConfig, plan: FedPlan, name: str = "adaptive_count_noise"
+) -> dict | None:
+    """The ``adaptive_clip`` settings of `dpft.federated.driver.make_round` (None when off).
+
+    ``{"target_quantile", "learning_rate", "count_noise"}`` with the count noise resolved
+    (``adaptive_count_noise < 0``: ``adaptive.default_count_noise(client_rate * num_clients)``).
+    Refuses (one line, naming ``name`` for the count noise) a level other than 'client', a
+    quantile outside (0, 1], a negative or non-finite learning rate, and a count noise std
+    ``sigma_b <= z / 2`` for the plan's noise multiplier z.
+
+    Privacy:
+        The clipped sum and the centred count of a round are one Gaussian mechanism with the
+        plan's multiplier z (`dpft.privacy.adaptive.split_noise_multiplier`): `round_entry` is
+        unchanged. ``sigma_b`` is a public function of the public expected number of clients.
+    """
+    gamma = float(config.adaptive_quantile)
+    if gamma == 0:
+        return None
+    if config.dp != "client":
+        raise ValueError(
+            f"adaptive clipping needs client-level DP (dp='client'), got dp={config.dp!r}"
+        )
+    if not 0 < gamma <= 1:
+        raise ValueError(f"adaptive_quantile must be in (0, 1] (0 = off), got {gamma}")
+    eta = float(config.adaptive_lr)
+    if not (eta >= 0 and math.isfinite(eta)):
+        raise ValueError(f"adaptive_lr must be finite and >= 0, got {config.adaptive_lr!r}")
+    sigma_b = float(config.adaptive_count_noise)
+    if sigma_b < 0:
+        sigma_b = adaptive.default_count_noise(config.client_rate * plan.num_clients)
+    if not math.isfinite(sigma_b):
+        raise ValueError(f"{name} must be finite, got {config.adaptive_count_noise!r}")
+    try:
+        adaptive.split_noise_multiplier(plan.noise_multiplier, sigma_b)
+    except ValueError:
+        raise ValueError(
+            f"{name}={config.adaptive_count_noise:g} gives count noise std sigma_b={sigma_b:g}, "
+            f"which must exceed noise_multiplier/2 = {plan.noise_multiplier / 2:g}"
+        ) from None
+    return {"target_quantile": gamma, "learning_rate": eta, "count_noise": sigma_b}
 
 
 def round_entry(config: FedConfig, plan: FedPlan) -> GaussianSteps | None:

@@ -5,7 +5,11 @@ function, initial state), resume from the workdir's checkpoint, then one round a
 (ledger, round, metrics, eval, checkpoint).
 
 The checkpoint of round ``r`` holds the global parameters, the server optimizer state, the
-round number, the privacy ledger of every round it reflects and the history so far. Client
+round number, with adaptive clipping (``config.adaptive_quantile > 0``) the clip state
+(`dpft.privacy.adaptive.AdaptiveClipState` in ``ServerState.clip``, started at
+``config.client_clip``), the privacy ledger of every round it reflects and the history so far
+(with adaptive clipping each record holds the round's ``clip_norm`` and its noisy
+``unclipped_fraction``, DP outputs). Client
 sampling, local batches and every key are pure functions of ``(seed, round, client)``, so a run
 resumed from its workdir recomputes exactly what the uninterrupted run computes. A later phase
 of a multi-phase run (`dpft.federated.phases`) runs global rounds ``[start_round, rounds)`` on
@@ -34,7 +38,7 @@ from jax.sharding import PartitionSpec as P
 
 from dpft.federated import driver
 from dpft.federated import server as srv
-from dpft.privacy import clipping, keys
+from dpft.privacy import adaptive, clipping, keys
 from dpft.privacy.accounting import PrivacyLedger
 from dpft.train.checkpoint import Checkpointer
 
@@ -57,7 +61,14 @@ def _compiled_round(loss_fn, config, plan, server_tx_args, clipper, mesh=None, n
     strategy): a resumed or extended run in the same process reuses its compilation."""
     server_tx = srv.make_server_optimizer(*server_tx_args)
     round_fn = driver.make_round(
-        loss_fn, config, plan, server_tx, clipper, mesh=mesh, norm_strategy=norms
+        loss_fn,
+        config,
+        plan,
+        server_tx,
+        clipper,
+        mesh=mesh,
+        norm_strategy=norms,
+        adaptive_clip=driver.adaptive_clip(config, plan),
     )
     return server_tx, round_fn
 
@@ -69,6 +80,9 @@ def _identity(config: driver.FedConfig, plan: driver.FedPlan) -> dict:
     d.pop("client_group")  # how clients are batched, not what the run computes
     if not d["secure_noise"]:  # off: the identity of checkpoints written before the option
         d.pop("secure_noise")
+    if not d["adaptive_quantile"]:  # likewise for adaptive clipping
+        for key in ("adaptive_quantile", "adaptive_lr", "adaptive_count_noise"):
+            d.pop(key)
     d["client_sizes"] = list(plan.client_sizes)
     d["noise_multiplier_used"] = plan.noise_multiplier
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
@@ -224,7 +238,8 @@ def _prepare(spec: RunSpec) -> _Rounds:
     if not 0 <= spec.start_round <= config.rounds:
         raise ValueError(f"start_round={spec.start_round} is not in [0, {config.rounds}]")
     round0 = jnp.asarray(spec.start_round, jnp.int32)
-    state = srv.ServerState(round0, params, server_tx.init(params))
+    clip = adaptive.init_state(config.client_clip) if config.adaptive_quantile else None
+    state = srv.ServerState(round0, params, server_tx.init(params), clip)
     entry = driver.round_entry(config, plan)
     given = spec.ledger
     ledger = PrivacyLedger.from_dict(given.to_dict()) if given is not None else PrivacyLedger()
