@@ -20,6 +20,7 @@ from dpft.privacy.noise import gaussian_privatizer
 
 __all__ = [
     "base_optimizer",
+    "adaptive_quantile",
     "check_adaptive",
     "dp_adam",
     "dp_adaptive_optimizer",
@@ -324,6 +325,14 @@ def dp_adaptive_optimizer(
     )
 
 
+def adaptive_quantile(dp) -> float:
+    """``dp.adaptive_quantile`` (0: adaptive clipping off), refused outside [0, 1] in one line."""
+    gamma = float(dp.get("adaptive_quantile", 0.0))
+    if not 0 <= gamma <= 1:
+        raise ValueError(f"config.dp.adaptive_quantile must be in (0, 1] (0 = off), got {gamma}")
+    return gamma
+
+
 def check_adaptive(config) -> bool:
     """Whether ``config.dp.adaptive_quantile`` turns adaptive clipping on; refuses what it lacks.
 
@@ -332,11 +341,8 @@ def check_adaptive(config) -> bool:
     other combination gets a one-line ValueError.
     """
     dp = config.dp
-    gamma = float(dp.get("adaptive_quantile", 0.0))
-    if gamma == 0:
+    if not adaptive_quantile(dp):
         return False
-    if not 0 < gamma <= 1:
-        raise ValueError(f"config.dp.adaptive_quantile must be in (0, 1] (0 = off), got {gamma}")
     if dp.clipping != "flat":
         raise ValueError(f"adaptive clipping needs config.dp.clipping='flat', got {dp.clipping!r}")
     unsupported = {

@@ -41,6 +41,7 @@ import time
 import jax
 import numpy as np
 
+from dpft import optim
 from dpft.federated import driver
 from dpft.federated import partition as fed_partition
 from dpft.federated import phases as fed_phases
@@ -132,11 +133,8 @@ def check_adaptive(config) -> bool:
     local DP-SGD with the per-example clip ``dp.clip_norm``, which is not adapted.
     """
     dp, f = config.dp, config.federated
-    gamma = float(dp.get("adaptive_quantile", 0.0))
-    if gamma == 0:
+    if not optim.adaptive_quantile(dp):
         return False
-    if not 0 < gamma <= 1:
-        raise ValueError(f"config.dp.adaptive_quantile must be in (0, 1] (0 = off), got {gamma}")
     if f.level != "client":
         raise ValueError(
             "config.dp.adaptive_quantile > 0 (adaptive clipping of client updates) needs "
