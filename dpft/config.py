@@ -87,6 +87,14 @@ def base_config() -> ml_collections.ConfigDict:
     # True: sampling and noise seeded from OS entropy, not c.seed (docs/randomness.md); the
     # secret is kept only inside the checkpoints, which must then be protected.
     c.dp.secure_noise = False
+    # Privacy unit (docs/user_level.md): example | user. 'user' protects all the examples of a
+    # user: users are Poisson-sampled (train.batch_size and train.max_batch_size then count
+    # USERS, epochs pass over the users), each brings up to examples_per_user of its examples,
+    # clipped as one unit (their mean gradient), and epsilon is user-level. Users are the data's
+    # 'user' array if it has one, else num_users public synthetic users (seeded by c.seed).
+    c.dp.unit = "example"
+    c.dp.num_users = 0
+    c.dp.examples_per_user = 0
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 256  # EXPECTED logical batch size (Poisson: q = batch_size / N)

@@ -11,6 +11,7 @@ from dpft.privacy import (
     accounting,
     clients,
     clipping,
+    correlated,
     keys,
     noise,
     releases,
@@ -18,6 +19,7 @@ from dpft.privacy import (
     sampling,
     streaming,
     tuning,
+    users,
 )
 
 CORE = pathlib.Path(dpft.__file__).parent / "privacy"
@@ -133,6 +135,22 @@ PUBLIC_DP = [
     streaming.noisy_streamed_xty_sum,
     streaming.noisy_streamed_curvature_sum,
     streaming.process_sum,
+    correlated.optimal_banded_coefs,
+    correlated.correlated_key,
+    correlated.banded_step_key,
+    correlated.banded_mf_privatizer,
+    correlated.banded_entry,
+    correlated.banded_dp_event,
+    correlated.banded_epsilon,
+    correlated.calibrate_banded_noise_multiplier,
+    correlated.BandedBudget,
+    sampling.CyclicPoissonSampler,
+    users.UserPoissonSampler,
+    users.per_user_loss,
+    users.user_steps,
+    users.synthetic_user_ids,
+    users.user_members,
+    users.split_user_mask,
 ]
 
 

@@ -4,9 +4,10 @@ Clipping of per-example gradients (`clipping`, `clippers`, `ghost`, `unfold`), o
 linear-head gradients (`rows`, shard by shard: `streaming`) and of client updates (`clients`),
 with a clip norm that can track a quantile of the norms (`adaptive`); Gaussian noise (`noise`,
 `rows`), also correlated across steps by a banded matrix factorization (`correlated`); keys and
-secrets (`keys`); sampling (`sampling`); accounting of DP-SGD (`accounting`, `ledger`), of
-full-batch releases (`releases`), of federated rounds (`clients`) and of hyperparameter tuning
-with a random number of runs (`tuning`).
+secrets (`keys`); sampling (`sampling`), also of users clipped as units for user-level DP
+(`users`); accounting of DP-SGD (`accounting`, `ledger`), of full-batch releases (`releases`),
+of federated rounds (`clients`) and of hyperparameter tuning with a random number of runs
+(`tuning`).
 
 Flat and auditable: these modules import nothing else from dpft. Submodules load lazily, so
 ``python -m dpft.privacy.accounting`` runs without importing JAX's clipping code first.
@@ -33,6 +34,7 @@ _SUBMODULES = (
     "streaming",
     "tuning",
     "unfold",
+    "users",
 )
 
 

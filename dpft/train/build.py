@@ -17,7 +17,7 @@ from dpft.data import augment as augment_lib
 from dpft.models.conv import CONV_IMPLS
 from dpft.paths import DataError
 from dpft.privacy import correlated
-from dpft.train.privacy_plan import PrivacyPlan, check_noise
+from dpft.train.privacy_plan import PrivacyPlan, check_noise, check_unit
 
 # The privacy plan's pieces, also reachable from here (drivers build a run from this module):
 from dpft.train.privacy_plan import build_budget as build_budget
@@ -25,6 +25,7 @@ from dpft.train.privacy_plan import build_clipper as build_clipper
 from dpft.train.privacy_plan import build_norm_strategy as build_norm_strategy
 from dpft.train.privacy_plan import build_sampler as build_sampler
 from dpft.train.privacy_plan import plan_privacy as plan_privacy
+from dpft.train.privacy_plan import user_ids as user_ids
 
 
 def load_data(config) -> tuple[dict, dict, int]:
@@ -35,6 +36,7 @@ def load_data(config) -> tuple[dict, dict, int]:
     read by index while training (`dpft.data.stream_splits`, docs/data.md).
     """
     check_noise(config)
+    check_unit(config)  # config.dp.unit='user': refuse what it does not run with, before loading
     c = config.data
     augment = build_augment(config)
     pipeline = c.get("pipeline", "memory")
@@ -146,7 +148,7 @@ def _base_model(config, num_classes: int, example_image: np.ndarray):
         model = model.clone(**{k: kwargs[k] for k in ("dtype", "conv") if k in kwargs})
         with _shape_errors(f"{m.name} (pretrained {m.pretrained})", example_image.shape):
             jax.eval_shape(model.apply, variables, x)  # the weights fit these images
-    fresh_vars = fresh.init(key, x)
+    fresh_vars = jax.jit(fresh.init)(key, x)  # one compilation, not one per op
     fresh_vars = reinit(fresh_vars, m.get("init", "default"), jax.random.fold_in(key, 1))
     if not m.pretrained:
         return fresh, fresh_vars
@@ -283,19 +285,22 @@ def build_optimizer(
         kwargs = {"momentum": tr.momentum or None, "nesterov": tr.nesterov}
     elif tr.optimizer in ("adamw", "lamb"):
         kwargs = {"weight_decay": tr.weight_decay}
+    private = {  # what the independent-noise chains take besides the clip norm
+        "noise_multiplier": plan.noise_multiplier,
+        "expected_batch_size": plan.expected_batch_size,
+        "key": noise_key,
+        **kwargs,
+    }
     if optim.check_adaptive(config):  # adaptive quantile clipping, docs/adaptive_clipping.md
         dp = config.dp
         return optim.dp_adaptive_optimizer(
             tr.optimizer,
             schedule,
-            noise_multiplier=plan.noise_multiplier,
             initial_clip_norm=sensitivity,
-            expected_batch_size=plan.expected_batch_size,
-            key=noise_key,
             target_quantile=dp.adaptive_quantile,
             clip_learning_rate=dp.adaptive_lr,
             count_noise=dp.adaptive_count_noise,
-            **kwargs,
+            **private,
         )
     if plan.noise == "banded_mf":  # the correlated privatizer in place of the independent one
         sigma = plan.noise_multiplier
@@ -304,12 +309,4 @@ def build_optimizer(
             optim.normalize_by_expected_batch(plan.expected_batch_size),
             optim.base_optimizer(tr.optimizer, schedule, **kwargs),
         )
-    return optim.dp_optimizer(
-        tr.optimizer,
-        schedule,
-        noise_multiplier=plan.noise_multiplier,
-        l2_sensitivity=sensitivity,
-        expected_batch_size=plan.expected_batch_size,
-        key=noise_key,
-        **kwargs,
-    )
+    return optim.dp_optimizer(tr.optimizer, schedule, l2_sensitivity=sensitivity, **private)

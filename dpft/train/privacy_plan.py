@@ -1,6 +1,7 @@
 """The privacy plan of a run: the clipper and its norm strategy, the sampling rate, steps and
 noise multiplier (calibrated to the target), the noise (independent or banded matrix
-factorization), and the sampler and budget they imply.
+factorization), the privacy unit (an example, or a user with all its examples) and the sampler
+and budget they imply.
 """
 
 from __future__ import annotations
@@ -9,7 +10,10 @@ import dataclasses
 import logging
 import math
 
-from dpft.privacy import accounting, clipping, correlated, ledger, sampling
+import numpy as np
+
+from dpft.data import augment as augment_lib
+from dpft.privacy import accounting, clipping, correlated, ledger, sampling, users
 
 log = logging.getLogger("dpft")
 
@@ -65,9 +69,29 @@ class PrivacyPlan:
     coefs: tuple = (1.0,)
     partition_size: int = 0
     partition_seed: int = 0
+    # config.dp.unit='user' (docs/user_level.md): sampling_rate, expected_batch_size,
+    # max_batch_size and steps count USERS; num_examples stays the number of examples
+    unit: str = "example"
+    num_users: int = 0
+    examples_per_user: int = 0
+
+    def unit_summary(self) -> dict:
+        """What summary.json says of a user-level run's unit (nothing at the example level)."""
+        if self.unit != "user":
+            return {}
+        k = self.examples_per_user
+        return {"privacy_unit": "user", "num_users": self.num_users, "examples_per_user": k}
 
     def entry(self) -> accounting.GaussianSteps:
         """The ledger entry of one step (banded_mf: of one participation round)."""
+        if self.unit == "user":
+            return users.user_steps(
+                self.noise_multiplier,
+                self.sampling_rate,
+                1,
+                num_users=self.num_users,
+                max_users=self.max_batch_size,
+            )
         if self.noise == "banded_mf":
             return correlated.banded_entry(
                 self.noise_multiplier,
@@ -86,14 +110,19 @@ class PrivacyPlan:
         )
 
 
-def plan_privacy(config, num_examples: int, batch_multiple: int = 1) -> PrivacyPlan:
+def plan_privacy(
+    config, num_examples: int, batch_multiple: int = 1, user_ids: np.ndarray | None = None
+) -> PrivacyPlan:
     """Sampling rate, steps and noise multiplier (calibrated to the target when not given).
 
     The padded batch (the Poisson cap, unless ``config.train.max_batch_size`` sets it) is the
     smallest whose truncation charge ``eta + e^eps eta'`` is at most 1% of delta
     (`accounting.overflow_probability_for`; never above 1e-12 per step), rounded up to a
     multiple of ``batch_multiple`` (the number of data-parallel devices); accounting uses the
-    rounded cap.
+    rounded cap. With ``config.dp.unit='user'`` the units are the U users of ``user_ids``:
+    ``config.train.batch_size`` is the expected number of users per step (rate q = B / U, also
+    the divisor of the clipped sum), epochs count passes over the users, the cap counts users
+    and the noise is calibrated for the Poisson-subsampled Gaussian over U users.
     """
     dp, tr = config.dp, config.train
     build_norm_strategy(dp)  # refuse an unknown config.dp.norms before any file is written
@@ -101,13 +130,18 @@ def plan_privacy(config, num_examples: int, batch_multiple: int = 1) -> PrivacyP
         raise ValueError(f"config.dp.clip_norm must be > 0 (inf: no clipping), got {dp.clip_norm}")
     if not dp.epsilon > 0:
         raise ValueError(f"config.dp.epsilon must be > 0, got {dp.epsilon}")
-    accounting.check_delta(dp.delta, num_examples)
-    if not 0 < tr.batch_size <= num_examples:
+    unit = check_unit(config)
+    if unit == "user" and user_ids is None:
+        raise ValueError("config.dp.unit='user' needs the user id of every example")
+    units = len(np.unique(user_ids)) if unit == "user" else num_examples  # what q is a rate of
+    accounting.check_delta(dp.delta, units)
+    if not 0 < tr.batch_size <= units:
+        what = " (expected users per step with config.dp.unit='user')" if unit == "user" else ""
         raise ValueError(
-            f"config.train.batch_size must be in [1, {num_examples}], got {tr.batch_size}"
+            f"config.train.batch_size{what} must be in [1, {units}], got {tr.batch_size}"
         )
-    q = tr.batch_size / num_examples
-    steps = tr.steps or math.ceil(tr.epochs * num_examples / tr.batch_size)
+    q = tr.batch_size / units
+    steps = tr.steps or math.ceil(tr.epochs * units / tr.batch_size)
     if steps <= 0:
         raise ValueError("config.train.steps or config.train.epochs must be > 0")
     if check_noise(config) == "banded_mf":
@@ -115,9 +149,9 @@ def plan_privacy(config, num_examples: int, batch_multiple: int = 1) -> PrivacyP
     if not tr.max_batch_size:  # a cap whose truncation charge is <= 1% of delta
         p = accounting.overflow_probability_for(dp.epsilon, dp.delta, steps)
         p = min(p, sampling.DEFAULT_OVERFLOW_PROBABILITY)
-    cap = tr.max_batch_size or sampling.poisson_batch_cap(num_examples, q, p)
+    cap = tr.max_batch_size or sampling.poisson_batch_cap(units, q, p)
     cap = -(-cap // batch_multiple) * batch_multiple
-    entry_kw = {"dataset_size": num_examples, "max_batch_size": cap}
+    entry_kw = {"dataset_size": units, "max_batch_size": cap}
     if dp.noise_multiplier >= 0:
         sigma = float(dp.noise_multiplier)
     elif math.isinf(dp.epsilon):
@@ -126,9 +160,11 @@ def plan_privacy(config, num_examples: int, batch_multiple: int = 1) -> PrivacyP
         sigma = accounting.calibrate_noise_multiplier(
             dp.epsilon, dp.delta, q, steps, dp.accountant, **entry_kw
         )
-    return PrivacyPlan(
-        num_examples, q, q * num_examples, cap, steps, sigma, dp.epsilon, dp.delta, dp.accountant
-    )
+    users_kw = {}  # user-level: the U users are the units (`dpft.privacy.users.user_steps`)
+    if unit == "user":
+        users_kw = {"unit": unit, "num_users": units, "examples_per_user": dp.examples_per_user}
+    target = (dp.epsilon, dp.delta, dp.accountant)
+    return PrivacyPlan(num_examples, q, q * units, cap, steps, sigma, *target, **users_kw)
 
 
 def check_noise(config) -> str:
@@ -217,8 +253,84 @@ def _plan_banded(config, num_examples: int, steps: int, batch_multiple: int) -> 
     )
 
 
-def build_sampler(plan: PrivacyPlan, seed: int):
-    """The run's sampler: Poisson, or cyclic Poisson over ``len(plan.coefs)`` partitions."""
+def check_unit(config) -> str:
+    """``config.dp.unit`` ('example' | 'user') after checking what 'user' runs with.
+
+    User-level DP (`dpft.privacy.users`, docs/user_level.md) runs in the centralized trainer
+    on in-memory data (or cached features) in one phase on one device; other combinations get
+    a one-line ValueError.
+    """
+    dp, tr = config.dp, config.train
+    unit = dp.get("unit", "example")
+    if unit not in users.UNITS:
+        raise ValueError(f"config.dp.unit must be {'|'.join(users.UNITS)}, got {unit!r}")
+    if unit == "example":
+        return unit
+    k = dp.get("examples_per_user", 0)
+    if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
+        raise ValueError(f"config.dp.examples_per_user must be an int >= 1, got {k!r}")
+    spec = augment_lib.from_config(config.data)
+    parallel = config.get("parallel", {})
+    unsupported = {
+        "config.federated": "federated" in config,
+        "config.linear": "linear" in config,
+        "config.data.pipeline='grain'": config.data.get("pipeline", "memory") == "grain",
+        "config.train.host_chunk_size > 0": bool(tr.get("host_chunk_size", 0)),
+        "config.train.microbatch_size=-1": tr.get("microbatch_size", 0) == -1,
+        "config.dp.noise='banded_mf'": dp.get("noise", "independent") == "banded_mf",
+        "config.dp.adaptive_quantile > 0": dp.get("adaptive_quantile", 0.0) > 0,
+        "config.parallel.data != 1 (one device only)": parallel.get("data", 1) != 1,
+        "config.parallel.fsdp": bool(parallel.get("fsdp", False)),
+        "config.finetune.mode='lp_ft'": config.get("finetune", {}).get("mode", "") == "lp_ft",
+        "config.data.augmult > 1 or config.data.augment": not spec.identity,
+    }
+    for what, used in unsupported.items():
+        if used:
+            raise ValueError(f"config.dp.unit='user' is not supported with {what}")
+    return unit
+
+
+def user_ids(config, train_arrays: dict) -> np.ndarray | None:
+    """The user of every training example for ``config.dp.unit='user'`` (else None).
+
+    The training arrays' own ``'user'`` array (one int per example) when they have one (it is
+    removed from them: the step never sees it); otherwise the public synthetic assignment of
+    the examples to ``config.dp.num_users`` users seeded by ``config.seed``
+    (`dpft.privacy.users.synthetic_user_ids`).
+    """
+    if check_unit(config) != "user":
+        return None
+    n = len(train_arrays["label"])
+    if "user" in train_arrays:
+        ids = np.asarray(train_arrays.pop("user"))
+        if ids.shape != (n,) or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(
+                f"the training data's 'user' array must hold one int id per example ({n}), got "
+                f"shape {ids.shape} and dtype {ids.dtype}"
+            )
+        return ids
+    num = config.dp.get("num_users", 0)
+    if not (isinstance(num, int) and not isinstance(num, bool) and 1 <= num <= n):
+        raise ValueError(
+            f"config.dp.num_users must be an int in [1, {n}] (the data has no 'user' array: "
+            f"examples are assigned to that many synthetic users), got {num!r}"
+        )
+    return users.synthetic_user_ids(n, num, config.seed)
+
+
+def build_sampler(plan: PrivacyPlan, seed: int, user_ids: np.ndarray | None = None):
+    """The run's sampler: Poisson, cyclic Poisson over ``len(plan.coefs)`` partitions, or
+    Poisson over the users of ``user_ids`` (``plan.unit == 'user'``)."""
+    if plan.unit == "user":
+        if user_ids is None:
+            raise ValueError("config.dp.unit='user' needs the user id of every example")
+        return users.UserPoissonSampler(
+            user_ids,
+            plan.sampling_rate,
+            plan.examples_per_user,
+            seed,
+            max_users=plan.max_batch_size,
+        )
     if plan.noise == "banded_mf":
         return sampling.CyclicPoissonSampler(
             plan.num_examples,

@@ -4,7 +4,8 @@
 partitions the model for the phase (`dpft.train.phases`), takes the cached backbone features for
 a head phase (`dpft.train.features.head_on_features`), builds the DP optimizer with the phase's
 noise key (`noise_key`) and compiles the train step (one array step, host-chunked accumulation or
-the mesh-sharded step) and the eval step.
+the mesh-sharded step) and the eval step. With ``config.dp.unit='user'`` the loss is one
+clipping unit per user (`dpft.privacy.users.per_user_loss`) and the step takes user batches.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dpft import data as dpdata
-from dpft.privacy import keys
+from dpft.privacy import keys, users
 from dpft.train import accumulate, build, distributed
 from dpft.train import features as features_lib
 from dpft.train.phases import Phase
@@ -32,6 +33,7 @@ from dpft.train.step import (
     make_eval_step,
     make_train_step,
     partition,
+    stacked_cross_entropy,
     state_shardings,
     unflatten,
 )
@@ -109,6 +111,8 @@ def build_runtime(spec: RuntimeSpec, index: int, phase: Phase) -> Runtime:
         loss = cross_entropy_loss(apply, None, input_ndim=3)
     else:
         loss = cross_entropy_loss(model.apply, build.build_augment(config, phase.use_features))
+    if plan.unit == "user":  # one clipping unit per user: its examples' mean loss
+        loss = users.per_user_loss(stacked_cross_entropy(model.apply))
     chunk = config.train.get("host_chunk_size", 0)
     rows = chunk or plan.max_batch_size // (mesh.size if mesh is not None else 1)
     mb, kw = _microbatching(config, loss, clipper, norms, tx, state, train_arrays, rows)
@@ -119,6 +123,8 @@ def build_runtime(spec: RuntimeSpec, index: int, phase: Phase) -> Runtime:
             accumulate.make_accumulating_step(loss, clipper, tx, microbatch_size=mb, **kw), options
         )
     step = make_train_step(loss, clipper, tx, microbatch_size=mb, mesh=mesh, **kw)
+    if plan.unit == "user":  # the gathered [users, k] mask -> user mask and example weights
+        step = _on_users(step)
     shardings = None
     if mesh is None:
         step_fn = jax.jit(step, donate_argnums=0, compiler_options=options)
@@ -130,6 +136,15 @@ def build_runtime(spec: RuntimeSpec, index: int, phase: Phase) -> Runtime:
     state = place(state, shardings)
     eval_fn = jax.jit(make_eval_step(apply))
     return Runtime(phase, state, step_fn, eval_fn, train_arrays, eval_arrays, chunked, shardings)
+
+
+def _on_users(step: Callable) -> Callable:
+    """``step`` on a user batch: `dpft.privacy.users.split_user_mask` of it first."""
+
+    def on_users(state, batch, rng):
+        return step(state, users.split_user_mask(batch), rng)
+
+    return on_users
 
 
 def _microbatching(config, loss, clipper, norms, tx, state, train_arrays, rows) -> tuple:

@@ -125,6 +125,27 @@ def cross_entropy_loss(
     return loss
 
 
+def stacked_cross_entropy(apply_fn: Callable) -> Callable:
+    """``losses(params, frozen, examples, rng) -> (losses [k], aux)`` of a ``[k, ...]`` stack.
+
+    The cross-entropy of each of the k examples of ``examples`` (``image [k, ...]``, ``label
+    [k]``), from ONE call of ``apply_fn`` on the stack; ``aux['correct']`` is ``[k]``. This is
+    what `dpft.privacy.users.per_user_loss` averages over a user's examples (the model sees a
+    user as a batch of k inside one clipping unit, as it sees augmentation views).
+    """
+
+    def losses(params, frozen, examples, rng):
+        del rng  # no augmentation at the user level
+        variables = unflatten({**frozen, **params})
+        logits = apply_fn(variables, examples["image"]).astype(jnp.float32)
+        logp = jax.nn.log_softmax(logits)
+        label = examples["label"]
+        nll = -jnp.take_along_axis(logp, label[:, None], axis=1)[:, 0]
+        return nll, {"correct": (jnp.argmax(logits, -1) == label).astype(jnp.float32)}
+
+    return losses
+
+
 def make_train_step(
     loss_fn: Callable,
     clipper: clipping.Clipper,

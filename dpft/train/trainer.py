@@ -125,6 +125,7 @@ class _Run:
     spec: RuntimeSpec  # what every phase's runtime is built from
     phases: list
     secure: bool  # config.dp.secure_noise
+    user_ids: Any = None  # config.dp.unit='user': the user of every training example
     ckpt: Checkpointer | None = None
     latest: int | None = None  # the step of the checkpoint resumed from
     seed: int = 0
@@ -194,7 +195,8 @@ def _validated(config, workdir: pathlib.Path) -> _Run:
         raise ValueError(
             f"config.train.host_chunk_size must be >= 0 and used on one device, got {chunk}"
         )
-    plan = build.plan_privacy(config, n, batch_multiple=chunk or n_dev)
+    ids = None if streamed else build.user_ids(config, train_arrays)  # unit='user' only
+    plan = build.plan_privacy(config, n, batch_multiple=chunk or n_dev, user_ids=ids)
     phases = plan_phases(config, plan.steps)
     if multi and any(p.use_features for p in phases):
         raise ValueError(
@@ -209,9 +211,11 @@ def _validated(config, workdir: pathlib.Path) -> _Run:
     data = (train_arrays, eval_arrays)
     spec = RuntimeSpec(config, workdir, plan, model, full, *data, num_classes, mesh)  # root: _open
     secure = bool(config.dp.get("secure_noise", False))
-    return _Run(
+    run = _Run(
         config, workdir, multi, primary, config_json, fingerprint, n, chunk, spec, phases, secure
     )
+    run.user_ids = ids
+    return run
 
 
 def _mismatch(run: _Run) -> ConfigMismatchError:
@@ -242,7 +246,7 @@ def _open(run: _Run) -> None:
             raise _mismatch(run)
         seed = keys.run_seed(config.seed, True, seed)
     run.seed = seed
-    run.sampler = build.build_sampler(plan, seed)  # Poisson, or cyclic Poisson (banded_mf)
+    run.sampler = build.build_sampler(plan, seed, run.user_ids)  # Poisson, cyclic, or of users
     run.spec = dataclasses.replace(run.spec, root=keys.root_key(seed))
     run.budget = build.build_budget(plan)
     run.current = phase_index(run.phases, latest) if latest is not None else 0
@@ -268,6 +272,10 @@ def _announce(run: _Run) -> None:
     """Records (and prints, on stdout above the progress bar) what the current phase trains."""
     rt = run.rt
     line = describe_phase(run.config, rt.phase, rt.state.params, run.spec.full)
+    if run.plan.unit == "user":  # the epsilon of this run is user-level
+        p = run.plan
+        line += f"; privacy unit: user ({p.num_users} users, up to {p.examples_per_user} "
+        line += "examples each per step)"
     run.trained[rt.phase.name] = line
     if run.primary:
         from tqdm.auto import tqdm
@@ -403,6 +411,7 @@ def _finish(run: _Run, t_start: float, train_seconds: float) -> dict:
         "trained": run.trained,
         "stop_reason": run.stop_reason,
         "num_train_examples": run.num_examples,
+        **plan.unit_summary(),  # user-level: epsilon, rate and expected batch are of users
         "wall_seconds": time.time() - t_start,
         "train_seconds": train_seconds,
         # from the public expected batch size: the realised sizes are private
