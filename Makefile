@@ -23,11 +23,12 @@ run: $(STAMP)
 	$(PY) -m dpft --config $(CONFIG) --workdir $(WORKDIR)
 
 # Test files are spread over one worker per core (pytest-xdist, a whole file per worker so that
-# module fixtures are built once); the slowest tests are listed at the end of the log.
+# module fixtures are built once), handed out in collection order, which tests/conftest.py
+# makes slowest file first; the slowest tests are listed at the end of the log.
 # TEST_WORKERS=0 runs in one process. pytest's exit 5 (no test collected) fails the target.
 TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

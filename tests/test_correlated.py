@@ -3,7 +3,8 @@
 The privatizer's recursion is checked against the dense ``C^{-1} Z`` and its noise covariance
 against ``sigma^2 S^2 C^{-1} C^{-T}`` by a statistical test; the sensitivity of ``C X`` over every
 participation pattern the cyclic sampler allows is computed by brute force; with ``b = 1``
-everything reduces to today's DP-SGD accounting; a tiny MNIST run resumes exactly.
+everything reduces to today's DP-SGD accounting; a tiny MNIST run resumes exactly. (The
+Privacy: sections of the public functions are checked in test_core_isolation.)
 """
 
 import itertools
@@ -13,9 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import crash_at_metrics, latest_checkpoint, needs_data
+from conftest import crash_at_metrics, latest_checkpoint, needs_data, tiny_mnist_config
 
-from dpft.config import base_config
 from dpft.privacy import accounting, banded_strategy, correlated, ledger, noise, sampling
 from dpft.train import build
 
@@ -334,29 +334,8 @@ def test_banded_ledger_counts_rounds_and_budget_refuses_only_opening_steps():
 
 
 def tiny_config(**dp):
-    c = base_config()
-    c.name = "tiny_mf"
-    c.tensorboard = False
-    c.data.name = "mnist"
-    c.data.train_subset = 600
-    c.data.eval_subset = 200
-    c.model.name = "sample_convnet"
-    c.dp.noise_multiplier = 2.0
-    c.dp.delta = 1e-4
-    c.dp.noise = "banded_mf"
-    c.dp.band = 3
-    c.train.batch_size = 32
-    c.train.steps = 6
-    c.train.microbatch_size = 16
-    c.train.max_batch_size = 96
-    c.train.learning_rate = 0.5
-    c.train.log_every = 2
-    c.train.eval_every = 3
-    c.train.checkpoint_every = 3
-    c.eval_batch_size = 100
-    for k, v in dp.items():
-        setattr(c.dp, k, v)
-    return c
+    """test_train's tiny MNIST run with banded MF noise (band 3) unless ``dp`` says otherwise."""
+    return tiny_mnist_config("tiny_mf", **{"noise": "banded_mf", "band": 3, **dp})
 
 
 def test_plan_and_optimizer_of_banded_mf():
@@ -444,27 +423,3 @@ def test_banded_mf_run_resumes_exactly_and_accounts_rounds(tmp_path, compilation
     for a, b in zip(arrays, arrays2, strict=True):
         np.testing.assert_array_equal(a, b)
     assert resumed["epsilon"] == full["epsilon"]
-
-
-PUBLIC_DP = [
-    correlated.optimal_banded_coefs,
-    correlated.correlated_key,
-    correlated.banded_step_key,
-    correlated.banded_mf_privatizer,
-    correlated.banded_entry,
-    correlated.banded_dp_event,
-    correlated.banded_epsilon,
-    correlated.calibrate_banded_noise_multiplier,
-    correlated.BandedBudget,
-    sampling.CyclicPoissonSampler,
-]
-
-
-@pytest.mark.parametrize("obj", PUBLIC_DP, ids=lambda o: o.__name__)
-def test_public_dp_functions_have_privacy_section(obj):
-    import inspect
-
-    doc = inspect.getdoc(obj) or ""
-    assert "Privacy:" in doc
-    section = doc.split("Privacy:")[1]
-    assert any(w in section for w in ("neighbour", "sensitivity", "independen"))

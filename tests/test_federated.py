@@ -19,6 +19,9 @@ from dpft.privacy import clipping
 from dpft.train.step import TrainState, cross_entropy_loss, flatten, make_train_step
 from dpft.train.step import partition as split_params
 
+# the CLI smoke test's resumed runs load the programs of its uninterrupted run (conftest)
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
 
 class MLP(nn.Module):
     @nn.compact

@@ -47,10 +47,15 @@ class MLP(nn.Module):
         return nn.Dense(4, name="linear")(x)
 
 
-def setup(model, shape, b, classes, seed=0, trainable=(".*",), spread=True):
-    """(per-example loss as the trainer builds it, trainable params, batch)."""
+def setup(model, shape, b, classes, seed=0, trainable=(".*",), spread=True, eager_init=False):
+    """(per-example loss as the trainer builds it, trainable params, batch).
+
+    The parameters come from one compiled ``model.init`` (LLVM optimisation off), not from an
+    eager init that compiles each of its ops, unless ``eager_init`` (ops compiled already).
+    """
     rng = np.random.default_rng(seed)
-    variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *shape)))
+    init = model.init if eager_init else jax.jit(model.init, compiler_options=FAST_COMPILE)
+    variables = init(jax.random.PRNGKey(seed), jnp.zeros((1, *shape)))
     params, frozen = partition(variables, trainable)
     # non-trivial frozen statistics (frozen_bn): x_hat != x
     frozen = {

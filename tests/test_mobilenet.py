@@ -1,11 +1,16 @@
-"""MobileNetV2: the ImageNet weights reproduce the reference outputs; ghost norms match vmap.
+"""MobileNetV2: the ImageNet weights reproduce the reference outputs; ghost norms match vmap;
+configs/fmnist_mobilenet.py: its variants, its `imagenet@SIZE` inputs (checked against the
+reference inputs of the pretrained MobileNetV2) and its smoke run, end to end.
 
 The golden file holds the features and logits of an independent PyTorch implementation of
 torchvision's MobileNetV2 on the same weights, so a wrong tensor name, transpose, padding or
 layer order changes the outputs. Tests that need the shared weights skip when they are absent.
+The config's tests are in this file so that its smoke run finds the ops of the model's (eager)
+initialisation compiled by `test_build_model_from_config` in the same process.
 """
 
 import importlib.util
+import json
 import pathlib
 import time
 
@@ -15,11 +20,12 @@ import numpy as np
 import pytest
 from test_ghost import compare, setup
 
-from dpft import paths
+from dpft import data, paths
 from dpft.models import MobileNetV2, get_model, pretrained
 from dpft.paths import DataError
 from dpft.privacy import clipping as C
 from dpft.train.build import build_model
+from dpft.train.step import partition
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN = "pretrained/imagenet/golden_mobilenet_v2.npz"
@@ -32,6 +38,14 @@ def shared_file(relative):
         if (d / relative).is_file():
             return d / relative
     pytest.skip(f"{relative} is not in the data directories")
+
+
+def config_file(name, arg=""):
+    """``get_config(arg)`` of configs/NAME.py."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +105,7 @@ def test_registry_shapes_and_small_inputs():
 
 def test_build_model_from_config(loaded):
     """``config.model.name = config.model.pretrained = 'mobilenet_v2'`` loads the weights."""
-    spec = importlib.util.spec_from_file_location("imagenet_pod", ROOT / "configs/imagenet_pod.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("finetune")
+    c = config_file("imagenet_pod", "finetune")
     c.model.name = c.model.pretrained = "mobilenet_v2"
     c.model.pretrained_path = ""
     model, variables = build_model(c, 10, np.zeros((32, 32, 3), np.float32))
@@ -105,6 +116,77 @@ def test_build_model_from_config(loaded):
         variables["params"]["features_9"]["conv_1_0"]["kernel"],
         loaded[1]["params"]["features_9"]["conv_1_0"]["kernel"],
     )
+
+
+# ------------------------------------------------------------- configs/fmnist_mobilenet.py
+
+
+def fmnist_config(arg=""):
+    return config_file("fmnist_mobilenet", arg)
+
+
+def test_variants():
+    c = fmnist_config()
+    assert (c.finetune.mode, c.dp.epsilon, c.dp.delta) == ("head", 3.0, 1e-5)
+    assert (c.model.name, c.model.pretrained) == ("mobilenet_v2", "mobilenet_v2")
+    assert c.data.preprocessing == "imagenet@64"
+    assert fmnist_config("eps1,px96").dp.epsilon == 1.0
+    assert fmnist_config("eps1,px96").data.preprocessing == "imagenet@96"
+    assert fmnist_config("full").finetune.mode == "full"
+    with pytest.raises(ValueError, match="unknown config argument 'px8'"):
+        fmnist_config("px8")
+
+    # 'last' trains exactly the last block, the final 1x1 convolution and the head
+    last = fmnist_config("last")
+    assert last.finetune.mode == "partial"
+    model = get_model("mobilenet_v2", 10)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+    trainable, frozen = partition(shapes, last.finetune.trainable)
+    modules = {k.split("/")[1] for k in trainable}
+    assert modules == {"features_17", "features_18_0", "features_18_1", "linear"}
+    assert not any(k.startswith("params/features_17/") for k in frozen)
+
+
+def test_imagenet_at_64_px_is_the_reference_input():
+    """The golden file's first 8 rows at 64 px: Fashion-MNIST test images 0-7, resized
+    bilinearly by PyTorch, repeated to 3 channels, ImageNet-normalised."""
+    with np.load(shared_file(GOLDEN)) as f:
+        want = f["inputs_nhwc_64"][:8]
+    test = data.load("fashion_mnist", "test")
+    got = data.preprocess(test.images[:8], "imagenet@64")
+    assert got.shape == (8, 64, 64, 3) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # chunked (any chunk size) = in one piece
+    np.testing.assert_array_equal(data.preprocess(test.images[:8], "imagenet", 64, chunk=3), got)
+
+
+def test_bad_preprocessing_names():
+    images = np.zeros((2, 28, 28, 1), np.uint8)
+    for bad in ("imagenet@", "imagenet@0", "imagenet@x", "nope@64"):
+        with pytest.raises(ValueError, match="config.data.preprocessing.*NAME@SIZE"):
+            data.preprocess(images, bad)
+    with pytest.raises(ValueError, match="pads to 32x32"):
+        data.preprocess(images, "cifar_pretrained@64")
+    # one-statistic presets keep one channel
+    assert data.preprocess(images, "fashion_mnist@40").shape == (2, 40, 40, 1)
+
+
+def test_smoke_config_trains_within_its_budget(tmp_path):
+    from dpft.train import train_and_evaluate
+
+    shared_file(pretrained.MOBILENET_FILE)
+    c = fmnist_config("smoke")
+    c.tensorboard = False
+    summary = train_and_evaluate(c, tmp_path / "work")
+    assert summary["steps"] == c.train.steps and summary["phases"] == {"head": c.train.steps}
+    assert 0 < summary["epsilon"] <= c.dp.epsilon
+    assert summary["noise_multiplier"] > 0
+    assert 0 <= summary["test_accuracy"] <= 1
+    saved = json.loads((tmp_path / "work" / "summary.json").read_text())
+    assert saved["epsilon"] == summary["epsilon"]
+
+
+# ------------------------------------------------------------------------------ the model
 
 
 def test_corrupt_file_names_file_and_tensor(loaded, tmp_path):
@@ -127,7 +209,8 @@ def test_ghost_norms_equal_vmap_norms():
     """The whole model (32- to 960-channel depthwise convolutions) on 32x32 inputs, every
     parameter trainable and a random head, so the backbone's per-example gradients are nonzero."""
     model = get_model("mobilenet_v2", 5)
-    per_example, params, batch = setup(model, (32, 32, 3), 2, 5, spread=False)
+    # eager init: its ops are compiled already (build_model's initialisation, above)
+    per_example, params, batch = setup(model, (32, 32, 3), 2, 5, spread=False, eager_init=True)
     start = time.perf_counter()
     (out,) = compare(per_example, [C.FlatClip(1e-3)], params, batch, jnp.ones(2))
     assert int(out.num_clipped) == 2

@@ -14,9 +14,9 @@ from dp_accounting import dp_event as dp_event_lib
 from dp_accounting import pld, rdp
 from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 from scipy import stats
+from test_linear_cli import fake_features  # noqa: F401 (the generated-features fixture)
 
 from dpft import tune
-from dpft.linear import experiment
 from dpft.privacy import accounting, tuning
 from dpft.privacy.accounting import GaussianSteps
 
@@ -199,29 +199,6 @@ def test_public_dp_functions_have_privacy_section(obj):
 # --------------------------------------------------------------------------- command line
 
 
-def blobs(n, d=8, k=3, seed=0):
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, k, n).astype(np.int32)
-    centers = 1.5 * np.eye(k, d)
-    return {"x": (centers[y] + 0.3 * rng.normal(size=(n, d))).astype(np.float32), "y": y}
-
-
-@pytest.fixture
-def fake_features(monkeypatch):
-    """Generated features instead of Fashion-MNIST and the ResNet-20 backbone (fast)."""
-
-    def load_data(config):
-        train, evaluation = blobs(3000, seed=config.seed), blobs(300, seed=1)
-        return {"label": train["y"], "x": train["x"]}, {"label": evaluation["y"], **evaluation}, 3
-
-    def load_features(config, workdir, data):
-        train, evaluation, _ = data
-        return {"x": train["x"], "y": train["label"]}, {"x": evaluation["x"], "y": evaluation["y"]}
-
-    monkeypatch.setattr(experiment, "load_data", load_data)
-    monkeypatch.setattr(experiment, "load_features", load_features)
-
-
 @pytest.fixture
 def calls(monkeypatch):
     """The candidate runs `dpft.tune` starts (their workdirs), K fixed to 2."""
@@ -254,7 +231,8 @@ def argv(workdir, *extra, grid="linear.learning_rate=0.01,0.1,1"):
     ]
 
 
-def test_tune_cli_records_total_and_resumes(tmp_path, fake_features, calls, monkeypatch, capsys):
+@pytest.mark.usefixtures("fake_features")
+def test_tune_cli_records_total_and_resumes(tmp_path, calls, monkeypatch, capsys):
     workdir = tmp_path / "tune"
     real = tune.train_and_evaluate
 

@@ -1,5 +1,7 @@
 """What one audit run is: `AuditConfig` (the claimed guarantee, canaries, sampling, norms and the
-broken variant) and the names of its choices (``BROKEN``, ``SCORERS``, ``SAMPLINGS``, ``NORMS``).
+broken variant), `WhiteBoxSetup` (the fields it shares with the two-dataset audit's
+`DistinguishConfig`, validated once) and the names of the choices (``BROKEN``, ``SCORERS``,
+``SAMPLINGS``, ``NORMS``).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import math
 
 from dpft.privacy.sampling import poisson_batch_cap
 
-__all__ = ["BROKEN", "NORMS", "SAMPLINGS", "SCORERS", "AuditConfig"]
+__all__ = ["BROKEN", "NORMS", "SAMPLINGS", "SCORERS", "AuditConfig", "WhiteBoxSetup"]
 
 BROKEN = (
     "none",
@@ -25,8 +27,62 @@ SAMPLINGS = ("poisson", "shuffle")
 NORMS = ("vmap", "ghost")
 
 
+def check_choice(name: str, value, choices: tuple) -> None:
+    """Raises ValueError unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
-class AuditConfig:
+class WhiteBoxSetup:
+    """What the one-run audit (`AuditConfig`) and the two-dataset audit
+    (`dpft.audit.distinguish.DistinguishConfig`) share: the claimed guarantee, the white-box
+    model (``num_real`` real examples with gradients in ``real_dim`` coordinates, ``free_dim``
+    coordinates no real example touches, canaries of norm ``canary_scale * clip_norm``), the
+    DP-SGD run and the broken variant. `check_shared` validates these fields.
+    """
+
+    epsilon: float = 1.0
+    delta: float = 1e-5
+    steps: int = 1
+    sampling_rate: float = 1.0
+    num_real: int = 1
+    real_dim: int = 16
+    free_dim: int = 256
+    clip_norm: float = 1.0
+    canary_scale: float = 100.0
+    learning_rate: float = 1.0
+    broken: str = "none"
+    seed: int = 0
+    beta: float = 0.05
+    sampling: str = "poisson"
+
+    def check_shared(self):
+        """Raises ValueError for a shared field out of its range."""
+        if not (self.epsilon > 0 and math.isfinite(self.epsilon)):
+            raise ValueError(f"epsilon must be a finite number > 0, got {self.epsilon!r}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta!r}")
+        if not (isinstance(self.steps, int) and self.steps > 0):
+            raise ValueError(f"steps must be a positive int, got {self.steps!r}")
+        if not 0 < self.sampling_rate <= 1:
+            raise ValueError(f"sampling_rate must be in (0, 1], got {self.sampling_rate!r}")
+        if not (isinstance(self.num_real, int) and self.num_real >= 0):
+            raise ValueError(f"num_real must be an int >= 0, got {self.num_real!r}")
+        check_choice("broken", self.broken, BROKEN)
+        check_choice("sampling", self.sampling, SAMPLINGS)
+        if self.broken == "shuffle_sigma" and self.sampling != "shuffle":
+            raise ValueError("broken='shuffle_sigma' needs sampling='shuffle'")
+        if not 0 < self.beta < 1:
+            raise ValueError(f"beta must be in (0, 1), got {self.beta!r}")
+
+    @property
+    def shuffle(self) -> bool:
+        return self.sampling == "shuffle"
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditConfig(WhiteBoxSetup):
     """Settings of one audit run.
 
     Attributes:
@@ -53,50 +109,20 @@ class AuditConfig:
     """
 
     epsilon: float = 2.0
-    delta: float = 1e-5
-    canaries: int = 1000
     steps: int = 10
-    sampling_rate: float = 1.0
     num_real: int = 100
-    real_dim: int = 16
-    free_dim: int = 256
-    clip_norm: float = 1.0
-    canary_scale: float = 100.0
-    learning_rate: float = 1.0
-    broken: str = "none"
+    canaries: int = 1000
     scorer: str = "auto"
-    seed: int = 0
-    beta: float = 0.05
     noise_multiplier: float | None = None
-    sampling: str = "poisson"
     max_batch_size: int | None = None
     norms: str = "vmap"
 
     def __post_init__(self):
-        if not (self.epsilon > 0 and math.isfinite(self.epsilon)):
-            raise ValueError(f"epsilon must be a finite number > 0, got {self.epsilon!r}")
-        if not 0 < self.delta < 1:
-            raise ValueError(f"delta must be in (0, 1), got {self.delta!r}")
-        for name in ("canaries", "steps"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and value > 0):
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.canaries < 2:
-            raise ValueError(f"canaries must be >= 2, got {self.canaries}")
-        if not 0 < self.sampling_rate <= 1:
-            raise ValueError(f"sampling_rate must be in (0, 1], got {self.sampling_rate!r}")
-        if not (isinstance(self.num_real, int) and self.num_real >= 0):
-            raise ValueError(f"num_real must be an int >= 0, got {self.num_real!r}")
-        if self.broken not in BROKEN:
-            raise ValueError(f"broken must be one of {BROKEN}, got {self.broken!r}")
-        if self.scorer not in SCORERS:
-            raise ValueError(f"scorer must be one of {SCORERS}, got {self.scorer!r}")
-        if self.sampling not in SAMPLINGS:
-            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
-        if self.norms not in NORMS:
-            raise ValueError(f"norms must be one of {NORMS}, got {self.norms!r}")
-        if not 0 < self.beta < 1:
-            raise ValueError(f"beta must be in (0, 1), got {self.beta!r}")
+        self.check_shared()
+        if not (isinstance(self.canaries, int) and self.canaries >= 2):
+            raise ValueError(f"canaries must be an int >= 2, got {self.canaries!r}")
+        check_choice("scorer", self.scorer, SCORERS)
+        check_choice("norms", self.norms, NORMS)
         if self.clip_norm <= 0 or self.canary_scale <= 0 or self.learning_rate <= 0:
             raise ValueError("clip_norm, canary_scale and learning_rate must be > 0")
         if self.noise_multiplier is not None and not self.noise_multiplier > 0:
@@ -112,14 +138,8 @@ class AuditConfig:
                 )
         if self.broken == "ghost_drop_bias" and self.norms != "ghost":
             raise ValueError("broken='ghost_drop_bias' needs norms='ghost'")
-        if self.broken == "shuffle_sigma" and self.sampling != "shuffle":
-            raise ValueError("broken='shuffle_sigma' needs sampling='shuffle'")
         if self.broken == "truncation" and self.max_batch_size is None:
             raise ValueError("broken='truncation' needs Poisson sampling and a max_batch_size")
-
-    @property
-    def shuffle(self) -> bool:
-        return self.sampling == "shuffle"
 
     @property
     def full_batch(self) -> bool:

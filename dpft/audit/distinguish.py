@@ -42,7 +42,8 @@ import numpy as np
 from scipy import stats
 
 from dpft.audit.broken import unhalved_shuffle_epsilon
-from dpft.audit.mechanism import BROKEN, build_mechanism, calibrate
+from dpft.audit.config import WhiteBoxSetup
+from dpft.audit.mechanism import build_mechanism, calibrate
 from dpft.privacy import keys
 from dpft.privacy.accounting import calibrate_noise_multiplier
 from dpft.privacy.noise import PrivatizerState
@@ -58,13 +59,12 @@ __all__ = [
 ]
 
 STATISTICS = ("target", "scale")
-SAMPLINGS = ("poisson", "shuffle")
 # Controls of `mechanism.BROKEN` this audit runs (ghost norms and truncation: one-run only).
 SUPPORTED = ("none", "noise", "clip", "realized_batch", "shuffle_sigma")
 
 
 @dataclasses.dataclass(frozen=True)
-class DistinguishConfig:
+class DistinguishConfig(WhiteBoxSetup):
     """Settings of a two-dataset audit.
 
     Attributes:
@@ -79,56 +79,23 @@ class DistinguishConfig:
         realised-batch bug).
       broken: 'none' or one of `SUPPORTED` ('shuffle_sigma' needs sampling='shuffle').
       beta: 1 - confidence of the lower bound.
+      real_dim, free_dim, clip_norm, canary_scale, learning_rate, seed: the white-box model
+        and the run (`WhiteBoxSetup`).
     """
 
-    epsilon: float = 1.0
-    delta: float = 1e-5
     runs: int = 2000
-    steps: int = 1
-    sampling_rate: float = 1.0
-    num_real: int = 1
-    real_dim: int = 16
-    free_dim: int = 256
-    clip_norm: float = 1.0
-    canary_scale: float = 100.0
-    learning_rate: float = 1.0
-    broken: str = "none"
-    seed: int = 0
-    beta: float = 0.05
-    sampling: str = "poisson"
 
     def __post_init__(self):
-        if not (self.epsilon > 0 and math.isfinite(self.epsilon)):
-            raise ValueError(f"epsilon must be a finite number > 0, got {self.epsilon!r}")
-        if not 0 < self.delta < 1:
-            raise ValueError(f"delta must be in (0, 1), got {self.delta!r}")
+        self.check_shared()
         if not (isinstance(self.runs, int) and self.runs >= 20):
             raise ValueError(f"runs must be an int >= 20, got {self.runs!r}")
-        if not (isinstance(self.steps, int) and self.steps > 0):
-            raise ValueError(f"steps must be a positive int, got {self.steps!r}")
-        if not 0 < self.sampling_rate <= 1:
-            raise ValueError(f"sampling_rate must be in (0, 1], got {self.sampling_rate!r}")
-        if not (isinstance(self.num_real, int) and self.num_real >= 0):
-            raise ValueError(f"num_real must be an int >= 0, got {self.num_real!r}")
-        if self.broken not in BROKEN:
-            raise ValueError(f"broken must be one of {BROKEN}, got {self.broken!r}")
         if self.broken not in SUPPORTED:
             raise ValueError(
                 f"the two-dataset audit runs broken in {SUPPORTED}, got {self.broken!r} "
                 "(use the one-run audit)"
             )
-        if self.sampling not in SAMPLINGS:
-            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
-        if self.broken == "shuffle_sigma" and self.sampling != "shuffle":
-            raise ValueError("broken='shuffle_sigma' needs sampling='shuffle'")
-        if not 0 < self.beta < 1:
-            raise ValueError(f"beta must be in (0, 1), got {self.beta!r}")
         if self.free_dim < 2:
             raise ValueError(f"free_dim must be >= 2, got {self.free_dim!r}")
-
-    @property
-    def shuffle(self) -> bool:
-        return self.sampling == "shuffle"
 
     @property
     def batch_size(self) -> int:

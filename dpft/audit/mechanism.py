@@ -32,7 +32,7 @@ import numpy as np
 
 from dpft.audit.bounds import GuessBound, best_lower_bound
 from dpft.audit.broken import DropFromNorms, _realized_batch_step, _unhalved_shuffle_epsilon
-from dpft.audit.config import BROKEN, NORMS, SAMPLINGS, SCORERS, AuditConfig
+from dpft.audit.config import BROKEN, NORMS, SAMPLINGS, SCORERS, AuditConfig, check_choice
 from dpft.audit.models import _loss, _make_data, _model
 from dpft.optim import dp_sgd
 from dpft.privacy import keys
@@ -167,10 +167,8 @@ def build_mechanism(
     needs a flax model's loss (see `models._model`): `GhostNorms(allow_fallback=False)` refuses
     a leaf that no Dense/Conv layer owns.
     """
-    if broken not in BROKEN:
-        raise ValueError(f"broken must be one of {BROKEN}, got {broken!r}")
-    if norms not in NORMS:
-        raise ValueError(f"norms must be one of {NORMS}, got {norms!r}")
+    check_choice("broken", broken, BROKEN)
+    check_choice("norms", norms, NORMS)
     loss_fn = _loss if loss_fn is None else loss_fn
     sigma = 0.0 if broken == "noise" else noise_multiplier
     clipper = FlatClip(math.inf) if broken == "clip" else FlatClip(clip_norm)
