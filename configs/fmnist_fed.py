@@ -28,12 +28,13 @@ Privacy: ``dp.epsilon`` is the target at ``dp.delta``; the noise is calibrated f
 
 The default is HT, IID, example level, epsilon 2, 10 rounds of 3 full-batch local DP-GD steps
 per client, local lr 16 and server momentum 0.9, tuned on a validation split of the private
-training set by experiments/dpfl_pretraining.py; that tuning is not counted in epsilon. The
+training set by the first version of experiments/dpfl_pretraining.py (its rows are in
+experiments/results/dpfl_pretraining_v1.json); that tuning is not counted in epsilon. The
 features are cached as in configs/fmnist_resnet20.py (``--config.finetune.cache_dir`` shares
 them). `:smoke` (HT on 2,000 examples) checks the pipeline: epsilon 2.0 at delta 1e-4 after 4
 rounds, accuracy above chance (0.1).
 
-Expected: 63.2 +- 0.6% test accuracy at epsilon 2 (3 seeds, dpfl_pretraining.md; seed 0: 63.7%).
+Expected: 63.2 +- 0.6% test accuracy at epsilon 2 (3 seeds; dpfl_pretraining_v1.json).
 """
 
 from dpft.config import base_config, parse_arg
@@ -56,7 +57,7 @@ def _federated(c):
     f.local_rate = 1.0  # 1: full local batches (local DP-GD)
     f.local_batch = 0
     f.local_optimizer = "sgd"
-    f.local_lr = 16.0  # HT, tuned on a validation split (experiments/dpfl_pretraining.py)
+    f.local_lr = 16.0  # HT, tuned on a validation split (dpfl_pretraining_v1.json)
     f.local_momentum = 0.0
     f.server_optimizer = "momentum"  # sgd | momentum | adam
     f.server_lr = 1.0
