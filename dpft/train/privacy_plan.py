@@ -146,11 +146,7 @@ def plan_privacy(
         raise ValueError("config.train.steps or config.train.epochs must be > 0")
     if check_noise(config) == "banded_mf":
         return _plan_banded(config, num_examples, steps, batch_multiple)
-    if not tr.max_batch_size:  # a cap whose truncation charge is <= 1% of delta
-        p = accounting.overflow_probability_for(dp.epsilon, dp.delta, steps)
-        p = min(p, sampling.DEFAULT_OVERFLOW_PROBABILITY)
-    cap = tr.max_batch_size or sampling.poisson_batch_cap(units, q, p)
-    cap = -(-cap // batch_multiple) * batch_multiple
+    cap = _padded_cap(config, units, q, steps, batch_multiple)
     entry_kw = {"dataset_size": units, "max_batch_size": cap}
     if dp.noise_multiplier >= 0:
         sigma = float(dp.noise_multiplier)
@@ -165,6 +161,17 @@ def plan_privacy(
         users_kw = {"unit": unit, "num_users": units, "examples_per_user": dp.examples_per_user}
     target = (dp.epsilon, dp.delta, dp.accountant)
     return PrivacyPlan(num_examples, q, q * units, cap, steps, sigma, *target, **users_kw)
+
+
+def _padded_cap(config, units: int, q: float, count: int, batch_multiple: int) -> int:
+    """The padded batch of Poisson sampling over ``units`` at rate ``q`` for ``count`` draws:
+    ``config.train.max_batch_size``, or the smallest cap whose truncation charge is <= 1% of
+    delta (never above 1e-12 per draw), rounded up to a multiple of ``batch_multiple``."""
+    dp, cap = config.dp, config.train.max_batch_size
+    if not cap:
+        p = accounting.overflow_probability_for(dp.epsilon, dp.delta, count)
+        cap = sampling.poisson_batch_cap(units, q, min(p, sampling.DEFAULT_OVERFLOW_PROBABILITY))
+    return -(-cap // batch_multiple) * batch_multiple
 
 
 def check_noise(config) -> str:
@@ -216,11 +223,7 @@ def _plan_banded(config, num_examples: int, steps: int, batch_multiple: int) -> 
     parts = sampling.partition_members(num_examples, band, config.seed)
     size = max(len(p) for p in parts)
     rounds = correlated.participations(steps, band)
-    if not tr.max_batch_size:  # a cap whose truncation charge is <= 1% of delta
-        p = accounting.overflow_probability_for(dp.epsilon, dp.delta, rounds)
-        p = min(p, sampling.DEFAULT_OVERFLOW_PROBABILITY)
-    cap = tr.max_batch_size or sampling.poisson_batch_cap(size, q, p)
-    cap = -(-cap // batch_multiple) * batch_multiple
+    cap = _padded_cap(config, size, q, rounds, batch_multiple)
     if dp.noise_multiplier >= 0:
         sigma = float(dp.noise_multiplier)
     elif math.isinf(dp.epsilon):

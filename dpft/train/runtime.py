@@ -109,10 +109,10 @@ def build_runtime(spec: RuntimeSpec, index: int, phase: Phase) -> Runtime:
     if streamed:  # the grain pipeline made the K views; uint8 batches normalised in the step
         apply = dpdata.normalizing_apply(model.apply, train_arrays.transform.preset)
         loss = cross_entropy_loss(apply, None, input_ndim=3)
+    elif plan.unit == "user":  # one clipping unit per user: its examples' mean loss
+        loss = users.per_user_loss(stacked_cross_entropy(model.apply))
     else:
         loss = cross_entropy_loss(model.apply, build.build_augment(config, phase.use_features))
-    if plan.unit == "user":  # one clipping unit per user: its examples' mean loss
-        loss = users.per_user_loss(stacked_cross_entropy(model.apply))
     chunk = config.train.get("host_chunk_size", 0)
     rows = chunk or plan.max_batch_size // (mesh.size if mesh is not None else 1)
     mb, kw = _microbatching(config, loss, clipper, norms, tx, state, train_arrays, rows)
