@@ -70,11 +70,51 @@ def poisson_batch_cap(
     return max(1, min(cap, num_examples))
 
 
-class _StepSampler:
-    """A sampler whose batch at each step is ``batch_at(step)``; its state is the next step."""
+def checked_cap(cap: int | None, population: int, rate: float, name="max_batch_size") -> int:
+    """The padded batch ``cap`` of a Poisson sample of ``population`` at ``rate``:
+    `poisson_batch_cap` when None, else refused unless a positive int.
 
-    step: int
-    seed: int
+    Privacy:
+        The cap is public (a function of the population, the rate and the public overflow
+        target); the accountant must be given the same cap (truncation).
+    """
+    if cap is None:
+        cap = poisson_batch_cap(population, rate)
+    if not (isinstance(cap, int | np.integer) and cap > 0):
+        raise ValueError(f"{name} must be a positive int, got {cap!r}")
+    return int(cap)
+
+
+def truncated_poisson(rng: np.random.Generator, population: int, rate: float, cap: int):
+    """The sorted members of ``range(population)`` drawn by Poisson sampling at ``rate``; if
+    more than ``cap`` are drawn, a uniformly random ``cap`` of them.
+
+    Conditioned on its size, a Poisson sample is a uniform subset, and so is a truncated one:
+    the size is drawn first (binomial, capped), then the subset.
+
+    Privacy:
+        The sampling of the Poisson-subsampled Gaussian mechanism under add/remove-one
+        neighbouring, truncated at ``cap`` as the accountant's entry says; the returned indices
+        are private and must not be logged.
+    """
+    n = min(int(rng.binomial(population, rate)), cap)
+    return np.sort(rng.choice(population, size=n, replace=False))
+
+
+def _padded(chosen: np.ndarray, cap: int) -> IndexBatch:
+    indices = np.zeros(cap, np.int64)
+    indices[: len(chosen)] = chosen
+    mask = np.zeros(cap, bool)
+    mask[: len(chosen)] = True
+    return IndexBatch(indices, mask)
+
+
+@dataclasses.dataclass
+class _StepSampler:
+    """A sampler whose batch at each step is ``batch_at(step)``; its state is the next step
+    (keyword-only, after a subclass's own fields, ``seed`` among them)."""
+
+    step: int = dataclasses.field(default=0, kw_only=True)
 
     def batch_at(self, step: int) -> IndexBatch:
         raise NotImplementedError
@@ -93,8 +133,34 @@ class _StepSampler:
         self.step = int(state["step"])
 
 
+class _PoissonUnits(_StepSampler):
+    """A sampler that draws each of ``population`` units with probability ``sampling_rate``,
+    truncated at ``max_batch_size`` (`truncated_poisson`), from a generator seeded with
+    ``[seed, step]``."""
+
+    sampling_rate: float
+    max_batch_size: int
+
+    @property
+    def population(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def expected_batch_size(self) -> float:
+        return self.population * self.sampling_rate
+
+    @property
+    def overflow_prob(self) -> float:
+        return overflow_probability(self.population, self.sampling_rate, self.max_batch_size)
+
+    def draw(self, step: int) -> tuple[np.random.Generator, np.ndarray]:
+        """The step's generator and the sorted units it sampled."""
+        rng = np.random.default_rng([self.seed, step])
+        return rng, truncated_poisson(rng, self.population, self.sampling_rate, self.max_batch_size)
+
+
 @dataclasses.dataclass
-class PoissonSampler(_StepSampler):
+class PoissonSampler(_PoissonUnits):
     """Poisson sampling: each example joins a step's batch independently with probability q.
 
     The batch is padded to ``max_batch_size`` rows. If a draw exceeds the cap, a uniformly random
@@ -113,35 +179,20 @@ class PoissonSampler(_StepSampler):
     sampling_rate: float
     seed: int
     max_batch_size: int | None = None
-    step: int = 0
 
     def __post_init__(self):
         _check_dataset(self.num_examples)
         _check_rate(self.sampling_rate)
-        if self.max_batch_size is None:
-            self.max_batch_size = poisson_batch_cap(self.num_examples, self.sampling_rate)
-        if not (isinstance(self.max_batch_size, int) and self.max_batch_size > 0):
-            raise ValueError(f"max_batch_size must be a positive int, got {self.max_batch_size}")
+        self.max_batch_size = checked_cap(
+            self.max_batch_size, self.num_examples, self.sampling_rate
+        )
 
     @property
-    def expected_batch_size(self) -> float:
-        return self.num_examples * self.sampling_rate
-
-    @property
-    def overflow_prob(self) -> float:
-        return overflow_probability(self.num_examples, self.sampling_rate, self.max_batch_size)
+    def population(self) -> int:
+        return self.num_examples
 
     def batch_at(self, step: int) -> IndexBatch:
-        rng = np.random.default_rng([self.seed, step])
-        n = int(rng.binomial(self.num_examples, self.sampling_rate))
-        n = min(n, self.max_batch_size)
-        # Conditioned on its size, a Poisson sample is a uniform subset; so is a truncated one.
-        chosen = np.sort(rng.choice(self.num_examples, size=n, replace=False))
-        indices = np.zeros(self.max_batch_size, np.int64)
-        indices[:n] = chosen
-        mask = np.zeros(self.max_batch_size, bool)
-        mask[:n] = True
-        return IndexBatch(indices, mask)
+        return _padded(self.draw(step)[1], self.max_batch_size)
 
 
 @dataclasses.dataclass
@@ -163,7 +214,6 @@ class ShuffleSampler(_StepSampler):
     num_examples: int
     batch_size: int
     seed: int
-    step: int = 0
 
     def __post_init__(self):
         _check_dataset(self.num_examples)
@@ -224,7 +274,6 @@ class CyclicPoissonSampler(_StepSampler):
     seed: int
     assignment_seed: int = 0
     max_batch_size: int | None = None
-    step: int = 0
 
     def __post_init__(self):
         _check_dataset(self.num_examples)
@@ -235,10 +284,9 @@ class CyclicPoissonSampler(_StepSampler):
                 f"num_partitions must be an int in [1, num_examples={self.num_examples}], got {b!r}"
             )
         self.partitions = partition_members(self.num_examples, int(b), self.assignment_seed)
-        if self.max_batch_size is None:
-            self.max_batch_size = poisson_batch_cap(self.max_partition_size, self.sampling_rate)
-        if not (isinstance(self.max_batch_size, int) and self.max_batch_size > 0):
-            raise ValueError(f"max_batch_size must be a positive int, got {self.max_batch_size}")
+        self.max_batch_size = checked_cap(
+            self.max_batch_size, self.max_partition_size, self.sampling_rate
+        )
 
     @property
     def max_partition_size(self) -> int:
@@ -258,14 +306,8 @@ class CyclicPoissonSampler(_StepSampler):
     def batch_at(self, step: int) -> IndexBatch:
         members = self.partitions[step % self.num_partitions]
         rng = np.random.default_rng([self.seed, step])
-        n = int(rng.binomial(len(members), self.sampling_rate))
-        n = min(n, self.max_batch_size)
-        chosen = np.sort(members[rng.choice(len(members), size=n, replace=False)])
-        indices = np.zeros(self.max_batch_size, np.int64)
-        indices[:n] = chosen
-        mask = np.zeros(self.max_batch_size, bool)
-        mask[:n] = True
-        return IndexBatch(indices, mask)
+        chosen = truncated_poisson(rng, len(members), self.sampling_rate, self.max_batch_size)
+        return _padded(members[chosen], self.max_batch_size)  # members are sorted
 
 
 def partition_members(

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpft.privacy import accounting
-from dpft.privacy.sampling import _check_rate, _StepSampler, overflow_probability, poisson_batch_cap
+from dpft.privacy.sampling import _check_rate, _PoissonUnits, checked_cap
 
 __all__ = [
     "UNITS",
@@ -102,7 +102,7 @@ def user_members(user_ids: np.ndarray) -> list[np.ndarray]:
 
 
 @dataclasses.dataclass
-class UserPoissonSampler(_StepSampler):
+class UserPoissonSampler(_PoissonUnits):
     """Poisson sampling of users, ``examples_per_user`` (k) examples of each sampled user.
 
     Each of the U users of ``user_ids`` joins a step independently with probability
@@ -127,20 +127,18 @@ class UserPoissonSampler(_StepSampler):
     examples_per_user: int
     seed: int
     max_users: int | None = None
-    step: int = 0
 
     def __post_init__(self):
+        self.user_ids = np.asarray(self.user_ids)
         _check_rate(self.sampling_rate)
         k = self.examples_per_user
         if not (isinstance(k, int | np.integer) and k >= 1):
             raise ValueError(f"config.dp.examples_per_user must be an int >= 1, got {k!r}")
-        self.user_ids = np.asarray(self.user_ids)
         self.members = user_members(self.user_ids)
         self.sizes = np.asarray([len(m) for m in self.members], np.int64)
-        if self.max_users is None:
-            self.max_users = poisson_batch_cap(self.num_users, self.sampling_rate)
-        if not (isinstance(self.max_users, int | np.integer) and self.max_users > 0):
-            raise ValueError(f"max_users must be a positive int, got {self.max_users!r}")
+        self.max_users = checked_cap(
+            self.max_users, self.num_users, self.sampling_rate, "max_users"
+        )
 
     @property
     def num_examples(self) -> int:
@@ -156,19 +154,12 @@ class UserPoissonSampler(_StepSampler):
         return int(self.max_users)
 
     @property
-    def expected_batch_size(self) -> float:
-        """The expected number of sampled users per step."""
-        return self.num_users * self.sampling_rate
-
-    @property
-    def overflow_prob(self) -> float:
-        return overflow_probability(self.num_users, self.sampling_rate, self.max_batch_size)
+    def population(self) -> int:
+        """Users are the units: ``expected_batch_size`` and ``overflow_prob`` count users."""
+        return self.num_users
 
     def batch_at(self, step: int) -> UserBatch:
-        rng = np.random.default_rng([self.seed, step])
-        n = min(int(rng.binomial(self.num_users, self.sampling_rate)), self.max_batch_size)
-        # Conditioned on its size, a (truncated) Poisson sample of users is a uniform subset.
-        chosen = np.sort(rng.choice(self.num_users, size=n, replace=False))
+        rng, chosen = self.draw(step)
         k = int(self.examples_per_user)
         indices = np.zeros((self.max_batch_size, k), np.int64)
         mask = np.zeros((self.max_batch_size, k), bool)

@@ -148,14 +148,12 @@ def plan_privacy(
         return _plan_banded(config, num_examples, steps, batch_multiple)
     cap = _padded_cap(config, units, q, steps, batch_multiple)
     entry_kw = {"dataset_size": units, "max_batch_size": cap}
-    if dp.noise_multiplier >= 0:
-        sigma = float(dp.noise_multiplier)
-    elif math.isinf(dp.epsilon):
-        raise ValueError("config.dp.noise_multiplier < 0 (calibrate) needs a finite dp.epsilon")
-    else:
-        sigma = accounting.calibrate_noise_multiplier(
+    sigma = _noise_multiplier(
+        dp,
+        lambda: accounting.calibrate_noise_multiplier(
             dp.epsilon, dp.delta, q, steps, dp.accountant, **entry_kw
-        )
+        ),
+    )
     users_kw = {}  # user-level: the U users are the units (`dpft.privacy.users.user_steps`)
     if unit == "user":
         users_kw = {"unit": unit, "num_users": units, "examples_per_user": dp.examples_per_user}
@@ -172,6 +170,15 @@ def _padded_cap(config, units: int, q: float, count: int, batch_multiple: int) -
         p = accounting.overflow_probability_for(dp.epsilon, dp.delta, count)
         cap = sampling.poisson_batch_cap(units, q, min(p, sampling.DEFAULT_OVERFLOW_PROBABILITY))
     return -(-cap // batch_multiple) * batch_multiple
+
+
+def _noise_multiplier(dp, calibrate) -> float:
+    """``config.dp.noise_multiplier`` when >= 0, else ``calibrate()`` (to the finite target)."""
+    if dp.noise_multiplier >= 0:
+        return float(dp.noise_multiplier)
+    if math.isinf(dp.epsilon):
+        raise ValueError("config.dp.noise_multiplier < 0 (calibrate) needs a finite dp.epsilon")
+    return float(calibrate())
 
 
 def check_noise(config) -> str:
@@ -224,12 +231,9 @@ def _plan_banded(config, num_examples: int, steps: int, batch_multiple: int) -> 
     size = max(len(p) for p in parts)
     rounds = correlated.participations(steps, band)
     cap = _padded_cap(config, size, q, rounds, batch_multiple)
-    if dp.noise_multiplier >= 0:
-        sigma = float(dp.noise_multiplier)
-    elif math.isinf(dp.epsilon):
-        raise ValueError("config.dp.noise_multiplier < 0 (calibrate) needs a finite dp.epsilon")
-    else:
-        sigma = correlated.calibrate_banded_noise_multiplier(
+    sigma = _noise_multiplier(
+        dp,
+        lambda: correlated.calibrate_banded_noise_multiplier(
             dp.epsilon,
             dp.delta,
             q,
@@ -238,7 +242,8 @@ def _plan_banded(config, num_examples: int, steps: int, batch_multiple: int) -> 
             dp.accountant,
             dataset_size=size,
             max_batch_size=cap,
-        )
+        ),
+    )
     return PrivacyPlan(
         num_examples,
         q,
