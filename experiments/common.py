@@ -1,5 +1,6 @@
 """Pieces the studies share: the CIFAR-10 ResNet-20 cut into a frozen prefix and a trainable last
-block, and the cached arrays of Fashion-MNIST through it.
+block, the cached arrays of Fashion-MNIST through it, and what a cache of ImageNet MobileNetV2
+features depends on.
 
 The prefix (stem and every block before ``RESNET20_FT_BLOCKS``) has no trainable parameter, so
 its output is a fixed function of each image: training the last block and the head on cached
@@ -101,3 +102,22 @@ def resnet20_arrays(train_subset: int) -> tuple[dict, object, dict]:
         feat = np.concatenate([np.asarray(suffix_fn(a)) for a in np.array_split(acts[k], 20)])
         out[k] = {"act": acts[k], "feat": feat, "y": lab["label"].astype(np.int32)}
     return out, model, variables
+
+
+def mobilenet_description(size: int, dataset: str, **extra) -> dict:
+    """What cached ImageNet MobileNetV2 features of ``dataset`` at ``size`` px depend on (the
+    `dpft.train.features.cached_features` key): the weights file, the preprocessing of
+    `dpft.models.pretrained` (unit range, bilinear resize, grey to RGB, ImageNet mean/std), the
+    jax version and ``extra`` (e.g. where the network is cut)."""
+    from dpft.models import pretrained
+    from dpft.train.features import file_identity
+
+    return {
+        "backbone": "mobilenet_v2",
+        "weights": file_identity(pretrained.weights_path("mobilenet_v2")),
+        "size": size,
+        "dataset": dataset,
+        "preprocessing": "unit, bilinear resize, grey to RGB, ImageNet mean/std",
+        "jax": jax.__version__,
+        **extra,
+    }

@@ -300,6 +300,15 @@ def save_store(store: dict, features: str) -> None:
 FMNIST_BEST = pathlib.Path(__file__).parent / "results" / "fmnist_best.json"
 
 
+def _adopt(store, mine, theirs, src, split, note="") -> None:
+    """``store[mine]`` = fmnist_best.json's run ``src`` (its ``split`` accuracy, epsilon and
+    time, and where it came from), unless it is stored already or fmnist_best lacks it."""
+    if src in theirs and mine not in store:
+        r = theirs[src]
+        store[mine] = {split: r[split], "epsilon": r["epsilon"], "seconds": r["seconds"]}
+        store[mine]["source"] = f"fmnist_best.json: {src}{note}"
+
+
 def import_fmnist_best(store: dict) -> None:
     """Stores the ScatterNet DP-SGD runs of experiments/results/fmnist_best.json under this
     study's tags (each with its source tag), so that they are not trained again."""
@@ -313,10 +322,7 @@ def import_fmnist_best(store: dict) -> None:
             )
             src = f"tune eps{eps:g} gn {over}"
             mine = tag("scatter", eps, "dp_sgd", "tune", VAL_SEED, hp)
-            if src in theirs and mine not in store:
-                r = theirs[src]
-                store[mine] = {"val": r["val"], "epsilon": r["epsilon"], "seconds": r["seconds"]}
-                store[mine]["source"] = f"fmnist_best.json: {src} (noise seed 0)"
+            _adopt(store, mine, theirs, src, "val", " (noise seed 0)")
         arg = f"{eps:g},scatter"
         recipe_hp = {
             "batch_size": 8192,
@@ -326,10 +332,7 @@ def import_fmnist_best(store: dict) -> None:
         for seed in SEEDS:
             src = f"final scatter {arg} seed={seed}"
             mine = tag("scatter", eps, "dp_sgd", "final", seed, recipe_hp)
-            if src in theirs and mine not in store:
-                r = theirs[src]
-                store[mine] = {"test": r["test"], "epsilon": r["epsilon"], "seconds": r["seconds"]}
-                store[mine]["source"] = f"fmnist_best.json: {src}"
+            _adopt(store, mine, theirs, src, "test")
     save_store(store, "scatter")
 
 

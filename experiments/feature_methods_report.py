@@ -158,61 +158,32 @@ def verdicts(res: dict) -> list[tuple[str, str, str]]:
         se = np.sqrt(a["std"] ** 2 / len(a["test"]) + b["std"] ** 2 / len(b["test"]))
         return d, se
 
-    # S1: DP-SGD is the best method at eps 1 and 3.
-    reasons, states = [], []
-    for f in FEATURES:
-        for eps in EPSILONS:
-            r = rows(f, eps)
-            if "dp_sgd" not in r or len(r) < 2:
-                continue
-            rival = max((m for m in r if m != "dp_sgd"), key=lambda m: r[m]["mean"])
-            d, se = gap(r["dp_sgd"], r[rival])
-            states.append("win" if d > 2 * se else "lose" if d < -2 * se else "tie")
-            reasons.append(f"{f} eps {eps:g}: DP-SGD - {SHORT[rival]} = {100 * d:+.2f} pt")
-    out.append(
-        _verdict(
-            "S1: the DP-SGD linear probe is the best method at epsilon 1 and 3",
-            states,
-            reasons,
-            "win",
-        )
-    )
+    def against_best(method, others=None, margin=0.0, ahead=True):
+        """``method`` against the best of ``others`` (default: every other method) in each
+        cell: ``method - best`` (``ahead``) or ``best - method``, beyond ``margin``."""
+        states, reasons = [], []
+        for f in FEATURES:
+            for eps in EPSILONS:
+                r = rows(f, eps)
+                rivals = [m for m in (others or r) if m in r and m != method]
+                if method not in r or not rivals:
+                    continue
+                rival = max(rivals, key=lambda m: r[m]["mean"])
+                a, b = (method, rival) if ahead else (rival, method)
+                d, se = gap(r[a], r[b])
+                states.append(_state(d, se, margin))
+                reasons.append(f"{f} eps {eps:g}: {SHORT[a]} - {SHORT[b]} = {100 * d:+.2f} pt")
+        return states, reasons
 
-    # S2: one full-batch step is far (> 10 pt) below the best other method.
-    reasons, states = [], []
-    for f in FEATURES:
-        for eps in EPSILONS:
-            r = rows(f, eps)
-            if "one_step" not in r or len(r) < 2:
-                continue
-            best = max((m for m in r if m != "one_step"), key=lambda m: r[m]["mean"])
-            d, se = gap(r[best], r["one_step"])
-            states.append(
-                "win" if d > 10 / 100 + 2 * se else "lose" if d < 10 / 100 - 2 * se else "tie"
-            )
-            reasons.append(f"{f} eps {eps:g}: {SHORT[best]} - 1-step = {100 * d:+.2f} pt")
-    out.append(
-        _verdict(
-            "S2: one full-batch step (Mehta et al. 2022) is > 10 points below the "
-            "best other method",
-            states,
-            reasons,
-            "win",
-        )
+    states, reasons = against_best("dp_sgd")
+    finding = "S1: the DP-SGD linear probe is the best method at epsilon 1 and 3"
+    out.append(_verdict(finding, states, reasons, "win"))
+    states, reasons = against_best("one_step", margin=0.1, ahead=False)
+    finding = (
+        "S2: one full-batch step (Mehta et al. 2022) is > 10 points below the best other method"
     )
-
-    # S3: DP-FC is the best of the full-batch feature methods.
-    reasons, states = [], []
-    for f in FEATURES:
-        for eps in EPSILONS:
-            r = rows(f, eps)
-            others = [m for m in ("dp_ls", "dp_newton", "one_step") if m in r]
-            if "dp_fc" not in r or not others:
-                continue
-            rival = max(others, key=lambda m: r[m]["mean"])
-            d, se = gap(r["dp_fc"], r[rival])
-            states.append("win" if d > 2 * se else "lose" if d < -2 * se else "tie")
-            reasons.append(f"{f} eps {eps:g}: DP-FC - {SHORT[rival]} = {100 * d:+.2f} pt")
+    out.append(_verdict(finding, states, reasons, "win"))
+    states, reasons = against_best("dp_fc", others=("dp_ls", "dp_newton", "one_step"))
     out.append(_verdict("S3: DP-FC is the best full-batch feature method", states, reasons, "win"))
 
     # S4: DP least squares and DP-Newton are within 1 point of each other.
@@ -238,9 +209,7 @@ def verdicts(res: dict) -> list[tuple[str, str, str]]:
         for m in METHODS:
             if m in r1 and m in r3:
                 d, se = gap(r3[m], r1[m])
-                states.append(
-                    "win" if d + 2 * se < 0.02 else "lose" if d - 2 * se > 0.02 else "tie"
-                )
+                states.append(_state(-d, se, -0.02))  # a gain below 2 points
                 reasons.append(f"{f} {SHORT[m]}: {100 * d:+.2f} pt")
     out.append(
         _verdict(
@@ -248,6 +217,11 @@ def verdicts(res: dict) -> list[tuple[str, str, str]]:
         )
     )
     return out
+
+
+def _state(d, se, margin=0.0) -> str:
+    """'win' when ``d`` exceeds ``margin`` by 2 standard errors, 'lose' when below it by 2."""
+    return "win" if d > margin + 2 * se else "lose" if d < margin - 2 * se else "tie"
 
 
 def _verdict(finding, states, reasons, good) -> tuple[str, str, str]:

@@ -91,7 +91,8 @@ def mobilenet_features(dataset: str, size: int = 64) -> dict:
 
     from dpft.models import pretrained
     from dpft.train.build import load_data
-    from dpft.train.features import cached_features, file_identity
+    from dpft.train.features import cached_features
+    from experiments import common
 
     c = recipe("mnist" if dataset == "mnist" else "3")  # images in [0, 1]
     train, test, _ = load_data(c)
@@ -103,14 +104,7 @@ def mobilenet_features(dataset: str, size: int = 64) -> dict:
         x = (jnp.broadcast_to(x, (*x.shape[:3], 3)) - mean) / std
         return model.apply(variables, x, method=model.features)
 
-    desc = {
-        "backbone": "mobilenet_v2",
-        "weights": file_identity(pretrained.weights_path("mobilenet_v2")),
-        "size": size,
-        "dataset": dataset,
-        "preprocessing": "unit, bilinear resize, grey to RGB, ImageNet mean/std",
-        "jax": jax.__version__,
-    }
+    desc = common.mobilenet_description(size, dataset)
     images = {"train": train["image"], "test": test["image"]}
     feats = cached_features(CACHE, desc, fn, images, batch_size=250)
     return {s: (feats[s], (train if s == "train" else test)["label"]) for s in images}

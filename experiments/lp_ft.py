@@ -139,8 +139,8 @@ def load_arrays() -> dict:
     """
     from dpft import data as dpdata
     from dpft.data.datasets import validation_indices
-    from dpft.models import pretrained
-    from dpft.train.features import cached_features, file_identity
+    from dpft.train.features import cached_features
+    from experiments import common
 
     images, labels = {}, {}
     for split in ("train", "test"):
@@ -148,15 +148,7 @@ def load_arrays() -> dict:
         images[split] = np.asarray(ds.images, np.float32) / 255.0  # uint8 -> [0, 1]
         labels[split] = np.asarray(ds.labels, np.int32)
     _, variables, prefix = _backbone()
-    desc = {
-        "backbone": "mobilenet_v2",
-        "weights": file_identity(pretrained.weights_path("mobilenet_v2")),
-        "size": SIZE,
-        "prefix_end": PREFIX_END,
-        "dataset": "fashion_mnist",
-        "preprocessing": "unit, bilinear resize, grey to RGB, ImageNet mean/std",
-        "jax": jax.__version__,
-    }
+    desc = common.mobilenet_description(SIZE, "fashion_mnist", prefix_end=PREFIX_END)
     acts = cached_features(CACHE, desc, prefix, images, 250)
     sv = suffix_variables(variables)
     pooled = jax.jit(lambda a: Suffix().apply(sv, a, method=Suffix.features))
