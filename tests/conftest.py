@@ -12,6 +12,7 @@
 * The ``shared_run`` fixture trains a config once per module, for the tests that compare with
   the same uninterrupted run.
 * `tiny_mnist_config` is the tiny MNIST run of the trainer tests (test_train, test_correlated).
+* `fed_config` is the federated run settings of the federated tests, with their defaults.
 * `latest_checkpoint` and `crash_at_metrics` are the checkpoint reader and the simulated crash
   that the resume tests use.
 * `run_two_processes` launches a script as the two processes of a multi-process JAX run.
@@ -198,6 +199,18 @@ def tiny_mnist_config(name: str = "tiny", **dp):
     c.train.update(batch_size=32, max_batch_size=96, microbatch_size=16, steps=6)
     c.train.update(learning_rate=0.5, log_every=2, eval_every=3, checkpoint_every=3)
     return c
+
+
+FED_DEFAULTS = {"local_steps": 2, "dp": "client", "accountant": "rdp"}
+
+
+def fed_config(**overrides):
+    """`dpft.federated.driver.FedConfig` of the federated tests: client-level DP (DP-FedAvg),
+    2 local steps a round and RDP accounting (PLD is checked on its own; RDP keeps the runs
+    fast), the other fields at FedConfig's defaults; ``overrides`` set any field."""
+    from dpft.federated import driver
+
+    return driver.FedConfig(**{**FED_DEFAULTS, **overrides})
 
 
 def latest_checkpoint(workdir) -> tuple[list, dict]:

@@ -27,6 +27,15 @@ def _hyper(**kw):
     return d
 
 
+def _adaptive_sgd(learning_rate=1.0, **kw):
+    """`optim.dp_adaptive_optimizer` of SGD (learning rate 1 unless given) with the clip norm
+    starting at 1, key 0, target quantile 0.5 and clip learning rate 0.2; ``kw`` sets the rest
+    (noise_multiplier, expected_batch_size, count_noise) or overrides those."""
+    d = dict(initial_clip_norm=1.0, key=0, target_quantile=0.5, clip_learning_rate=0.2)
+    d.update(kw)
+    return optim.dp_adaptive_optimizer("sgd", learning_rate, **d)
+
+
 # ------------------------------------------------------------------------------------------
 # The pure pieces
 # ------------------------------------------------------------------------------------------
@@ -160,16 +169,8 @@ def test_refuses_count_noise_too_small_for_the_total():
     with pytest.raises(ValueError, match="z_delta is undefined"):
         adaptive.split_noise_multiplier(1.0, 0.0)
     with pytest.raises(ValueError, match="z_delta is undefined"):
-        optim.dp_adaptive_optimizer(
-            "sgd",
-            0.1,
-            noise_multiplier=4.0,
-            initial_clip_norm=1.0,
-            expected_batch_size=20.0,  # default sigma_b = 1 <= 2
-            key=0,
-            target_quantile=0.5,
-            clip_learning_rate=0.2,
-        )
+        # the default sigma_b = expected batch / 20 = 1 <= 2
+        _adaptive_sgd(noise_multiplier=4.0, expected_batch_size=20.0, learning_rate=0.1)
 
 
 # ------------------------------------------------------------------------------------------
@@ -178,15 +179,7 @@ def test_refuses_count_noise_too_small_for_the_total():
 
 
 def _privatizer(z=1.0, c0=1.0, sigma_b=5.0, b=10.0):
-    return adaptive.adaptive_privatizer(
-        z,
-        c0,
-        0,
-        target_quantile=0.5,
-        learning_rate=0.2,
-        count_noise=sigma_b,
-        expected_count=b,
-    )
+    return adaptive.adaptive_privatizer(z, c0, 0, **_hyper(count_noise=sigma_b, expected_count=b))
 
 
 def test_privatizer_noise_uses_the_current_clip_norm():
@@ -213,17 +206,7 @@ def _linear_step(clip_norm_now, z=0.0):
         return jnp.dot(params["w"], example["image"]), {"correct": jnp.float32(0)}
 
     b = 4.0
-    tx = optim.dp_adaptive_optimizer(
-        "sgd",
-        1.0,
-        noise_multiplier=z,
-        initial_clip_norm=1.0,
-        expected_batch_size=b,
-        key=0,
-        target_quantile=0.5,
-        clip_learning_rate=0.2,
-        count_noise=1.0,
-    )
+    tx = _adaptive_sgd(noise_multiplier=z, expected_batch_size=b, count_noise=1.0)
     params = {"w": jnp.zeros(6)}
     opt = tx.init(params)
     priv = opt[0]
@@ -259,16 +242,7 @@ def test_train_step_clips_at_the_current_clip_norm_under_adversarial_gradients()
 
 def test_a_step_that_does_not_pass_the_count_is_refused():
     _, state, _ = _linear_step(0.5)
-    tx = optim.dp_adaptive_optimizer(
-        "sgd",
-        1.0,
-        noise_multiplier=0.0,
-        initial_clip_norm=1.0,
-        expected_batch_size=4.0,
-        key=0,
-        target_quantile=0.5,
-        clip_learning_rate=0.2,
-    )
+    tx = _adaptive_sgd(noise_multiplier=0.0, expected_batch_size=4.0)
     sums = step_lib.BatchSums(*(jnp.float32(0),) * 5)
     with pytest.raises(ValueError, match="centred_count"):
         step_lib.apply_dp_update(tx, state, state.params, sums)  # e.g. host-chunked finish

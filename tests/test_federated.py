@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import fed_config
 from dp_accounting import pld
 
 from dpft import optim
@@ -172,13 +173,8 @@ def test_client_level_accountant_matches_dp_accounting():
     acc.compose(dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(z)), 40))
     assert abs(dp_clients.example_level_epsilon(z, q, 10, 4, delta) - acc.get_epsilon(delta)) < 1e-6
     # Calibration through the plan (z < 0).
-    config = driver.FedConfig(
-        rounds=rounds,
-        client_rate=0.25,
-        dp="client",
-        noise_multiplier=-1.0,
-        target_epsilon=2.0,
-        accountant="rdp",
+    config = fed_config(
+        rounds=rounds, client_rate=0.25, local_steps=1, noise_multiplier=-1.0, target_epsilon=2.0
     )
     plan = driver.make_plan(config, [3] * 20)
     eps = dp_clients.client_level_epsilon(
@@ -341,7 +337,7 @@ def test_head_tuning_same_path():
     model, params, frozen, data = setup(n=24, trainable=("Dense_1/.*",))
     assert set(params) == {"params/Dense_1/kernel", "params/Dense_1/bias"}
     clients = partition.shards(data["label"], 4, shards_per_client=1, seed=0)
-    config = driver.FedConfig(rounds=2, local_steps=2, dp="client", noise_multiplier=0.5)
+    config = fed_config(rounds=2, noise_multiplier=0.5, accountant="pld")
     res = fed_run(config, cross_entropy_loss(model.apply), params, frozen, data, clients)
     assert set(res.params) == set(params)
     assert not np.allclose(res.params["params/Dense_1/kernel"], params["params/Dense_1/kernel"])

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import crash_at_metrics, latest_checkpoint, needs_data
+from conftest import crash_at_metrics, fed_config, latest_checkpoint, needs_data
 
 from dpft.federated import driver, experiment
 from dpft.federated import run as fed_run
@@ -38,19 +38,12 @@ def _clients_with_known_norms(num_clients=8, dim=3, seed=0):
 
 
 def _config(**kw):
+    """conftest's `fed_config` (client level, 2 local steps, RDP) over 6 rounds of 60% of the
+    clients at local lr 0.5 and client clip 1, the clip tracking quantile GAMMA at step ETA."""
     base = dict(
-        rounds=6,
-        client_rate=0.6,
-        local_steps=2,
-        local_lr=0.5,
-        dp="client",
-        client_clip=1.0,
-        seed=3,
-        accountant="rdp",
-        adaptive_quantile=GAMMA,
-        adaptive_lr=ETA,
+        rounds=6, client_rate=0.6, local_lr=0.5, seed=3, adaptive_quantile=GAMMA, adaptive_lr=ETA
     )
-    return driver.FedConfig(**{**base, **kw})
+    return fed_config(**{**base, **kw})
 
 
 @pytest.mark.parametrize("z, sigma_b", [(0.0, 0.0), (0.8, 1.5)])

@@ -242,15 +242,16 @@ def test_the_datas_own_user_array_is_used_and_removed_from_the_arrays():
 # ------------------------------------------------------------------ accounting
 
 
+# the users of the accounting and trainer tests: 30 of 10 examples each
+THIRTY_USERS = {"unit": "user", "num_users": 30, "examples_per_user": 10}
+
+
 def user_config(**kw):
+    """`base_config` at the user level: `THIRTY_USERS` at (2, 1e-3)-DP, 6 users a batch for 2
+    epochs; ``kw`` sets fields of ``config.train`` or else of ``config.dp``."""
     c = base_config()
-    c.dp.unit = "user"
-    c.dp.num_users = 30
-    c.dp.examples_per_user = 10
-    c.dp.epsilon = 2.0
-    c.dp.delta = 1e-3
-    c.train.batch_size = 6
-    c.train.epochs = 2.0
+    c.dp.update({**THIRTY_USERS, "epsilon": 2.0, "delta": 1e-3})
+    c.train.update(batch_size=6, epochs=2.0)
     for key, v in kw.items():
         setattr(c.train if key in c.train else c.dp, key, v)
     return c
@@ -294,8 +295,9 @@ def test_plan_accounts_users_and_calibrates_to_the_target():
 
 def tiny_user_config(**dp):
     """conftest's tiny MNIST run as 30 users of 10 examples: a linear model, 4 steps."""
-    users_dp = {"unit": "user", "num_users": 30, "examples_per_user": 10}
-    c = tiny_mnist_config("tiny_user", **{**users_dp, "noise_multiplier": 1.0, "delta": 1e-3, **dp})
+    c = tiny_mnist_config(
+        "tiny_user", **{**THIRTY_USERS, "noise_multiplier": 1.0, "delta": 1e-3, **dp}
+    )
     c.plots, c.model.name = False, "linear"
     c.data.update(train_subset=300, eval_subset=100)
     # batch_size counts users; a cap of all 30: the accounting is the plain Poisson event
