@@ -1,14 +1,16 @@
-"""The Opacus MNIST example's setting, run with Opacus itself on this machine (issue 4 reference).
+"""The Opacus MNIST example's setting, run with Opacus itself on this machine: the reference
+for `configs/mnist_cnn.py`.
 
-Issue 4 asks `configs/mnist_cnn.py` to reach Opacus's published 94.63 +- 0.34%. This script
-trains the same network with Opacus 1.6 on the same local MNIST files so that dpft's runs can be
-compared with the peer's on identical data and hardware, rather than with a figure measured
-elsewhere. Setting (the Opacus README's command for its example): SampleConvNet, SGD lr 0.25 (no
-momentum), noise multiplier 1.3, clip 1.5, batch 240 -> Poisson rate 240/60000, 15 epochs,
-inputs scaled to [0, 1] then normalised with mean 0.1307 / std 0.3081, PyTorch default init.
+Opacus publishes 94.63 +- 0.34% for its MNIST example. This script trains the same network with
+Opacus on the same local MNIST files, so that dpft's runs are compared with the peer's on
+identical data and hardware rather than with a figure measured elsewhere.
 
-    make bench-peers                                      # installs torch 2.13 + opacus 1.6
-    python -m experiments.opacus_mnist_reference --seeds 0 1 2
+Setting (the Opacus README's command for its example): SampleConvNet, SGD lr 0.25 (no momentum),
+noise multiplier 1.3, clip 1.5, batch 240 -> Poisson rate 240/60000, 15 epochs, inputs scaled
+to [0, 1] then normalised with mean 0.1307 / std 0.3081, PyTorch default init.
+
+    make bench-peers                                      # installs torch and opacus
+    .venv/peers/bin/python -m experiments.opacus_mnist_reference --seeds 0 1 2
     # -> experiments/results/opacus_mnist_reference.json (accuracy per seed, epsilon, wall time)
 
 The model and training loop are written here from the example's description (layer list in
