@@ -231,6 +231,10 @@ def make_round(
 ) -> Callable[[srv.ServerState, Any, RoundInputs], tuple[srv.ServerState, dict]]:
     """``round_fn(server_state, frozen, inputs) -> (server_state, metrics)``.
 
+    One piece because the round is one compiled program: how the client slots are mapped
+    (vmap, groups, devices), the per-client keys, the one aggregation (private mean, adaptive
+    private mean or weighted mean) and the server update share its shapes and keys.
+
     ``adaptive_clip`` (client level only): ``{"target_quantile", "learning_rate",
     "count_noise"}`` of adaptive quantile clipping of the client updates
     (`dp_clients.adaptive_private_mean`); the clip norm is ``server_state.clip``

@@ -88,6 +88,9 @@ def dp_fc(
         (`dpft.privacy.releases`); the projection, the preconditioning and the updates are
         post-processing.
 
+    Long for this docstring: the code is the argument checks, the release plan and one
+    loop of releases and updates.
+
     References:
         Mehta et al. 2023, "Differentially private image classification from features"
         (arXiv:2211.13403).

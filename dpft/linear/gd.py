@@ -97,6 +97,9 @@ def dp_gd(
         (as dp-accounting's full-batch Gaussian event does); everything after the noisy sums,
         including Adam and weight decay, is post-processing.
 
+    Long for this docstring: the code is the argument checks, the release plan and one
+    loop of releases and updates.
+
     References:
         Mehta et al. 2022, "Large scale transfer learning for differentially private image
         classification" (arXiv:2205.02973); Kingma & Ba 2015, "Adam" (ICLR).

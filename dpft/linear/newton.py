@@ -110,6 +110,9 @@ def dp_newton(
         <= (feature_clip^2 + 1) / 2. The PSD projection, the solve and the update are
         post-processing; a data-independent ``damping`` and ``reg`` cost nothing.
 
+    Long for this docstring: the code is the argument checks, the release plan and one
+    loop of releases and updates.
+
     References:
         Boehning 1992 (the bound); Avella-Medina, Bradshaw & Loh 2023 and Ganesh et al. 2023
         (DP Newton-type methods with noisy gradients and Hessians): see the module docstring.

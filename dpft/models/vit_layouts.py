@@ -181,7 +181,11 @@ def _torch_linear(r: Reader, prefix: str, dout: int, din: int) -> dict[str, np.n
 
 
 def _big_vision(r: Reader, num_heads: int | None):
-    """(architecture, params but pos_embedding / cls, position table name, class token name)."""
+    """(architecture, params but pos_embedding / cls, position table name, class token name).
+
+    One piece because it reads one checkpoint layout top to bottom (embedding, encoder blocks
+    stacked or not, head, pooling), each name mapped next to the shape check that refuses it.
+    """
     pre = next(p for p in _BV_PREFIXES if r.has(f"{p}embedding/kernel"))
     name = f"{pre}embedding/kernel"
     shape = r.shape(name, 4)

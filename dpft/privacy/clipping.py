@@ -225,6 +225,9 @@ def clipped_grad(
 ) -> Callable[[PyTree, PyTree, jax.Array, jax.Array], ClippedGrad]:
     """Builds ``fn(params, batch, mask, rng) -> ClippedGrad``: the SUM of clipped gradients.
 
+    One piece because the returned ``fn`` is the one place a batch becomes a released sum: the
+    checks, the per-example keys, the padding to microbatches and their scan stay together.
+
     Args:
       loss_fn: ``loss_fn(params, example, rng) -> (scalar, aux)`` on ONE example (no batch dim);
         with ``has_aux=False`` it returns only the scalar. Frozen parameters should be closed over

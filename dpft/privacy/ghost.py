@@ -303,6 +303,10 @@ class GhostNorms:
     def __call__(self, loss_fn, clipper, params, examples, mask, keys):
         """Clipped sum over one microbatch (see `dpft.privacy.clipping.NormStrategy`).
 
+        One piece because it is the mechanism an audit reads: the fallback decision, the one
+        backward pass for the output gradients, the per-example squared norms leaf by leaf,
+        the clip factors and the clipped sums, in that order and over the same leaf indices.
+
         Privacy:
             Enforces the clipper's per-example bound through `clip_factors` (see the class
             docstring); padding rows and non-finite examples contribute exactly zero.
