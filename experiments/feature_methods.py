@@ -27,9 +27,6 @@ probe sees ``X`` as configs/fmnist_best.py trains it. Methods (all from zero, al
 * ``dp_sgd``: the DP-SGD linear probe `experiments.fmnist_best.train_head` (the trainer's
   Poisson sampler, clipper, accountant and step; expected batch 8192, clip 0.1, momentum 0.9).
 
-On ``scatter`` only ``one_step`` and ``dp_sgd`` run (`METHODS_RUN`): the other three release and
-eigendecompose a 3969 x 3969 matrix per run, too slow for 2 shared cores.
-
 Tuning: every method gets the same number of candidates (`GRIDS`; DP-SGD's differ per feature
 set), each trained once (noise seed `VAL_SEED`) on 90% of the training split and scored on the
 other 10% (split seed 0, `experiments.fmnist_best.validation_split`); the best candidate per

