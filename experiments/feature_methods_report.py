@@ -407,7 +407,6 @@ def write_md(res: dict, meta: dict, path: pathlib.Path) -> None:
 
 
 def write_all(store: dict) -> None:
-
     import jax
 
     res = collect(store)
