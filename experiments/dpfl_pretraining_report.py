@@ -260,28 +260,41 @@ def verdicts(stats: dict) -> list[tuple[str, str, str]]:
                 f"n.s. in {len(f)}: " + "; ".join(u + d_ + f),
             )
         )
-    # 5. client-level vs example-level DP, per arm, same eps and rounds
-    harder, easier, same = [], [], []
+    # 5. client-level vs example-level DP, per arm, same eps and rounds; the verdict is taken
+    # over the arms that train more than a linear head (FT-*, ST-*), the heads are listed beside
+    cmp = {True: ([], [], []), False: ([], [], [])}  # large model? -> (harder, easier, same)
     arms_client = sorted({k[0] for k in stats if k[1] == "client"}, key=ORDER.index)
     for (arm, level, eps, R), m in stats.items():
         if level != "client" or (arm, "example", eps, R) not in stats:
             continue
         d, sig = welch(stats[(arm, "example", eps, R)], m)
+        harder, easier, same = cmp[arm.startswith(("FT", "ST"))]
         (harder if sig and d > 0 else easier if sig else same).append(
             f"{arm} eps={eps:g} R={R}: {d:+.3f}"
         )
+
+    def counts(large: bool) -> str:
+        harder, easier, same = cmp[large]
+        tot = len(harder) + len(easier) + len(same)
+        return (
+            f"example-level better by a significant margin in {len(harder)}/{tot} cells, "
+            f"client-level better in {len(easier)}, n.s. in {len(same)}: "
+            + "; ".join(harder + easier + same)
+        )
+
+    harder, easier, same = cmp[True]
     tot = len(harder) + len(easier) + len(same)
-    large = [a for a in arms_client if a.startswith(("FT", "ST"))]
     v = "inconclusive"
+    if tot and not easier and 2 * len(harder) >= tot:
+        v = "confirmed"
+    elif tot and not harder and 2 * len(easier) >= tot:
+        v = "refuted"
+    large = [a for a in arms_client if a.startswith(("FT", "ST"))]
     reason = (
-        f"client-level runs only for {', '.join(arms_client) or 'no arm'}"
-        + ("" if large else " (heads: 650 / 12,810 parameters, not large models)")
-        + f"; example-level better by a significant margin in {len(harder)}/{tot} cells, "
-        f"client-level better in {len(easier)}, n.s. in {len(same)}: "
-        + "; ".join(harder + easier + same)
-    )
-    if large and tot:
-        v = "confirmed" if len(harder) == tot else "refuted" if easier else "inconclusive"
+        f"large models ({', '.join(large)}): {counts(True)}"
+        if large
+        else "no client-level run of a model larger than a linear head"
+    ) + f". Heads (650 / 12,810 parameters, beside): {counts(False)}"
     out.append(("Client-level DP is harder than example-level for large models", v, reason))
     return out
 
