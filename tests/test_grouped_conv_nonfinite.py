@@ -58,7 +58,9 @@ def reference(loss, params, batch, mask):
         g = grad(params, jax.tree_util.tree_map(lambda v, i=i: v[i], batch))
         leaves = [np.asarray(v, np.float64) for v in jax.tree_util.tree_leaves(g)]
         norm = np.sqrt(sum(np.sum(v * v) for v in leaves))
-        norms.append(norm if np.isfinite(norm) else np.inf)
+        # a norm past sqrt(float32 max) overflows the float32 sum of squares: non-finite there
+        norm = norm if norm < np.sqrt(np.finfo(np.float32).max) else np.inf
+        norms.append(norm)
         if mask[i] and np.isfinite(norm):
             f = min(1.0, CLIP / norm)
             total = jax.tree_util.tree_map(lambda t, v, f=f: t + f * np.asarray(v), total, g)
